@@ -1,0 +1,281 @@
+"""The Qwen3-ASR audio tower: a Whisper-style encoder behind a conv stem, with a projector head.
+
+One set of weights, two ways to run it:
+
+* **Offline** (`AudioTower.forward_offline`), the published tower: mel is cut into 1 s chunks of 100
+  frames, each chunk is convolved on its own into 13 steps whose positions restart at 0, and the
+  steps attend bidirectionally inside 104-step (8 s) windows aligned to the clip start.
+* **Block-causal** (`AudioTower.forward_block_causal`), the streaming tower: every 8-frame piece is
+  convolved on its own into one step, positions count up from the segment start, and a step attends
+  to every step of its own block and of earlier blocks, within a left window of 195 steps. This is
+  the training forward; `pipeline.causal_encoder` runs the same computation block by block.
+
+Both end in `ln_post -> proj1 -> GELU -> proj2`, one embedding per `<|audio_pad|>` position.
+Parameter names equal the official checkpoint keys minus `thinker.audio_tower.`; the sinusoidal
+position table is not a parameter (it is computed analytically, in fp32, for any position).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import AudioEncoderConfig
+
+#: Mel frames per causal step: three stride-2 convs turn 8 frames into one step (8 -> 4 -> 2 -> 1).
+STEP_FRAMES = 8
+
+#: Left attention window of the causal tower, in steps. The tower was trained with 15 s of left
+#: context counted in offline-tower steps: 1500 frames -> 15 chunks x 13 steps = 195.
+CAUSAL_LEFT_CONTEXT_STEPS = 195
+
+
+def conv_output_length(frames: int) -> int:
+    """Time steps left after the three (kernel 3, stride 2, padding 1) convs; zero stays zero."""
+    for _ in range(3):
+        frames = (frames - 1) // 2 + 1 if frames > 0 else 0
+    return frames
+
+
+def offline_output_steps(frames: int, chunk_frames: int = 100) -> int:
+    """Embeddings the offline tower makes from `frames` mel frames: 13 per whole 1 s chunk + the rest.
+
+    Equals transformers' `_get_feat_extract_output_lengths`, i.e. 13·(T//100) + ceil((T%100)/8).
+    """
+    whole, rest = divmod(frames, chunk_frames)
+    return whole * conv_output_length(chunk_frames) + conv_output_length(rest)
+
+
+def sinusoidal_positions(positions: torch.Tensor, channels: int) -> torch.Tensor:
+    """Whisper sinusoids `[sin(p·inv), cos(p·inv)]` for any absolute positions, in fp32.
+
+    The same formula as the 1500-row table of the checkpoint, so rows below 1500 match it and rows
+    past it continue it.
+    """
+    half = channels // 2
+    inv_timescales = torch.exp(
+        -(math.log(10000.0) / (half - 1)) * torch.arange(half, device=positions.device, dtype=torch.float32)
+    )
+    scaled = positions.to(torch.float32)[..., None] * inv_timescales
+    return torch.cat([torch.sin(scaled), torch.cos(scaled)], dim=-1)
+
+
+class AudioSelfAttention(nn.Module):
+    """Multi-head attention without rotary positions (so cached keys and values never move)."""
+
+    def __init__(self, config: AudioEncoderConfig):
+        super().__init__()
+        if config.d_model % config.encoder_attention_heads:
+            raise ValueError(
+                f"d_model={config.d_model} is not divisible by encoder_attention_heads="
+                f"{config.encoder_attention_heads}"
+            )
+        self.num_heads = config.encoder_attention_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.q_proj = nn.Linear(config.d_model, config.d_model)
+        self.k_proj = nn.Linear(config.d_model, config.d_model)
+        self.v_proj = nn.Linear(config.d_model, config.d_model)
+        self.out_proj = nn.Linear(config.d_model, config.d_model)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, S, D] -> [B, H, S, head_dim]."""
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        allowed: torch.Tensor,
+        past_key: torch.Tensor | None = None,
+        past_value: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Attend queries `x` [B, S, D] to `[past ; x]` keys where `allowed` [B, S, P+S] is true.
+
+        Returns the output [B, S, D] and the full keys and values [B, H, P+S, head_dim] (past
+        first), which a streaming caller keeps for later blocks.
+        """
+        query = self.split_heads(self.q_proj(x))
+        key = self.split_heads(self.k_proj(x))
+        value = self.split_heads(self.v_proj(x))
+        if past_key is not None:
+            key = torch.cat([past_key, key], dim=2)
+            value = torch.cat([past_value, value], dim=2)
+        # Scores and softmax in fp32 whatever the activation dtype, as the reference runtime does.
+        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * self.scaling
+        scores = scores.masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1).to(value.dtype)
+        out = torch.matmul(probs, value).transpose(1, 2).flatten(-2)
+        return self.out_proj(out), key, value
+
+
+class AudioEncoderLayer(nn.Module):
+    """Pre-LN Whisper layer: x + attn(LN(x)), then x + fc2(GELU(fc1(LN(x))))."""
+
+    def __init__(self, config: AudioEncoderConfig):
+        super().__init__()
+        self.self_attn = AudioSelfAttention(config)
+        self.self_attn_layer_norm = nn.LayerNorm(config.d_model)
+        self.fc1 = nn.Linear(config.d_model, config.encoder_ffn_dim)
+        self.fc2 = nn.Linear(config.encoder_ffn_dim, config.d_model)
+        self.final_layer_norm = nn.LayerNorm(config.d_model)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        allowed: torch.Tensor,
+        past_key: torch.Tensor | None = None,
+        past_value: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the new hidden states and this layer's full keys and values (see AudioSelfAttention)."""
+        attended, key, value = self.self_attn(self.self_attn_layer_norm(x), allowed, past_key, past_value)
+        x = x + attended
+        x = x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+        if x.dtype == torch.float16:
+            # fp16 overflows in late layers of the real tower; the reference clamps the same way.
+            limit = torch.finfo(torch.float16).max - 1000
+            x = x.clamp(-limit, limit)
+        return x, key, value
+
+
+class AudioTower(nn.Module):
+    """Conv stem + encoder layers + projector head, keyed like the official `thinker.audio_tower.`."""
+
+    def __init__(self, config: AudioEncoderConfig):
+        super().__init__()
+        if config.activation_function != "gelu":
+            raise ValueError(f"activation_function={config.activation_function!r}; expected 'gelu' (exact GELU)")
+        if config.d_model % 2:
+            raise ValueError(f"d_model={config.d_model} must be even for sinusoidal positions")
+        self.config = config
+        hidden = config.downsample_hidden_size
+        self.conv2d1 = nn.Conv2d(1, hidden, 3, stride=2, padding=1)
+        self.conv2d2 = nn.Conv2d(hidden, hidden, 3, stride=2, padding=1)
+        self.conv2d3 = nn.Conv2d(hidden, hidden, 3, stride=2, padding=1)
+        self.conv_out = nn.Linear(hidden * config.conv_freq_bins, config.d_model, bias=False)
+        self.layers = nn.ModuleList(AudioEncoderLayer(config) for _ in range(config.encoder_layers))
+        self.ln_post = nn.LayerNorm(config.d_model)
+        self.proj1 = nn.Linear(config.d_model, config.d_model)
+        self.proj2 = nn.Linear(config.d_model, config.output_dim)
+
+    # ---- building blocks shared by both paths -------------------------------------------------
+
+    def conv_stem(self, pieces: torch.Tensor) -> torch.Tensor:
+        """Convolve each mel piece [N, mel_bins, frames] on its own -> [N, steps, d_model].
+
+        The pieces are the conv batch, so nothing crosses a piece border (zero padding at each edge).
+        """
+        x = pieces.to(self.conv_out.weight.dtype).unsqueeze(1)
+        x = F.gelu(self.conv2d1(x))
+        x = F.gelu(self.conv2d2(x))
+        x = F.gelu(self.conv2d3(x))
+        # [N, C, F, S] -> [N, S, C·F]: channel-major flatten (index c·F + f), as the checkpoint expects.
+        return self.conv_out(x.permute(0, 3, 1, 2).flatten(2))
+
+    def conv_steps(self, mel: torch.Tensor) -> torch.Tensor:
+        """Causal conv stem: mel [n·8, mel_bins] -> [n, d_model], one step per 8-frame piece, one conv call."""
+        frames = mel.shape[0]
+        if frames % STEP_FRAMES:
+            raise ValueError(f"mel has {frames} frames; expected a multiple of {STEP_FRAMES}")
+        pieces = mel.reshape(frames // STEP_FRAMES, STEP_FRAMES, mel.shape[1]).transpose(1, 2)
+        return self.conv_stem(pieces).squeeze(1)
+
+    def add_positions(self, steps: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """steps [..., S, D] + sinusoids of `positions` [..., S], computed in fp32, added in the steps' dtype."""
+        return steps + sinusoidal_positions(positions, self.config.d_model).to(steps.dtype)
+
+    def encode(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """All layers over x [B, S, D] with one attention mask `allowed` [B or 1, S, S]; no cache."""
+        for layer in self.layers:
+            x, _, _ = layer(x, allowed)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """ln_post -> proj1 -> GELU -> proj2: encoder states -> decoder-width embeddings."""
+        return self.proj2(F.gelu(self.proj1(self.ln_post(x))))
+
+    # ---- offline (published) tower --------------------------------------------------------------
+
+    def forward_offline(self, mel: torch.Tensor) -> torch.Tensor:
+        """Offline tower: mel [T, mel_bins] (frame-major) -> [offline_output_steps(T), output_dim]."""
+        frames = self._check_mel(mel)
+        chunk = 2 * self.config.n_window
+        num_chunks = -(-frames // chunk)
+        # Zero-pad the last partial chunk to a whole one before the conv, as transformers does: the
+        # padding leaks into the valid border steps through the conv receptive field.
+        padded = mel.new_zeros(num_chunks * chunk, mel.shape[1])
+        padded[:frames] = mel
+        steps = self.conv_stem(padded.reshape(num_chunks, chunk, -1).transpose(1, 2))
+        steps_per_chunk = steps.shape[1]
+        steps = self.add_positions(steps, torch.arange(steps_per_chunk, device=mel.device))
+
+        # Keep the steps made from real frames (the last chunk yields fewer), packed in time order.
+        valid = torch.full((num_chunks,), steps_per_chunk)
+        valid[-1] = conv_output_length(frames - (num_chunks - 1) * chunk)
+        keep = torch.arange(steps_per_chunk) < valid[:, None]
+        hidden = steps[keep.to(mel.device)]
+
+        # Bidirectional attention inside fixed windows aligned to the clip start (8 s = 104 steps):
+        # run the windows as a batch, padding the last one and masking its padded keys.
+        window = steps_per_chunk * (self.config.n_window_infer // chunk)
+        total = hidden.shape[0]
+        num_windows = -(-total // window)
+        windows = F.pad(hidden, (0, 0, 0, num_windows * window - total)).reshape(num_windows, window, -1)
+        key_is_real = (torch.arange(num_windows * window, device=mel.device) < total).reshape(num_windows, 1, window)
+        encoded = self.encode(windows, key_is_real).reshape(num_windows * window, -1)[:total]
+        return self.head(encoded)
+
+    # ---- block-causal (streaming) tower, in one pass ------------------------------------------
+
+    def forward_block_causal(
+        self,
+        mel: torch.Tensor,
+        block_frames: int,
+        first_position: int = 0,
+        left_context_steps: int = CAUSAL_LEFT_CONTEXT_STEPS,
+    ) -> torch.Tensor:
+        """The causal tower over a whole segment in one pass: the training forward.
+
+        mel [T, mel_bins] -> [T // 8, output_dim]. Frames past the last whole 8-frame step are
+        dropped, and the last block may be short, exactly as a stream that ends with a flush.
+        `first_position` shifts the absolute positions (the distillation's position augmentation).
+        Equals `pipeline.causal_encoder` fed the same mel block by block.
+        """
+        check_block_frames(block_frames)
+        frames = self._check_mel(mel)
+        num_steps = frames // STEP_FRAMES
+        steps = self.conv_steps(mel[: num_steps * STEP_FRAMES])
+        positions = torch.arange(first_position, first_position + num_steps, device=mel.device)
+        steps = self.add_positions(steps, positions)
+        allowed = block_causal_mask(num_steps, block_frames // STEP_FRAMES, left_context_steps, mel.device)
+        return self.head(self.encode(steps[None], allowed[None])[0])
+
+    def _check_mel(self, mel: torch.Tensor) -> int:
+        if mel.dim() != 2 or mel.shape[1] != self.config.num_mel_bins or mel.shape[0] == 0:
+            raise ValueError(
+                f"mel has shape {tuple(mel.shape)}; expected [frames > 0, {self.config.num_mel_bins}] (frame-major)"
+            )
+        return mel.shape[0]
+
+
+def check_block_frames(block_frames: int) -> None:
+    """Blocks are whole 8-frame steps; the tower was trained on 96- and 192-frame blocks."""
+    if block_frames <= 0 or block_frames % STEP_FRAMES:
+        raise ValueError(f"block_frames={block_frames}; expected a positive multiple of {STEP_FRAMES} (96 or 192)")
+
+
+def block_causal_mask(
+    num_steps: int, steps_per_block: int, left_context_steps: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """allowed[q, k]: k is in q's block or an earlier one, and within q's left window.
+
+    Bidirectional inside a block, causal across blocks, and at most `left_context_steps` steps back
+    (q itself included): k >= q - left_context_steps + 1.
+    """
+    step = torch.arange(num_steps, device=device)
+    block = step // steps_per_block
+    same_or_earlier_block = block[None, :] <= block[:, None]
+    in_window = step[None, :] >= step[:, None] - left_context_steps + 1
+    return same_or_earlier_block & in_window
