@@ -1,0 +1,335 @@
+"""The Qwen3 text decoder of Qwen3-ASR, and the per-stream K/V cache it runs on.
+
+Model execution and K/V management are kept apart (as in vLLM): `TextDecoder.forward` is a pure
+function of (new input embeddings, their positions, the cached K/V, a mask) that returns hidden
+states and the K/V of the new positions; `DecoderKVCache` owns one stream's K/V and knows how to grow
+and crop; `forward_streams` joins the two for a ragged batch of streams.
+
+Architecture (reference qwen3_asr_model.md §5): pre-norm layers with RMSNorm (computed in fp32),
+per-head RMSNorm on q and k *before* RoPE, standard 1-D RoPE in the rotate-half convention over the
+full head_dim, grouped-query attention, SwiGLU MLP, a final RMSNorm, and an output matrix tied to
+`embed_tokens`. The config's interleaved M-RoPE is exactly 1-D RoPE for ASR, where the three
+position streams are equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.config import TextDecoderConfig
+
+#: One layer's (key, value), each [batch, kv_heads, positions, head_dim], keys already rotated.
+LayerKV = tuple[Tensor, Tensor]
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, with the statistics in fp32 so bf16 runs match the reference."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables of 1-D RoPE for arbitrary (per-row) positions."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        # Derived from the config, so not part of the checkpoint.
+        self.register_buffer("inv_freq", 1.0 / theta**exponents, persistent=False)
+
+    def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """position_ids [B, S] -> (cos, sin), each [B, S, head_dim] in fp32."""
+        angles = position_ids.float()[..., None] * self.inv_freq
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos(), angles.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [B, heads, S, head_dim] by the angles of its positions (cos/sin [B, S, head_dim])."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+def eager_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> Tensor:
+    """Grouped-query attention with an explicit fp32 softmax.
+
+    query [B, heads, S, d]; key/value [B, kv_heads, T, d]; mask [B, S, T] bool, True = may attend.
+    Query head h reads kv head h // (heads / kv_heads), as in transformers' `repeat_kv`.
+    """
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)
+
+
+def sdpa_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> Tensor:
+    """The same attention through PyTorch's fused kernel (same argument conventions)."""
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], enable_gqa=True)
+
+
+def attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> Tensor:
+    # Fused kernels accumulate the softmax in fp32 on GPU; on CPU the explicit form is the tested one.
+    if query.is_cuda:
+        return sdpa_attention(query, key, value, mask)
+    return eager_attention(query, key, value, mask)
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, config: TextDecoderConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden, q_width, kv_width = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden, q_width, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_width, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_width, bias=False)
+        self.o_proj = nn.Linear(q_width, hidden, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, past: LayerKV | None
+    ) -> tuple[Tensor, LayerKV]:
+        batch, length, _ = x.shape
+        query = self.q_norm(self.q_proj(x).view(batch, length, self.num_heads, self.head_dim))
+        key = self.k_norm(self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim))
+        value = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        query = apply_rotary(query.transpose(1, 2), cos, sin)
+        key = apply_rotary(key.transpose(1, 2), cos, sin)
+        all_keys, all_values = (key, value) if past is None else (
+            torch.cat([past[0], key], dim=2),
+            torch.cat([past[1], value], dim=2),
+        )
+        attended = attention(query, all_keys, all_values, mask)
+        out = self.o_proj(attended.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+        return out, (key, value)
+
+
+class DecoderMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: TextDecoderConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextDecoderConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = DecoderAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = DecoderMLP(config)
+
+    def forward(
+        self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, past: LayerKV | None
+    ) -> tuple[Tensor, LayerKV]:
+        attended, new_kv = self.self_attn(self.input_layernorm(h), cos, sin, mask, past)
+        h = h + attended
+        return h + self.mlp(self.post_attention_layernorm(h)), new_kv
+
+
+@dataclass
+class DecoderOutput:
+    """Final-norm hidden states [B, S, hidden] and, per layer, the K/V of the S new positions."""
+
+    hidden: Tensor
+    new_kv: list[LayerKV]
+
+
+class TextDecoder(nn.Module):
+    """Qwen3 decoder; state-dict keys are the official ones minus `thinker.model.`."""
+
+    def __init__(self, config: TextDecoderConfig) -> None:
+        super().__init__()
+        if not config.tie_word_embeddings:
+            raise ValueError("TextDecoderConfig.tie_word_embeddings is False; Qwen3-ASR ties the output matrix")
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def embed(self, token_ids: Tensor) -> Tensor:
+        return self.embed_tokens(token_ids)
+
+    def forward(
+        self,
+        inputs_embeds: Tensor,
+        position_ids: Tensor,
+        attention_mask: Tensor,
+        past: Sequence[LayerKV] | None = None,
+    ) -> DecoderOutput:
+        """Run S new positions on top of P cached ones.
+
+        inputs_embeds [B, S, hidden] (token embeddings, or audio vectors at audio positions);
+        position_ids [B, S]; attention_mask [B, S, P + S] bool over [cached | new] keys, True = may
+        attend (see `ragged_causal_mask`); past: per layer (key, value) [B, kv_heads, P, head_dim],
+        or None when P = 0.
+        """
+        if past is not None and len(past) != len(self.layers):
+            raise ValueError(f"past has {len(past)} layers; expected {len(self.layers)}")
+        cos, sin = self.rotary(position_ids)
+        h = inputs_embeds
+        new_kv: list[LayerKV] = []
+        for index, layer in enumerate(self.layers):
+            h, layer_kv = layer(h, cos, sin, attention_mask, None if past is None else past[index])
+            new_kv.append(layer_kv)
+        return DecoderOutput(hidden=self.norm(h), new_kv=new_kv)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Vocabulary logits through the tied output matrix (`embed_tokens.weight`)."""
+        return F.linear(hidden, self.embed_tokens.weight)
+
+
+class DecoderKVCache:
+    """One stream's decoder K/V: per layer, key and value [kv_heads, length, head_dim].
+
+    Storage is preallocated and grows geometrically, so `append` writes in place and `crop` (the
+    rolling decoder's "drop tail + draft, keep head + audio") is O(1). Tensors returned by `layer`
+    are views, valid until the next `append`.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self._keys: list[Tensor] = []
+        self._values: list[Tensor] = []
+        self._length = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def layer(self, index: int) -> LayerKV:
+        if not self._keys:
+            raise ValueError("the cache is empty; append K/V before reading a layer")
+        return self._keys[index][:, : self._length], self._values[index][:, : self._length]
+
+    def append(self, new_kv: Sequence[LayerKV]) -> None:
+        """Add positions: per layer (key, value), each [kv_heads, S, head_dim]."""
+        if len(new_kv) != self.num_layers:
+            raise ValueError(f"new_kv has {len(new_kv)} layers; expected {self.num_layers}")
+        added = new_kv[0][0].shape[1]
+        self._reserve(self._length + added, new_kv[0][0])
+        end = self._length + added
+        for index, (key, value) in enumerate(new_kv):
+            self._keys[index][:, self._length : end] = key
+            self._values[index][:, self._length : end] = value
+        self._length = end
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` positions."""
+        if not 0 <= length <= self._length:
+            raise ValueError(f"cannot crop a cache of {self._length} positions to {length}")
+        self._length = length
+
+    def _reserve(self, needed: int, like: Tensor) -> None:
+        capacity = self._keys[0].shape[1] if self._keys else 0
+        if needed <= capacity:
+            return
+        new_capacity = max(needed, 2 * capacity, 64)
+        heads, _, head_dim = like.shape
+
+        def grown(old: Tensor | None) -> Tensor:
+            storage = like.new_empty(heads, new_capacity, head_dim)
+            if old is not None:
+                storage[:, : self._length] = old[:, : self._length]
+            return storage
+
+        old_keys = self._keys or [None] * self.num_layers
+        old_values = self._values or [None] * self.num_layers
+        self._keys = [grown(old) for old in old_keys]
+        self._values = [grown(old) for old in old_values]
+
+
+def ragged_causal_mask(past_lengths: Tensor, new_lengths: Tensor, max_past: int, max_new: int) -> Tensor:
+    """[B, max_new, max_past + max_new] bool mask for a padded batch of streams.
+
+    Stream b has past_lengths[b] cached positions (padded to max_past) and new_lengths[b] new ones
+    (padded to max_new). A new position sees the stream's real cached positions and the new ones up
+    to itself. Padding rows see only new positions up to themselves, never an empty row (so no NaN);
+    real rows never see padding, because padded new positions come after every real one.
+    """
+    if bool((new_lengths > max_new).any()) or bool((past_lengths > max_past).any()):
+        raise ValueError(
+            f"lengths past={past_lengths.tolist()} new={new_lengths.tolist()} exceed the padded sizes "
+            f"({max_past}, {max_new})"
+        )
+    batch = past_lengths.shape[0]
+    device = past_lengths.device
+    past_visible = torch.arange(max_past, device=device)[None, :] < past_lengths[:, None]  # [B, P]
+    causal = torch.ones(max_new, max_new, dtype=torch.bool, device=device).tril()  # [S, S]
+    return torch.cat(
+        [past_visible[:, None, :].expand(batch, max_new, max_past), causal.expand(batch, max_new, max_new)],
+        dim=-1,
+    )
+
+
+def forward_streams(
+    decoder: TextDecoder, caches: Sequence[DecoderKVCache], inputs_embeds: Sequence[Tensor]
+) -> list[Tensor]:
+    """Forward each stream's new positions on top of its cache, as one padded batch.
+
+    inputs_embeds[b] is [S_b, hidden]; positions continue at caches[b].length. The new K/V is
+    appended to each cache; returns each stream's final hidden states [S_b, hidden].
+    """
+    if len(caches) != len(inputs_embeds):
+        raise ValueError(f"{len(caches)} caches but {len(inputs_embeds)} input sequences")
+    reference = inputs_embeds[0]
+    past_lengths = torch.tensor([cache.length for cache in caches], device=reference.device)
+    new_lengths = torch.tensor([embeds.shape[0] for embeds in inputs_embeds], device=reference.device)
+    max_past, max_new = int(past_lengths.max()), int(new_lengths.max())
+    embeds = torch.nn.utils.rnn.pad_sequence(list(inputs_embeds), batch_first=True)
+    positions = past_lengths[:, None] + torch.arange(max_new, device=reference.device)[None, :]
+    mask = ragged_causal_mask(past_lengths, new_lengths, max_past, max_new)
+    past = _padded_past(caches, max_past) if max_past > 0 else None
+
+    output = decoder(embeds, positions, mask, past)
+
+    for row, cache in enumerate(caches):
+        count = int(new_lengths[row])
+        cache.append([(key[row, :, :count], value[row, :, :count]) for key, value in output.new_kv])
+    return [output.hidden[row, : int(new_lengths[row])] for row in range(len(caches))]
+
+
+def _padded_past(caches: Sequence[DecoderKVCache], max_past: int) -> list[LayerKV]:
+    """Per layer, every stream's cached K/V right-padded to max_past: [B, kv_heads, max_past, d]."""
+    if len(caches) == 1:  # no padding needed: view the cache itself
+        return [tuple(part[None] for part in caches[0].layer(index)) for index in range(caches[0].num_layers)]
+    template = next(cache for cache in caches if cache.length > 0).layer(0)[0]
+    heads, _, head_dim = template.shape
+    padded: list[LayerKV] = []
+    for index in range(caches[0].num_layers):
+        keys = template.new_zeros(len(caches), heads, max_past, head_dim)
+        values = template.new_zeros(len(caches), heads, max_past, head_dim)
+        for row, cache in enumerate(caches):
+            if cache.length > 0:
+                keys[row, :, : cache.length], values[row, :, : cache.length] = cache.layer(index)
+        padded.append((keys, values))
+    return padded
