@@ -210,12 +210,8 @@ class AudioTower(nn.Module):
         steps = self.conv_stem(padded.reshape(num_chunks, chunk, -1).transpose(1, 2))
         steps_per_chunk = steps.shape[1]
         steps = self.add_positions(steps, torch.arange(steps_per_chunk, device=mel.device))
-
-        # Keep the steps made from real frames (the last chunk yields fewer), packed in time order.
-        valid = torch.full((num_chunks,), steps_per_chunk)
-        valid[-1] = conv_output_length(frames - (num_chunks - 1) * chunk)
-        keep = torch.arange(steps_per_chunk) < valid[:, None]
-        hidden = steps[keep.to(mel.device)]
+        # Only the last chunk has steps made from padding, at its end: the real steps are a prefix.
+        hidden = steps.flatten(0, 1)[: offline_output_steps(frames, chunk)]
 
         # Bidirectional attention inside fixed windows aligned to the clip start (8 s = 104 steps):
         # run the windows as a batch, padding the last one and masking its padded keys.

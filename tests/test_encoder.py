@@ -120,9 +120,8 @@ def test_offline_tower_matches_transformers_native(frames):
     mel = torch.randn(frames, TINY_AUDIO.num_mel_bins)
     with torch.no_grad():
         ours = tower.forward_offline(mel)
-        expected = native_offline(tower, mel)[: ours.shape[0]]
+        expected = native_offline(tower, mel)
     assert ours.shape == (offline_output_steps(frames), TINY_AUDIO.output_dim)
-    assert expected.shape[0] == ours.shape[0]
     assert relative_error(ours, expected) < 1e-5
 
 

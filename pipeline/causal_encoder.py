@@ -1,0 +1,240 @@
+"""Streaming runtime of the causal audio tower: append-only, each block encoded exactly once.
+
+The causal tower is the offline tower's weights fine-tuned to run in blocks of `block_frames` mel
+frames (192 = 1.92 s by default, or 96). Within a segment:
+
+* every 8-frame piece is convolved on its own into one step (no receptive field across pieces), so a
+  block's steps depend on that block's mel only;
+* steps get absolute sinusoidal positions counting up from the segment start;
+* a step attends to all steps of its own block (bidirectional) and to earlier steps through a
+  per-layer key/value cache, at most 195 steps back (itself included).
+
+So a stream needs only this `CausalEncoderState` between blocks:
+
+* `keys`, `values`: per layer, the keys and values of the last <= 195 steps. Nothing older can ever be
+  attended to again: the earliest query of the next block sits one step after the newest cached
+  step and sees back to itself - 194. 195 steps is the 15 s of left context the tower was trained
+  with, counted in offline-tower steps (15 chunks x 13 steps). With no rotary positions, cached
+  keys never need re-rotating.
+* `next_position`: the absolute position of the next step.
+* `pending_mel`: frames that do not fill a block yet. Blocks are cut from the concatenated mel, so the
+  output does not depend on how the mel arrived (pacing invariance).
+
+At a segment roll `reset()` clears the cache and positions (the tower was trained on short chains and
+drifts over hundreds of chained blocks) and keeps the pending frames. At the end of a stream `flush`
+encodes the pending frames as one short block, rounded down to whole steps.
+
+`AudioTower.forward_block_causal` computes the same as this runtime in one masked pass.
+
+Batching: `CausalAudioEncoder.encode_blocks` runs one block from each of many streams in one
+forward, ragged in cache length and block length. Its core, `causal_block_forward`, takes stacked
+caches plus lengths, so an engine that keeps caches in a preallocated per-device slot pool can gather
+them into that layout and scatter the trimmed result back.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, STEP_FRAMES, AudioTower, check_block_frames
+
+logger = logging.getLogger(__name__)
+
+#: Block sizes the published causal tower was trained on (a 50/50 mix).
+TRAINED_BLOCK_FRAMES = (96, 192)
+
+
+@dataclass(frozen=True)
+class CausalEncoderOptions:
+    block_frames: int = 192
+    left_context_steps: int = CAUSAL_LEFT_CONTEXT_STEPS
+
+    def __post_init__(self) -> None:
+        check_block_frames(self.block_frames)
+        if self.left_context_steps <= 0:
+            raise ValueError(f"left_context_steps={self.left_context_steps}; expected a positive number of steps")
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.block_frames // STEP_FRAMES
+
+
+@dataclass
+class CausalEncoderState:
+    """One stream's encoder state between blocks: plain tensors and an int, safe to drop or serialise."""
+
+    keys: torch.Tensor  # [layers, heads, cached_steps <= left window, head_dim], oldest step first
+    values: torch.Tensor  # same layout as keys
+    next_position: int  # absolute position of the next step, counted from the segment start
+    pending_mel: torch.Tensor  # [frames < block_frames, mel_bins], not yet encoded
+
+    @property
+    def cached_steps(self) -> int:
+        return self.keys.shape[2]
+
+    def reset(self) -> None:
+        """Segment roll: forget the cache and restart positions at 0; the pending frames carry over."""
+        self.keys = self.keys[:, :, :0].clone()
+        self.values = self.values[:, :, :0].clone()
+        self.next_position = 0
+
+
+def causal_block_forward(
+    tower: AudioTower,
+    steps: torch.Tensor,
+    step_counts: torch.Tensor,
+    past_keys: torch.Tensor,
+    past_values: torch.Tensor,
+    past_lengths: torch.Tensor,
+    first_positions: torch.Tensor,
+    left_context_steps: int = CAUSAL_LEFT_CONTEXT_STEPS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block from each of B streams through the layers and head, in one forward.
+
+    steps [B, S, D]: conv-stem output of each block, zero-padded to the longest (step_counts [B] real).
+    past_keys, past_values [layers, B, heads, P, head_dim]: each stream's cache right-aligned, its
+    past_lengths[b] real entries ending at index P (the steps just before first_positions[b]).
+    Returns embeddings [B, S, output_dim] (rows past step_counts are padding) and each layer's keys
+    and values [layers, B, heads, P + S, head_dim], i.e. `[past ; block]`: stream b's real entries
+    are indices P - past_lengths[b] .. P + step_counts[b] - 1.
+    """
+    batch, width, _ = steps.shape
+    past_width = past_keys.shape[3]
+    device = steps.device
+    first = first_positions.to(device)[:, None]
+    counts = step_counts.to(device)[:, None]
+    offsets = torch.arange(width, device=device)
+    step_positions = first + offsets  # [B, S]
+    # Padding queries act as the block's last step so that no row is fully masked.
+    query_positions = first + torch.minimum(offsets, counts - 1)
+    key_positions = first + torch.arange(-past_width, width, device=device)  # [B, P + S]
+    oldest_key = first - past_lengths.to(device)[:, None]
+    newest_key = first + counts - 1
+    key_is_real = (key_positions >= oldest_key) & (key_positions <= newest_key)
+    in_window = key_positions[:, None, :] >= query_positions[:, :, None] - left_context_steps + 1
+    allowed = key_is_real[:, None, :] & in_window  # [B, S, P + S]
+
+    x = tower.add_positions(steps, step_positions)
+    keys, values = [], []
+    for layer, layer_past_keys, layer_past_values in zip(tower.layers, past_keys, past_values):
+        x, layer_keys, layer_values = layer(x, allowed, layer_past_keys, layer_past_values)
+        keys.append(layer_keys)
+        values.append(layer_values)
+    return tower.head(x), torch.stack(keys), torch.stack(values)
+
+
+class CausalAudioEncoder:
+    """Runs streams through a causal `AudioTower`. Holds no per-stream data: that is the state."""
+
+    def __init__(self, tower: AudioTower, options: CausalEncoderOptions = CausalEncoderOptions()):
+        if options.block_frames not in TRAINED_BLOCK_FRAMES:
+            logger.warning(
+                "block_frames=%d; the causal tower was trained on %s", options.block_frames, TRAINED_BLOCK_FRAMES
+            )
+        self.tower = tower
+        self.options = options
+
+    def new_state(self) -> CausalEncoderState:
+        config = self.tower.config
+        weight = self.tower.conv_out.weight
+        empty_cache = weight.new_zeros(config.encoder_layers, config.encoder_attention_heads, 0, config.head_dim)
+        return CausalEncoderState(
+            keys=empty_cache,
+            values=empty_cache.clone(),
+            next_position=0,
+            pending_mel=torch.zeros(0, config.num_mel_bins, device=weight.device),
+        )
+
+    def push(self, state: CausalEncoderState, mel: torch.Tensor) -> list[torch.Tensor]:
+        """Buffer mel [n, mel_bins] (any n) and take out the whole blocks now ready, oldest first.
+
+        The blocks leave the state; encode them in order with `encode_blocks`.
+        """
+        bins = self.tower.config.num_mel_bins
+        if mel.dim() != 2 or mel.shape[1] != bins:
+            raise ValueError(f"mel has shape {tuple(mel.shape)}; expected [frames, {bins}] (frame-major)")
+        buffered = torch.cat([state.pending_mel, mel.to(state.pending_mel)])
+        ready = buffered.shape[0] // self.options.block_frames * self.options.block_frames
+        state.pending_mel = buffered[ready:].clone()
+        return list(buffered[:ready].split(self.options.block_frames))
+
+    @torch.no_grad()
+    def append(self, state: CausalEncoderState, mel: torch.Tensor) -> torch.Tensor:
+        """Buffer mel and encode every whole block: -> [new steps, output_dim] (possibly 0 rows)."""
+        blocks = self.push(state, mel)
+        if not blocks:
+            return self._no_embeddings()
+        # The conv stem has no state, so all blocks share one conv call; only the layers go in order.
+        steps = self.tower.conv_steps(torch.cat(blocks)).split(self.options.steps_per_block)
+        return torch.cat([self._encode_steps([state], [block_steps])[0] for block_steps in steps])
+
+    @torch.no_grad()
+    def flush(self, state: CausalEncoderState) -> torch.Tensor:
+        """End of stream: encode the pending frames once as a short block, dropping a remainder < 8 frames."""
+        usable = state.pending_mel.shape[0] // STEP_FRAMES * STEP_FRAMES
+        block = state.pending_mel[:usable]
+        state.pending_mel = state.pending_mel[:0].clone()
+        if usable == 0:
+            return self._no_embeddings()
+        return self.encode_blocks([state], [block])[0]
+
+    @torch.no_grad()
+    def encode_blocks(self, states: list[CausalEncoderState], blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Encode one block per stream, all streams in one forward; each gets what it would alone.
+
+        blocks[i] is mel [frames, mel_bins] for states[i], frames a multiple of 8 up to block_frames
+        (a flush block may be shorter). Returns [frames // 8, output_dim] per stream and advances
+        each state's cache and position.
+        """
+        if len(states) != len(blocks):
+            raise ValueError(f"got {len(states)} states and {len(blocks)} blocks; expected one block per state")
+        if len({id(state) for state in states}) != len(states):
+            raise ValueError("a stream appears twice; its blocks depend on each other and must go in order")
+        for block in blocks:
+            frames = block.shape[0]
+            if frames == 0 or frames % STEP_FRAMES or frames > self.options.block_frames:
+                raise ValueError(
+                    f"block has {frames} frames; expected a positive multiple of {STEP_FRAMES} "
+                    f"up to block_frames={self.options.block_frames}"
+                )
+        device = self.tower.conv_out.weight.device
+        steps = self.tower.conv_steps(torch.cat([block.to(device) for block in blocks]))
+        return self._encode_steps(states, list(steps.split([b.shape[0] // STEP_FRAMES for b in blocks])))
+
+    def _encode_steps(self, states: list[CausalEncoderState], steps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Layers + head for one conv-stemmed block per stream; updates the states."""
+        counts = [block_steps.shape[0] for block_steps in steps]
+        cached = [state.cached_steps for state in states]
+        past_width = max(cached)
+        padded_steps = torch.stack([F.pad(s, (0, 0, 0, max(counts) - s.shape[0])) for s in steps])
+
+        def right_aligned(caches: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack([F.pad(c, (0, 0, past_width - c.shape[2], 0)) for c in caches], dim=1)
+
+        embeddings, keys, values = causal_block_forward(
+            self.tower,
+            padded_steps,
+            step_counts=torch.tensor(counts),
+            past_keys=right_aligned([state.keys for state in states]),
+            past_values=right_aligned([state.values for state in states]),
+            past_lengths=torch.tensor(cached),
+            first_positions=torch.tensor([state.next_position for state in states]),
+            left_context_steps=self.options.left_context_steps,
+        )
+        outputs = []
+        for index, (state, count) in enumerate(zip(states, counts)):
+            end = past_width + count
+            kept = min(state.cached_steps + count, self.options.left_context_steps)
+            state.keys = keys[:, index, :, end - kept : end].clone()
+            state.values = values[:, index, :, end - kept : end].clone()
+            state.next_position += count
+            outputs.append(embeddings[index, :count])
+        return outputs
+
+    def _no_embeddings(self) -> torch.Tensor:
+        weight = self.tower.proj2.weight
+        return weight.new_zeros(0, weight.shape[0])
