@@ -1,0 +1,255 @@
+"""Decode controls: each filter by hand and against transformers' processors, their chain, stops,
+and draft verification (by hand, and as a property: any draft gives the sequential greedy tokens)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+from pipeline.decoding import (
+    DecodeControls,
+    DecodeOptions,
+    NoRepeatNGram,
+    RepetitionPenalty,
+    SuppressTokens,
+)
+from pipeline.prompt import SpecialTokenIds
+
+INF = float("inf")
+NO_FILTERS = DecodeOptions(repetition_penalty=1.0, no_repeat_ngram_size=0)
+
+
+def applied(logit_filter, logits: list[list[float]], histories: list[list[int]]) -> torch.Tensor:
+    scores = torch.tensor(logits)
+    logit_filter.apply(scores, histories)
+    return scores
+
+
+def test_suppress_tokens() -> None:
+    out = applied(SuppressTokens([1, 2]), [[1.0, 5.0, 2.0, 3.0], [0.0, 1.0, 9.0, 2.0]], [[], [3]])
+    assert torch.equal(out, torch.tensor([[1.0, -INF, -INF, 3.0], [0.0, -INF, -INF, 2.0]]))
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits() -> None:
+    out = applied(RepetitionPenalty(2.0), [[2.0, -1.0, 0.5, 4.0], [2.0, -1.0, 0.5, 4.0]], [[0, 1, 1], []])
+    assert torch.equal(out, torch.tensor([[1.0, -2.0, 0.5, 4.0], [2.0, -1.0, 0.5, 4.0]]))
+    out = applied(RepetitionPenalty(1.15), [[2.3, -1.0, -INF]], [[0, 1, 2]])
+    assert torch.allclose(out[0, :2], torch.tensor([2.0, -1.15])) and out[0, 2] == -INF
+
+
+@pytest.mark.parametrize(
+    ("size", "history", "banned"),
+    [
+        (3, [1, 2, 3, 1, 2, 4, 1, 2], {3, 4}),
+        (3, [5, 6, 7, 5, 6], {7}),
+        (3, [5, 6], set()),
+        (3, [5], set()),
+        (3, [], set()),
+        (2, [1, 2, 1], {2}),
+        (1, [4, 4, 7], {4, 7}),
+    ],
+)
+def test_no_repeat_ngram_bans(size: int, history: list[int], banned: set[int]) -> None:
+    assert NoRepeatNGram(size).banned(history) == banned
+    out = applied(NoRepeatNGram(size), [[1.0] * 8], [history])
+    assert {i for i in range(8) if out[0, i] == -INF} == banned
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_penalty_and_ngram_match_transformers_processors(seed: int) -> None:
+    """Same semantics as transformers when the processor's input_ids are exactly the history."""
+    generator = torch.Generator().manual_seed(seed)
+    histories = torch.randint(0, 6, (4, 12), generator=generator)  # small vocab: many repeats
+    logits = torch.randn(4, 10, generator=generator) * 3
+    for ours, theirs in (
+        (RepetitionPenalty(1.15), RepetitionPenaltyLogitsProcessor(1.15)),
+        (NoRepeatNGram(3), NoRepeatNGramLogitsProcessor(3)),
+    ):
+        expected = theirs(histories, logits.clone())
+        assert torch.equal(applied(ours, logits.tolist(), histories.tolist()), expected)
+
+
+def test_chain_order_and_each_filter_matters() -> None:
+    """suppress -> penalty -> n-gram -> argmax; removing any filter changes this pick."""
+    logits = torch.tensor([[3.0, 2.0, 9.0, -0.5, 0.2, 10.0]])
+    history = [[0, 2, 0]]
+    # id 5: suppressed. id 2: 9.0 / 2 = 4.5 would win, but (0, 2) already occurred -> banned.
+    # id 0: 3.0 / 2 = 1.5 after the penalty, so id 1 (2.0, never generated) wins.
+    options = DecodeOptions(suppress_token_ids=(5,), repetition_penalty=2.0, no_repeat_ngram_size=2)
+    controls = DecodeControls(options)
+    assert [type(f) for f in controls.filters] == [SuppressTokens, RepetitionPenalty, NoRepeatNGram]
+    assert controls.pick(logits, history) == [1]
+    without = {
+        "suppress": DecodeOptions(repetition_penalty=2.0, no_repeat_ngram_size=2),
+        "penalty": DecodeOptions(suppress_token_ids=(5,), repetition_penalty=1.0, no_repeat_ngram_size=2),
+        "ngram": DecodeOptions(suppress_token_ids=(5,), repetition_penalty=2.0, no_repeat_ngram_size=0),
+    }
+    assert {name: DecodeControls(o).pick(logits, history)[0] for name, o in without.items()} == {
+        "suppress": 5,
+        "penalty": 0,
+        "ngram": 2,
+    }
+    assert torch.equal(logits, torch.tensor([[3.0, 2.0, 9.0, -0.5, 0.2, 10.0]]))  # input untouched
+
+
+def test_rows_use_their_own_histories() -> None:
+    controls = DecodeControls(DecodeOptions(no_repeat_ngram_size=0))
+    logits = torch.tensor([[2.0, 1.9], [2.0, 1.9], [2.0, 1.9]])
+    # 2.0 / 1.15 = 1.739 < 1.9 once id 0 was generated.
+    assert controls.pick(logits, [[0], [1], []]) == [1, 0, 0]
+    with pytest.raises(ValueError, match=r"expected \[2, vocab\]"):
+        controls.pick(logits, [[0], [1]])
+
+
+def test_causal_defaults_from_prompt_ids() -> None:
+    special = SpecialTokenIds(
+        end_of_text=10, im_start=11, im_end=12, audio_start=13, audio_end=14, audio_pad=15, asr_text=16
+    )
+    options = DecodeOptions.causal(special)
+    assert set(options.suppress_token_ids) == {13, 15, 14, 11}
+    assert options.stop_token_ids == (12,)  # not <|endoftext|>
+    assert (options.repetition_penalty, options.no_repeat_ngram_size, options.max_new_tokens) == (1.15, 3, 256)
+
+
+def test_invalid_options_are_rejected() -> None:
+    with pytest.raises(ValueError, match="max_new_tokens is 0"):
+        DecodeOptions(max_new_tokens=0)
+    with pytest.raises(ValueError, match="repetition_penalty is 0"):
+        DecodeOptions(repetition_penalty=0)
+
+
+def test_stops_budget_and_draft_trimming() -> None:
+    controls = DecodeControls(DecodeOptions(stop_token_ids=(0,), max_new_tokens=4))
+    assert controls.is_stop(0) and not controls.is_stop(1)
+    assert controls.continues(3, 1)
+    assert not controls.continues(3, 0)  # a stop is never appended
+    assert not controls.continues(4, 1)  # budget spent
+    assert controls.trim_draft([5, 6, 0, 7]) == [5, 6]
+    assert controls.trim_draft([5, 6, 7, 8, 9]) == [5, 6, 7, 8]
+    assert controls.trim_draft([5, 6, 7], history_length=2) == [5, 6]
+
+
+def rows_favouring(tokens: Sequence[int], vocab: int = 6, runner_up: int = 3) -> torch.Tensor:
+    logits = torch.zeros(len(tokens), vocab)
+    logits[:, runner_up] = 1.0
+    logits[torch.arange(len(tokens)), torch.tensor(tokens)] = 2.0
+    return logits
+
+
+@pytest.mark.parametrize(
+    ("row_picks", "draft", "expected"),
+    [
+        ([2, 4, 5], [2, 4], (2, 5)),  # full accept, then the continuation
+        ([1, 4, 5], [2, 4], (0, 1)),  # reject at 0
+        ([2, 5, 1], [2, 4], (1, 5)),  # reject in the middle: the correction
+        ([1], [], (0, 1)),  # empty draft: one plain greedy step
+    ],
+)
+def test_verify_draft(row_picks: list[int], draft: list[int], expected: tuple[int, int]) -> None:
+    controls = DecodeControls(NO_FILTERS)
+    assert controls.verify_draft(rows_favouring(row_picks), draft) == expected
+
+
+def test_verify_stops_at_a_stop_even_when_the_draft_agrees() -> None:
+    controls = DecodeControls(DecodeOptions(stop_token_ids=(0,), repetition_penalty=1.0, no_repeat_ngram_size=0))
+    assert controls.verify_draft(rows_favouring([2, 0, 4, 5]), [2, 0, 4]) == (1, 0)
+
+
+def test_verify_row_j_sees_history_plus_draft_prefix() -> None:
+    controls = DecodeControls(DecodeOptions(repetition_penalty=1.0, no_repeat_ngram_size=2))
+    # History [4], draft [1, 2, 1, 2]: rows 0-2 agree; row 3 continues [4, 1, 2, 1], where the
+    # bigram (1, 2) already occurred, so 2 is banned and the runner-up 3 is the correction.
+    logits = rows_favouring([1, 2, 1, 2, 5])
+    assert controls.verify_draft(logits, [1, 2, 1, 2], history=[4]) == (3, 3)
+    with pytest.raises(ValueError, match="expected len\\(draft\\) \\+ 1 = 5"):
+        controls.verify_draft(logits[:4], [1, 2, 1, 2])
+    small_budget = DecodeControls(DecodeOptions(max_new_tokens=3))
+    with pytest.raises(ValueError, match="trim the draft"):
+        small_budget.verify_draft(logits, [1, 2, 1, 2])
+
+
+# --- property: speculative == sequential -------------------------------------------------------
+
+VOCAB, STOP, SUPPRESSED = 8, 0, 1
+PROPERTY_OPTIONS = DecodeOptions(suppress_token_ids=(SUPPRESSED,), max_new_tokens=12, stop_token_ids=(STOP,))
+
+
+def fake_model(seed: int) -> Callable[[Sequence[int]], torch.Tensor]:
+    """A deterministic 'language model': history -> next-token logits [VOCAB].
+
+    Markov in the last token (so greedy loops appear and the penalty and n-gram ban fire), with a
+    length-dependent term and a stop logit that grows with length.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    transitions = torch.randn(VOCAB + 1, VOCAB, generator=generator) * 2  # row VOCAB: empty history
+    by_length = torch.randn(3, VOCAB, generator=generator) * 0.5
+
+    def logits(history: Sequence[int]) -> torch.Tensor:
+        row = transitions[history[-1] if history else VOCAB] + by_length[len(history) % 3]
+        row[STOP] += 0.5 * len(history) - 4.0
+        return row
+
+    return logits
+
+
+def sequential_greedy(model: Callable, controls: DecodeControls) -> list[int]:
+    hypothesis: list[int] = []
+    token = controls.pick(model(hypothesis)[None], [hypothesis])[0]
+    while controls.continues(len(hypothesis), token):
+        hypothesis.append(token)
+        token = controls.pick(model(hypothesis)[None], [hypothesis])[0]
+    return hypothesis
+
+
+def speculative_greedy(model: Callable, controls: DecodeControls, draft: Sequence[int]) -> list[int]:
+    """Verify the draft against one 'parallel pass', then continue greedily from the correction."""
+    draft = controls.trim_draft(draft)
+    logits = torch.stack([model(draft[:j]) for j in range(len(draft) + 1)])
+    accepted, token = controls.verify_draft(logits, draft)
+    hypothesis = list(draft[:accepted])
+    while controls.continues(len(hypothesis), token):
+        hypothesis.append(token)
+        token = controls.pick(model(hypothesis)[None], [hypothesis])[0]
+    return hypothesis
+
+
+def random_drafts(expected: list[int], generator: torch.Generator, count: int) -> list[list[int]]:
+    """Random token lists of 0-16 ids; every other one starts with a prefix of the true output
+    (the steady state, where the previous hypothesis mostly agrees)."""
+    drafts = []
+    for index in range(count):
+        length = int(torch.randint(0, 17, (1,), generator=generator))
+        draft = torch.randint(0, VOCAB, (length,), generator=generator).tolist()
+        if index % 2:
+            keep = int(torch.randint(0, len(expected) + 1, (1,), generator=generator))
+            draft = expected[:keep] + draft[keep:]
+        drafts.append(draft)
+    return drafts + [expected, expected + [STOP], []]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_verify_with_any_draft_equals_sequential_greedy(seed: int) -> None:
+    controls = DecodeControls(PROPERTY_OPTIONS)
+    model = fake_model(seed)
+    expected = sequential_greedy(model, controls)
+    for draft in random_drafts(expected, torch.Generator().manual_seed(seed), count=12):
+        assert speculative_greedy(model, controls, draft) == expected, f"draft {draft}"
+
+
+def test_batched_decoding_across_streams_equals_each_alone() -> None:
+    controls = DecodeControls(PROPERTY_OPTIONS)
+    models = [fake_model(seed) for seed in (1, 2, 3)]
+    hypotheses: list[list[int]] = [[] for _ in models]
+    active = list(range(len(models)))
+    while active:
+        picks = controls.pick(torch.stack([models[s](hypotheses[s]) for s in active]), [hypotheses[s] for s in active])
+        for stream, token in zip(list(active), picks):
+            if controls.continues(len(hypotheses[stream]), token):
+                hypotheses[stream].append(token)
+            else:
+                active.remove(stream)
+    assert hypotheses == [sequential_greedy(model, controls) for model in models]
+    assert len({len(h) for h in hypotheses}) == 3  # the streams finish at different steps
