@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import string
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Sequence
 
@@ -198,6 +199,7 @@ def _checked_fields(cls: type, data: Any, what: str) -> dict[str, Any]:
             f"(missing {sorted(set(expected) - set(data))}, unknown {sorted(set(data) - set(expected))})"
         )
     values: dict[str, Any] = {}
+    # Annotations are strings here (postponed evaluation); nested dataclasses pass through as dicts.
     for name, annotation in expected.items():
         value = data[name]
         if annotation == "list[str]":
@@ -331,8 +333,7 @@ class TranscriptCommitter:
 
 def ends_with_sentence_punctuation(text: str) -> bool:
     """True when `text` ends in `.`, `!` or `?`, ignoring trailing quotes, brackets and spaces."""
-    stripped = text.rstrip().rstrip(_TRAILING_CLOSERS + " \t\n")
-    return stripped.endswith(tuple(_SENTENCE_END_MARKS))
+    return text.rstrip(_TRAILING_CLOSERS + string.whitespace).endswith(tuple(_SENTENCE_END_MARKS))
 
 
 class RollReason(enum.Enum):
