@@ -10,6 +10,7 @@ Everything is a deterministic function of the seed.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -49,7 +50,8 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, with_tower: bool = 
         raise AssertionError(f"tiny tokenizer has {len(tokenizer)} tokens; TINY_TEXT.vocab_size is {TINY_TEXT.vocab_size}")
     config = Qwen3ASRConfig(
         audio=TINY_AUDIO,
-        text=TINY_TEXT,
+        # Every output id decodes to text, so demos print words rather than unknown ids.
+        text=replace(TINY_TEXT, vocab_size=len(tokenizer)),
         audio_token_id=ids["<|audio_pad|>"],
         audio_start_token_id=ids["<|audio_start|>"],
         audio_end_token_id=ids["<|audio_end|>"],

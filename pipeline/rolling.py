@@ -1,0 +1,163 @@
+"""Rolling decoder updates with lossless speculative re-decoding, batched across streams.
+
+Between updates a stream's decoder K/V holds exactly `[prompt head + all audio of the segment]`. An update
+
+1. forwards `[new audio embeddings] + prompt tail + draft` in ONE parallel pass on top of that cache
+   (the draft is the previous hypothesis: usually most of it is still right);
+2. verifies the draft against that pass's logits with the same decode controls as sequential greedy
+   decoding, accepts the longest agreeing prefix and takes the pick at the first disagreement;
+3. continues greedy decoding one token at a time from there (streams leave the batch as they stop);
+4. crops the cache back to `head + audio`.
+
+Because every pick is a deterministic function of (logits, tokens so far), the hypothesis is token-identical
+to greedy decoding from a fresh prefill without a draft (`decode_from_scratch`); only compute is saved.
+The tail and draft are re-forwarded every update because the new audio shifts their positions.
+
+All functions take lists of streams, so the single-stream session (a batch of one) and the multi-stream
+engine run the same code: one forward per phase for every stream in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from pipeline.decoder import DecoderKVCache, TextDecoder, forward_streams
+from pipeline.decoding import DecodeControls
+from pipeline.prompt import CausalPrompt
+
+
+@dataclass
+class RollingDecoderState:
+    """One stream's decoder between updates: K/V of `[head + segment audio]` and the last hypothesis."""
+
+    cache: DecoderKVCache
+    audio_steps: int = 0
+    hypothesis: list[int] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.cache.length == 0
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    """What one update cost: the speculation's yield and the positions the decoder saw."""
+
+    draft_tokens: int
+    draft_accepted: int
+    decode_steps: int  # sequential one-token forwards after the parallel pass
+    positions_forwarded: int  # parallel pass + sequential steps
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    tokens: tuple[int, ...]  # the new hypothesis, without the stop token
+    stats: UpdateStats
+
+
+class RollingDecoder:
+    """Applies rolling updates for one prompt and one set of decode controls."""
+
+    def __init__(
+        self, decoder: TextDecoder, prompt: CausalPrompt, controls: DecodeControls, speculative: bool = True
+    ) -> None:
+        self.decoder = decoder
+        self.prompt = prompt
+        self.controls = controls
+        self.speculative = speculative
+
+    def new_state(self) -> RollingDecoderState:
+        return RollingDecoderState(cache=DecoderKVCache(len(self.decoder.layers)))
+
+    @property
+    def head_length(self) -> int:
+        return len(self.prompt.head_ids)
+
+    @torch.inference_mode()
+    def update(self, states: Sequence[RollingDecoderState], new_audio: Sequence[Tensor]) -> list[UpdateResult]:
+        """Advance every stream by its new audio embeddings ([steps, hidden], steps may be 0)."""
+        if len(states) != len(new_audio):
+            raise ValueError(f"{len(states)} decoder states but {len(new_audio)} audio deltas")
+        drafts = [self.controls.trim_draft(s.hypothesis) if self.speculative else [] for s in states]
+        inputs = [self._pass_inputs(state, audio, draft) for state, audio, draft in zip(states, new_audio, drafts)]
+        hidden = forward_streams(self.decoder, [s.cache for s in states], inputs)
+
+        tokens: list[list[int]] = []
+        accepted: list[int] = []
+        pending: list[int] = []  # streams whose last token must be forwarded to continue
+        for index, (state, audio, draft, out) in enumerate(zip(states, new_audio, drafts, hidden)):
+            state.audio_steps += audio.shape[0]
+            prefix_length = self.head_length + state.audio_steps + len(self.prompt.tail_ids)
+            logits = self.decoder.logits(out[-(len(draft) + 1) :])
+            count, next_token = self.controls.verify_draft(logits, draft)
+            accepted.append(count)
+            tokens.append(list(draft[:count]))
+            state.cache.crop(prefix_length + count)
+            if self.controls.continues(count, next_token):
+                tokens[index].append(next_token)
+                pending.append(index)
+
+        steps = self._continue_greedy(states, tokens, pending)
+        results = []
+        for state, draft, count, hypothesis, step_count, embeds in zip(states, drafts, accepted, tokens, steps, inputs):
+            state.cache.crop(self.head_length + state.audio_steps)
+            state.hypothesis = hypothesis
+            stats = UpdateStats(
+                draft_tokens=len(draft),
+                draft_accepted=count,
+                decode_steps=step_count,
+                positions_forwarded=embeds.shape[0] + step_count,
+            )
+            results.append(UpdateResult(tokens=tuple(hypothesis), stats=stats))
+        return results
+
+    def _pass_inputs(self, state: RollingDecoderState, audio: Tensor, draft: Sequence[int]) -> Tensor:
+        """`[head if the cache is empty] + new audio + tail + draft` as one embedding sequence."""
+        ids = list(self.prompt.tail_ids) + list(draft)
+        pieces = [audio.to(self.decoder.embed_tokens.weight.dtype), self._embed(ids)]
+        if state.is_empty:
+            pieces.insert(0, self._embed(self.prompt.head_ids))
+        return torch.cat(pieces, dim=0)
+
+    def _continue_greedy(
+        self, states: Sequence[RollingDecoderState], tokens: list[list[int]], pending: list[int]
+    ) -> list[int]:
+        """Sequential greedy steps for the streams in `pending`, batched; returns steps per stream."""
+        steps = [0] * len(states)
+        active = list(pending)
+        while active:
+            last = [self._embed([tokens[i][-1]]) for i in active]
+            hidden = forward_streams(self.decoder, [states[i].cache for i in active], last)
+            logits = self.decoder.logits(torch.cat([h[-1:] for h in hidden], dim=0))
+            picks = self.controls.pick(logits, [tokens[i] for i in active])
+            still_active = []
+            for i, token in zip(active, picks):
+                steps[i] += 1
+                if self.controls.continues(len(tokens[i]), token):
+                    tokens[i].append(token)
+                    still_active.append(i)
+            active = still_active
+        return steps
+
+    def _embed(self, ids: Sequence[int]) -> Tensor:
+        weight = self.decoder.embed_tokens.weight
+        return self.decoder.embed(torch.tensor(list(ids), dtype=torch.long, device=weight.device))
+
+
+@torch.inference_mode()
+def decode_from_scratch(
+    decoder: TextDecoder, prompt: CausalPrompt, audio: Tensor, controls: DecodeControls
+) -> tuple[list[int], int]:
+    """Plain greedy decoding after a fresh prefill of `[head + audio + tail]` (no rolling cache, no draft).
+
+    The reference that speculative rolling updates must reproduce token for token, and the decoder of the
+    windowed backend. Returns (hypothesis tokens, decode steps).
+    """
+    rolling = RollingDecoder(decoder, prompt, controls, speculative=False)
+    state = rolling.new_state()
+    result = rolling.update([state], [audio])[0]
+    return list(result.tokens), result.stats.decode_steps

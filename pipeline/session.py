@@ -1,0 +1,406 @@
+"""One live stream end to end: PCM in, transcript events out.
+
+A `StreamingSession` owns everything per stream: the log-mel front-end, the audio backend, the decoder state,
+the segment policy and the commit policy. Two backends:
+
+* **causal** (default): each completed mel block is encoded exactly once by the causal tower against its K/V
+  cache, then one rolling decoder update runs with speculative re-decoding (`pipeline/rolling.py`). Cost per
+  block is constant.
+* **windowed** (for comparison, the published "recompute" backend): every 2 s the offline tower re-encodes a
+  12 s + 640 ms mel window and the decoder re-prefills `[head + all segment audio + tail]` from scratch.
+
+Segments roll at a sentence end once they hold >= 150 steps (12 s), or before an update would push them past
+200 steps (16 s). A roll finalizes the segment's text and drops the encoder and decoder state; only the partial
+mel block, the front-end state and the transcript carry over. At every roll the session also produces a
+**checkpoint**: plain bytes (JSON) from which `StreamingSession.restore` rebuilds a session that, fed the audio
+from `checkpoint.sample_offset` on, emits exactly the events the uninterrupted session emits after the roll.
+
+The dynamic-range clamp of the front-end keeps one running maximum for the whole stream (never reset at a
+segment roll): a reset would have to happen at a frame index that depends on how audio arrived.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline.causal_encoder import CausalAudioEncoder, CausalEncoderOptions, CausalEncoderState
+from pipeline.checkpoint import ASRModel
+from pipeline.commit import CommitOptions, CommittedWord, SegmentOptions, SegmentPolicy, TranscriptCommitState, TranscriptCommitter
+from pipeline.decoding import DecodeControls, DecodeOptions
+from pipeline.encoder import STEP_FRAMES
+from pipeline.features import LogMelState, StreamingLogMel
+from pipeline.prompt import build_causal_prompt, decode_asr_output
+from pipeline.rolling import RollingDecoder, UpdateStats, decode_from_scratch
+
+log = logging.getLogger(__name__)
+
+FRAMES_PER_SECOND = 100
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """Per-stream settings. Defaults are the published causal operating point."""
+
+    backend: Literal["causal", "windowed"] = "causal"
+    block_frames: int = 192
+    language: str | None = "English"
+    context: str = ""
+    speculative: bool = True
+    max_new_tokens: int = 256
+    repetition_penalty: float = 1.15
+    no_repeat_ngram_size: int = 3
+    hold_back_words: int = 6
+    stable_iterations: int = 1
+    segment_max_steps: int = 200
+    segment_punct_min_steps: int = 150
+    punctuation_rollover: bool = True
+    # windowed backend only: re-encode every update_frames over left_frames of history + right_frames of look-ahead
+    windowed_update_frames: int = 200
+    windowed_left_frames: int = 1200
+    windowed_right_frames: int = 64
+
+    @classmethod
+    def windowed(cls, **overrides: Any) -> "SessionOptions":
+        """The reference defaults of the recompute backend (causal_runtime.md §2)."""
+        settings = dict(
+            backend="windowed",
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            stable_iterations=2,
+            punctuation_rollover=False,
+        )
+        return cls(**(settings | overrides))
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("causal", "windowed"):
+            raise ValueError(f"backend is {self.backend!r}; expected 'causal' or 'windowed'")
+
+
+@dataclass(frozen=True)
+class TranscriptEvent:
+    """What a client sees after one decoder update, a segment roll, or the end of the stream."""
+
+    kind: Literal["update", "segment", "final"]
+    new_words: tuple[CommittedWord, ...]  # append-only; times are interpolated estimates
+    tentative: str  # the uncommitted tail of the current hypothesis, for display only
+    transcript: str  # finalized segments + current segment hypothesis
+    segment_index: int
+    audio_sec: float  # audio encoded so far
+    stats: UpdateStats | None = None
+    checkpoint: bytes | None = None  # at segment rolls: restore point (see StreamingSession.restore)
+
+
+@dataclass
+class SegmentState:
+    """Soft state of the current segment: everything a roll drops."""
+
+    decoder: Any  # RollingDecoderState (causal) or None (windowed re-decodes from scratch)
+    encoder: CausalEncoderState | None
+    steps: int = 0
+    embeddings: list[Tensor] = field(default_factory=list)  # windowed: the segment's audio steps
+    tokens: list[int] = field(default_factory=list)
+
+
+class StreamingSession:
+    """Transcribe one stream: `push_audio` chunks of any size, then `finish`."""
+
+    def __init__(self, model: ASRModel, options: SessionOptions | None = None) -> None:
+        self.model = model
+        self.options = options or SessionOptions()
+        opts = self.options
+        self.prompt = build_causal_prompt(model.tokenizer, language=opts.language, context=opts.context)
+        self.controls = DecodeControls(
+            replace(
+                DecodeOptions.causal(self.prompt.special),
+                repetition_penalty=opts.repetition_penalty,
+                no_repeat_ngram_size=opts.no_repeat_ngram_size,
+                max_new_tokens=opts.max_new_tokens,
+            )
+        )
+        self.policy = SegmentPolicy(
+            SegmentOptions(segment_max_steps=opts.segment_max_steps, segment_punct_min_steps=opts.segment_punct_min_steps)
+        )
+        self.committer = TranscriptCommitter(
+            CommitOptions(hold_back_words=opts.hold_back_words, stable_iterations=opts.stable_iterations)
+        )
+        self.features = StreamingLogMel()
+        self.rolling = RollingDecoder(model.text_decoder, self.prompt, self.controls, speculative=opts.speculative)
+        self.encoder = CausalAudioEncoder(model.audio_tower, CausalEncoderOptions(block_frames=opts.block_frames))
+        # Stream-level state that survives segment rolls.
+        self.segment_index = 0
+        self.frames_encoded = 0  # mel frames consumed by the audio backend (stream time)
+        self.completed_tokens: list[int] = []
+        self.pending_mel = torch.zeros(0, model.config.audio.num_mel_bins)  # causal: kept inside the encoder state
+        self.window_mel = torch.zeros(0, model.config.audio.num_mel_bins)  # windowed: mel history window
+        self.window_start_frame = 0  # absolute frame index of window_mel[0]
+        self.last_emitted_end_frame = -1  # windowed: last frame covered by an emitted step
+        self.segment = self._new_segment()
+        self.finished = False
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def audio_sec(self) -> float:
+        return self.frames_encoded / FRAMES_PER_SECOND
+
+    @property
+    def sample_offset(self) -> int:
+        """Samples of the stream consumed so far (the front-end has read them all)."""
+        return self.features.samples_received
+
+    def push_audio(self, samples: np.ndarray) -> list[TranscriptEvent]:
+        """Feed 16 kHz mono float32 PCM (see `pipeline.features.prepare_pcm`); returns the new events."""
+        self._check_open()
+        return self._consume_mel(self.features.push(samples))
+
+    def finish(self) -> list[TranscriptEvent]:
+        """End of stream: encode the partial block once, decode, and finalize the transcript."""
+        self._check_open()
+        events = self._consume_mel(self.features.flush())
+        events += self._flush_backend()
+        self.finished = True
+        new_words = self.committer.finish(self.audio_sec)
+        self.completed_tokens += self.segment.tokens
+        events.append(self._event("final", new_words, tentative="", transcript=self.committer.transcript))
+        return events
+
+    @property
+    def transcript(self) -> str:
+        return self.committer.emitted_text
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Token ids of the finalized segments (the whole transcript after `finish`)."""
+        return list(self.completed_tokens)
+
+    # ------------------------------------------------------------------ blocks and updates
+
+    def _consume_mel(self, mel: Tensor) -> list[TranscriptEvent]:
+        events = []
+        if self.options.backend == "causal":
+            encoder_state = self.segment.encoder
+            encoder_state.pending_mel = torch.cat([encoder_state.pending_mel, mel.to(encoder_state.pending_mel.dtype)])
+            # One block at a time, taken out of the pending mel only once its segment is decided, so a
+            # checkpoint taken at a roll still holds every frame not yet encoded.
+            while self.segment.encoder.pending_mel.shape[0] >= self.options.block_frames:
+                events += self._causal_block(self.options.block_frames)
+            return events
+        self.pending_mel = torch.cat([self.pending_mel, mel])
+        update = self.options.windowed_update_frames
+        while self.pending_mel.shape[0] >= update:
+            chunk, self.pending_mel = self.pending_mel[:update], self.pending_mel[update:]
+            events += self._windowed_update(chunk, right_context=self.options.windowed_right_frames)
+        return events
+
+    def _flush_backend(self) -> list[TranscriptEvent]:
+        if self.options.backend == "causal":
+            pending = self.segment.encoder.pending_mel.shape[0]
+            usable = pending // STEP_FRAMES * STEP_FRAMES
+            if usable == 0:
+                self.frames_encoded += pending  # < 80 ms: dropped, as the reference does
+                self.segment.encoder.pending_mel = self.segment.encoder.pending_mel[:0]
+                return []
+            return self._causal_block(usable, dropped_frames=pending - usable)
+        chunk, self.pending_mel = self.pending_mel, self.pending_mel[:0]
+        if chunk.shape[0] == 0 and self.window_mel.shape[0] == 0:
+            return []
+        # At the end there is no future audio: the right context is zero frames.
+        return self._windowed_update(chunk, right_context=0, at_end=True)
+
+    def _causal_block(self, frames: int, dropped_frames: int = 0) -> list[TranscriptEvent]:
+        """Encode the first `frames` pending frames as one block and run one decoder update."""
+        steps = frames // STEP_FRAMES
+        events = self._roll_if(self.policy.should_roll_before(self.segment.steps, steps) is not None)
+        encoder_state = self.segment.encoder
+        block = encoder_state.pending_mel[:frames]
+        encoder_state.pending_mel = encoder_state.pending_mel[frames + dropped_frames :]
+        embeddings = self.encoder.encode_blocks([encoder_state], [block])[0]
+        self.frames_encoded += frames + dropped_frames
+        self.segment.steps += steps
+        result = self.rolling.update([self.segment.decoder], [embeddings])[0]
+        return events + self._after_update(list(result.tokens), result.stats)
+
+    def _windowed_update(self, chunk: Tensor, right_context: int, at_end: bool = False) -> list[TranscriptEvent]:
+        """Re-encode the window with the offline tower; append the steps that are now settled."""
+        opts = self.options
+        self.window_mel = torch.cat([self.window_mel, chunk])
+        excess = self.window_mel.shape[0] - (opts.windowed_left_frames + opts.windowed_right_frames)
+        if excess > 0:
+            self.window_mel = self.window_mel[excess:]
+            self.window_start_frame += excess
+        frames_seen = self.window_start_frame + self.window_mel.shape[0]
+        settled_until = frames_seen - right_context  # steps ending before this frame have their look-ahead
+        with torch.inference_mode():
+            steps = self.model.audio_tower.forward_offline(self.window_mel.to(self.model.dtype))
+        end_frames = self.window_start_frame + _offline_step_end_frames(self.window_mel.shape[0])
+        fresh = (end_frames > self.last_emitted_end_frame) & (end_frames < settled_until)
+        new_steps = steps[fresh]
+        if fresh.any():
+            self.last_emitted_end_frame = int(end_frames[fresh].max())
+        self.frames_encoded = frames_seen if at_end else max(self.frames_encoded, settled_until)
+        self.segment.steps += new_steps.shape[0]
+        self.segment.embeddings.append(new_steps)
+        audio = torch.cat(self.segment.embeddings)
+        tokens, decode_steps = decode_from_scratch(self.model.text_decoder, self.prompt, audio, self.controls)
+        prefill = len(self.prompt.head_ids) + audio.shape[0] + len(self.prompt.tail_ids)
+        stats = UpdateStats(draft_tokens=0, draft_accepted=0, decode_steps=decode_steps, positions_forwarded=prefill + decode_steps)
+        return self._after_update(tokens, stats)
+
+    def _after_update(self, tokens: list[int], stats: UpdateStats) -> list[TranscriptEvent]:
+        self.segment.tokens = tokens
+        text = self._text(tokens)
+        update = self.committer.update(text, self.audio_sec)
+        events = [self._event("update", update.new_words, update.tentative_text, update.global_hypothesis, stats)]
+        roll_after = self.options.punctuation_rollover and self.policy.should_roll_after(self.segment.steps, text)
+        return events + self._roll_if(bool(roll_after) or self._segment_full())
+
+    def _segment_full(self) -> bool:
+        """Whether the segment must roll now rather than before the next update.
+
+        Causal: only when past the cap (roll-before-generate handles whole blocks). Windowed: when the next
+        update's steps could cross the cap, so that its rolls, like the causal ones, fall between updates.
+        """
+        if self.options.backend == "causal":
+            return self.segment.steps > self.options.segment_max_steps
+        upcoming = -(-self.options.windowed_update_frames * 13 // 100)
+        return self.policy.should_roll_before(self.segment.steps, upcoming) is not None
+
+    # ------------------------------------------------------------------ segments and checkpoints
+
+    def _roll_if(self, condition: bool) -> list[TranscriptEvent]:
+        if not condition or self.segment.steps == 0:
+            return []
+        new_words = self.committer.finalize_segment(self.audio_sec)
+        self.completed_tokens += self.segment.tokens
+        pending = self.segment.encoder.pending_mel if self.segment.encoder is not None else None
+        self.segment_index += 1
+        self.segment = self._new_segment(pending)
+        event = self._event("segment", new_words, tentative="", transcript=self.committer.transcript)
+        return [replace(event, checkpoint=self.checkpoint())]
+
+    def _new_segment(self, pending_mel: Tensor | None = None) -> SegmentState:
+        if self.options.backend == "windowed":
+            return SegmentState(decoder=None, encoder=None)
+        encoder_state = self.encoder.new_state()
+        if pending_mel is not None:
+            encoder_state.pending_mel = pending_mel
+        return SegmentState(decoder=self.rolling.new_state(), encoder=encoder_state)
+
+    def checkpoint(self) -> bytes:
+        """Plain-data restore point; valid only at a segment boundary (no segment audio encoded yet)."""
+        if self.segment.steps != 0:
+            raise ValueError(f"checkpoint taken {self.segment.steps} steps into a segment; expected a segment boundary")
+        mel_state = self.features.state()
+        pending = self.segment.encoder.pending_mel if self.segment.encoder is not None else self.pending_mel
+        payload = {
+            "version": CHECKPOINT_VERSION,
+            "options": asdict(self.options),
+            "sample_offset": self.sample_offset,
+            "segment_index": self.segment_index,
+            "frames_encoded": self.frames_encoded,
+            "completed_tokens": self.completed_tokens,
+            "commit": self.committer.state.to_dict(),
+            "features": {
+                "samples_received": mel_state.samples_received,
+                "frames_emitted": mel_state.frames_emitted,
+                "pending": _encode_array(mel_state.pending),
+                "running_max": mel_state.running_max,
+                "clamp_restart_frame": mel_state.clamp_restart_frame,
+                "flushed": mel_state.flushed,
+            },
+            "pending_mel": _encode_array(pending.float().numpy()),
+            "window_mel": _encode_array(self.window_mel.float().numpy()),
+            "window_start_frame": self.window_start_frame,
+            "last_emitted_end_frame": self.last_emitted_end_frame,
+        }
+        return json.dumps(payload).encode()
+
+    @classmethod
+    def restore(cls, model: ASRModel, checkpoint: bytes) -> "StreamingSession":
+        """A session that continues from a checkpoint; feed it the audio from `checkpoint_offset(checkpoint)` on."""
+        payload = json.loads(checkpoint)
+        if payload.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version {payload.get('version')!r}; expected {CHECKPOINT_VERSION}")
+        session = cls(model, SessionOptions(**payload["options"]))
+        features = payload["features"]
+        session.features = StreamingLogMel.from_state(
+            LogMelState(**(features | {"pending": _decode_array(features["pending"])}))
+        )
+        session.segment_index = payload["segment_index"]
+        session.frames_encoded = payload["frames_encoded"]
+        session.completed_tokens = list(payload["completed_tokens"])
+        session.committer.state = TranscriptCommitState.from_dict(payload["commit"])
+        pending = torch.from_numpy(_decode_array(payload["pending_mel"]))
+        if session.segment.encoder is not None:
+            session.segment.encoder.pending_mel = pending.to(model.dtype)
+        else:
+            session.pending_mel = pending
+        session.window_mel = torch.from_numpy(_decode_array(payload["window_mel"]))
+        session.window_start_frame = payload["window_start_frame"]
+        session.last_emitted_end_frame = payload["last_emitted_end_frame"]
+        return session
+
+    # ------------------------------------------------------------------ helpers
+
+    def _text(self, tokens: list[int]) -> str:
+        return decode_asr_output(self.model.tokenizer, tokens, self.prompt.special, self.prompt.language)[1]
+
+    def _event(
+        self,
+        kind: Literal["update", "segment", "final"],
+        new_words: tuple[CommittedWord, ...],
+        tentative: str,
+        transcript: str,
+        stats: UpdateStats | None = None,
+    ) -> TranscriptEvent:
+        return TranscriptEvent(
+            kind=kind,
+            new_words=new_words,
+            tentative=tentative,
+            transcript=transcript,
+            segment_index=self.segment_index,
+            audio_sec=self.audio_sec,
+            stats=stats,
+        )
+
+    def _check_open(self) -> None:
+        if self.finished:
+            raise RuntimeError("the session is finished; start a new one")
+
+
+def checkpoint_offset(checkpoint: bytes) -> int:
+    """The stream sample offset from which audio must be replayed into a restored session."""
+    return int(json.loads(checkpoint)["sample_offset"])
+
+
+def _offline_step_end_frames(frames: int) -> Tensor:
+    """Last mel frame (relative to the window start) covered by each step of the offline tower.
+
+    The offline tower convolves 100-frame chunks into 13 steps; step i of a chunk covers frames up to
+    8i + 7 of it (the 13th reaches the chunk's end), and a partial last chunk has ceil(len / 8) steps.
+    """
+    ends = []
+    for chunk_start in range(0, frames, 100):
+        length = min(100, frames - chunk_start)
+        for step in range(-(-length // 8)):
+            ends.append(chunk_start + min(8 * step + 7, length - 1))
+    return torch.tensor(ends, dtype=torch.long)
+
+
+def _encode_array(array: np.ndarray) -> dict[str, Any]:
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    return {"shape": list(array.shape), "data": base64.b64encode(array.tobytes()).decode("ascii")}
+
+
+def _decode_array(encoded: dict[str, Any]) -> np.ndarray:
+    data = np.frombuffer(base64.b64decode(encoded["data"]), dtype=np.float32)
+    return data.reshape(encoded["shape"]).copy()
