@@ -140,6 +140,10 @@ class StreamingLogMel:
         return self._samples_received
 
     @property
+    def flushed(self) -> bool:
+        return self._flushed
+
+    @property
     def frames_emitted(self) -> int:
         return self._frames_emitted
 

@@ -99,7 +99,8 @@ class RollingDecoder:
             state.cache.crop(prefix_length + count)
             if self.controls.continues(count, next_token):
                 tokens[index].append(next_token)
-                pending.append(index)
+                if self._has_budget(tokens[index]):
+                    pending.append(index)
 
         steps = self._continue_greedy(states, tokens, pending)
         results = []
@@ -139,9 +140,14 @@ class RollingDecoder:
                 steps[i] += 1
                 if self.controls.continues(len(tokens[i]), token):
                     tokens[i].append(token)
-                    still_active.append(i)
+                    if self._has_budget(tokens[i]):
+                        still_active.append(i)
             active = still_active
         return steps
+
+    def _has_budget(self, hypothesis: Sequence[int]) -> bool:
+        """Whether another token may follow (no forward pass is spent once max_new_tokens is reached)."""
+        return len(hypothesis) < self.controls.options.max_new_tokens
 
     def _embed(self, ids: Sequence[int]) -> Tensor:
         weight = self.decoder.embed_tokens.weight

@@ -144,6 +144,7 @@ class StreamingSession:
         self.window_start_frame = 0  # absolute frame index of window_mel[0]
         self.last_emitted_end_frame = -1  # windowed: last frame covered by an emitted step
         self.segment = self._new_segment()
+        self.final_update = False  # the end-of-stream update: no roll after it, `finish` finalizes anyway
         self.finished = False
 
     # ------------------------------------------------------------------ public API
@@ -165,7 +166,10 @@ class StreamingSession:
     def finish(self) -> list[TranscriptEvent]:
         """End of stream: encode the partial block once, decode, and finalize the transcript."""
         self._check_open()
-        events = self._consume_mel(self.features.flush())
+        # A session restored from a checkpoint taken during `finish` has already flushed its front-end.
+        mel = self.features.flush() if not self.features.flushed else torch.zeros(0, self.model.config.audio.num_mel_bins)
+        events = self._consume_mel(mel)
+        self.final_update = True
         events += self._flush_backend()
         self.finished = True
         new_words = self.committer.finish(self.audio_sec)
@@ -260,6 +264,8 @@ class StreamingSession:
         text = self._text(tokens)
         update = self.committer.update(text, self.audio_sec)
         events = [self._event("update", update.new_words, update.tentative_text, update.global_hypothesis, stats)]
+        if self.final_update:
+            return events
         roll_after = self.options.punctuation_rollover and self.policy.should_roll_after(self.segment.steps, text)
         return events + self._roll_if(bool(roll_after) or self._segment_full())
 
