@@ -20,6 +20,61 @@ def _make_tiny_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _session_options(args: argparse.Namespace):
+    from pipeline.session import SessionOptions
+
+    overrides = {"block_frames": args.block_frames, "language": args.language}
+    if args.backend == "windowed":
+        return SessionOptions.windowed(**overrides)
+    return SessionOptions(**overrides)
+
+
+def _load(args: argparse.Namespace):
+    from pipeline.checkpoint import load_model
+
+    tower = None if args.backend == "windowed" or args.tower.lower() == "none" else args.tower
+    return load_model(args.model, tower=tower, device=args.device)
+
+
+def _transcribe(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.audio_io import read_audio
+    from pipeline.session import StreamingSession
+    from pipeline.transcribe import stream_recording
+
+    audio = read_audio(args.audio)
+    session = StreamingSession(_load(args), _session_options(args))
+    duration = audio.size / 16000
+    committed = ""
+    for event in stream_recording(session, audio, realtime=args.realtime):
+        if args.json:
+            print(json.dumps(event.to_dict()), flush=True)
+            continue
+        committed += "".join(" " + word.text for word in event.new_words)
+        # One status line, rewritten in place: progress, committed text, then the tentative tail.
+        progress = f"[{event.audio_sec:6.1f}/{duration:.1f}s]"
+        line = f"{progress}{committed[-60:]} \033[2m{event.tentative[:40]}\033[0m"
+        print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps({"text": session.transcript, "token_ids": session.token_ids}))
+    else:
+        print(file=sys.stderr)
+        print(session.transcript)
+    return 0
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    from pipeline.checkpoint import DEFAULT_MODEL_ID, DEFAULT_TOWER_ID
+
+    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="base model: HF id or local directory")
+    parser.add_argument("--tower", default=DEFAULT_TOWER_ID, help="causal tower: HF id, .safetensors file or directory ('none': base tower)")
+    parser.add_argument("--backend", choices=["causal", "windowed"], default="causal")
+    parser.add_argument("--block-frames", type=int, choices=[192, 96], default=192)
+    parser.add_argument("--language", default="en", help="forced output language (name or ISO code)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwen3-stream", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -32,13 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--with-tower", action="store_true", help="also write a causal tower overlay in OUT/causal_tower")
     tiny.set_defaults(run=_make_tiny_checkpoint)
+
+    transcribe = commands.add_parser("transcribe", help="stream an audio file (WAV/FLAC/OGG) through a session")
+    transcribe.add_argument("audio", help="audio file; resampled to 16 kHz mono")
+    _add_model_arguments(transcribe)
+    transcribe.add_argument("--realtime", action="store_true", help="pace the audio like a live source")
+    transcribe.add_argument("--json", action="store_true", help="one JSON object per event, then {text, token_ids}")
+    transcribe.set_defaults(run=_transcribe)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return args.run(args)
+    from pipeline.checkpoint import CheckpointError
+
+    try:
+        return args.run(args)
+    except CheckpointError as err:  # a user-facing configuration problem: one line, no traceback
+        print(f"qwen3-stream: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -98,6 +98,18 @@ class TranscriptEvent:
     stats: UpdateStats | None = None
     checkpoint: bytes | None = None  # at segment rolls: restore point (see StreamingSession.restore)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view (the checkpoint bytes are left out: they go to a session store, not to clients)."""
+        return {
+            "kind": self.kind,
+            "new_words": [asdict(word) for word in self.new_words],
+            "tentative": self.tentative,
+            "transcript": self.transcript,
+            "segment_index": self.segment_index,
+            "audio_sec": self.audio_sec,
+            "stats": None if self.stats is None else asdict(self.stats),
+        }
+
 
 @dataclass
 class SegmentState:
