@@ -179,25 +179,11 @@ def load_tower_overlay(path: Path, base_tower: dict[str, torch.Tensor]) -> dict[
         if overlay and all(k.startswith(prefix) for k in overlay):
             overlay = {k[len(prefix):]: v for k, v in overlay.items()}
             break
-    missing = sorted(base_tower.keys() - overlay.keys())
-    unexpected = sorted(overlay.keys() - base_tower.keys())
-    misshaped = sorted(
-        f"{k}: overlay {tuple(overlay[k].shape)} vs base {tuple(base_tower[k].shape)}"
-        for k in overlay.keys() & base_tower.keys()
-        if overlay[k].shape != base_tower[k].shape
-    )
-    if missing or unexpected or misshaped:
-        problems = []
-        if missing:
-            problems.append(f"missing keys {missing[:8]}{' …' if len(missing) > 8 else ''}")
-        if unexpected:
-            problems.append(f"unexpected keys {unexpected[:8]}{' …' if len(unexpected) > 8 else ''}")
-        if misshaped:
-            problems.append(
-                f"mis-shaped tensors {misshaped[:4]}{' …' if len(misshaped) > 4 else ''} "
-                "(a tower made for another model size, e.g. the 0.6B causal tower under a 1.7B base?)"
-            )
-        raise CheckpointError(f"causal tower {path} does not fit the base model: " + "; ".join(problems))
+    problems = _state_mismatch(overlay, base_tower, ("overlay", "base"))
+    if problems:
+        if "mis-shaped" in problems:
+            problems += " (a tower made for another model size, e.g. the 0.6B causal tower under a 1.7B base?)"
+        raise CheckpointError(f"causal tower {path} does not fit the base model: {problems}")
     return overlay
 
 
@@ -239,17 +225,25 @@ def load_model(
 
 
 def _load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    expected = module.state_dict()
+    problems = _state_mismatch(state, module.state_dict(), ("checkpoint", "config"))
+    if problems:
+        raise CheckpointError(f"{what} weights do not match config.json: {problems}")
+    module.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
+
+
+def _state_mismatch(
+    state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], names: tuple[str, str]
+) -> str:
+    """'' when `state` has exactly the keys and shapes of `expected`; otherwise what differs, key by key."""
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     misshaped = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs config {tuple(expected[k].shape)}"
+        f"{k}: {names[0]} {tuple(state[k].shape)} vs {names[1]} {tuple(expected[k].shape)}"
         for k in expected.keys() & state.keys()
         if expected[k].shape != state[k].shape
     )
-    if missing or unexpected or misshaped:
-        raise CheckpointError(
-            f"{what} weights do not match config.json: missing {missing[:8]}, unexpected {unexpected[:8]}, "
-            f"mis-shaped {misshaped[:4]}"
-        )
-    module.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
+    problems = []
+    for label, items, shown in (("missing keys", missing, 8), ("unexpected keys", unexpected, 8), ("mis-shaped tensors", misshaped, 4)):
+        if items:
+            problems.append(f"{label} {items[:shown]}{' …' if len(items) > shown else ''}")
+    return "; ".join(problems)
