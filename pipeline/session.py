@@ -17,6 +17,9 @@ from `checkpoint.sample_offset` on, emits exactly the events the uninterrupted s
 
 The dynamic-range clamp of the front-end keeps one running maximum for the whole stream (never reset at a
 segment roll): a reset would have to happen at a frame index that depends on how audio arrived.
+
+The causal path is split into halves (`next_block`, then the forwards, then `complete_block`) so that
+`pipeline.engine.StreamingEngine` can run many sessions' blocks through one batched forward each.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from pipeline.decoding import DecodeControls, DecodeOptions
 from pipeline.encoder import STEP_FRAMES
 from pipeline.features import LogMelState, StreamingLogMel
 from pipeline.prompt import build_causal_prompt, decode_asr_output
-from pipeline.rolling import RollingDecoder, UpdateStats, decode_from_scratch
+from pipeline.rolling import RollingDecoder, RollingDecoderState, UpdateResult, UpdateStats, decode_from_scratch
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +114,16 @@ class TranscriptEvent:
         }
 
 
+@dataclass(frozen=True)
+class CausalBlock:
+    """One block a causal stream is ready to encode: the inputs of the encoder and decoder forwards."""
+
+    mel: Tensor  # [frames, mel_bins], frames a multiple of 8 up to block_frames
+    encoder: CausalEncoderState
+    decoder: RollingDecoderState
+    roll_events: list[TranscriptEvent]  # the segment roll that had to happen before this block
+
+
 @dataclass
 class SegmentState:
     """Soft state of the current segment: everything a roll drops."""
@@ -156,6 +169,7 @@ class StreamingSession:
         self.window_start_frame = 0  # absolute frame index of window_mel[0]
         self.last_emitted_end_frame = -1  # windowed: last frame covered by an emitted step
         self.segment = self._new_segment()
+        self.finishing = False  # causal: the end of audio was signalled; the last blocks may still be pending
         self.final_update = False  # the end-of-stream update: no roll after it, `finish` finalizes anyway
         self.finished = False
 
@@ -173,21 +187,90 @@ class StreamingSession:
     def push_audio(self, samples: np.ndarray) -> list[TranscriptEvent]:
         """Feed 16 kHz mono float32 PCM (see `pipeline.features.prepare_pcm`); returns the new events."""
         self._check_open()
-        return self._consume_mel(self.features.push(samples))
+        if self.options.backend == "causal":
+            self.buffer_audio(samples)
+            return self._run_ready_blocks()
+        return self._consume_windowed(self.features.push(samples))
 
     def finish(self) -> list[TranscriptEvent]:
         """End of stream: encode the partial block once, decode, and finalize the transcript."""
         self._check_open()
-        # A session restored from a checkpoint taken during `finish` has already flushed its front-end.
-        mel = self.features.flush() if not self.features.flushed else torch.zeros(0, self.model.config.audio.num_mel_bins)
-        events = self._consume_mel(mel)
+        if self.options.backend == "causal":
+            self.begin_finish()
+            events = self._run_ready_blocks()
+        else:
+            events = self._consume_windowed(self._flush_features())
+            self.final_update = True
+            events += self._flush_windowed()
+        return events + self.finalize()
+
+    # ------------------------------------------------------------------ causal blocks, in halves
+    #
+    # A causal block runs in three phases: `next_block` (scheduling, segment roll, taking the block out of the
+    # pending mel), then the encoder and decoder forwards, then `complete_block` (commit and segment policy).
+    # The session runs the forwards for itself, one stream at a time; `pipeline.engine.StreamingEngine` runs
+    # the same halves for many sessions around one batched encoder forward and one batched decoder update.
+
+    def buffer_audio(self, samples: np.ndarray) -> None:
+        """Causal backend: run the front-end on new PCM and buffer its mel; no block is encoded yet."""
+        self._check_open()
+        self._check_causal()
+        if self.finishing:
+            raise RuntimeError("the end of the stream was signalled; no more audio is accepted")
+        self._buffer_mel(self.features.push(samples))
+
+    def begin_finish(self) -> None:
+        """Causal backend: end of audio. The remaining blocks, then the partial one, come out of `next_block`."""
+        self._check_open()
+        self._check_causal()
+        if self.finishing:
+            raise RuntimeError("the end of the stream was already signalled")
+        self._buffer_mel(self._flush_features())
+        self.finishing = True
+
+    def next_block(self) -> CausalBlock | None:
+        """The next block to encode (rolling the segment first if the block would pass the cap), or None.
+
+        A whole block is ready once `block_frames` are buffered. After `begin_finish`, when no whole block is
+        left, the pending frames rounded down to whole steps go as one last short block (fewer than 8 frames
+        are dropped, as the reference does).
+        """
+        if not self.block_ready:
+            return None
+        encoder_state = self.segment.encoder
+        pending = encoder_state.pending_mel.shape[0]
+        if pending >= self.options.block_frames:
+            return self._take_block(self.options.block_frames)
         self.final_update = True
-        events += self._flush_backend()
+        usable = pending // STEP_FRAMES * STEP_FRAMES
+        if usable == 0:
+            self.frames_encoded += pending
+            encoder_state.pending_mel = encoder_state.pending_mel[:0]
+            return None
+        return self._take_block(usable, dropped_frames=pending - usable)
+
+    def complete_block(self, block: CausalBlock, result: UpdateResult) -> list[TranscriptEvent]:
+        """Commit and segment policy after the decoder update of `block`; returns its events."""
+        return block.roll_events + self._after_update(list(result.tokens), result.stats)
+
+    @property
+    def block_ready(self) -> bool:
+        """Whether `next_block` has something to do: a whole block buffered, or the end of audio to process."""
+        pending = self.segment.encoder.pending_mel.shape[0]
+        return pending >= self.options.block_frames or (self.finishing and not self.final_update)
+
+    @property
+    def done_encoding(self) -> bool:
+        """Whether `finalize` may run: the end of audio was signalled and every block has been decoded."""
+        return self.finishing and self.final_update and self.segment.encoder.pending_mel.shape[0] == 0
+
+    def finalize(self) -> list[TranscriptEvent]:
+        """Finalize the transcript after the last update; the session is finished afterwards."""
+        self._check_open()
         self.finished = True
         new_words = self.committer.finish(self.audio_sec)
         self.completed_tokens += self.segment.tokens
-        events.append(self._event("final", new_words, tentative="", transcript=self.committer.transcript))
-        return events
+        return [self._event("final", new_words, tentative="", transcript=self.committer.transcript)]
 
     @property
     def transcript(self) -> str:
@@ -200,16 +283,42 @@ class StreamingSession:
 
     # ------------------------------------------------------------------ blocks and updates
 
-    def _consume_mel(self, mel: Tensor) -> list[TranscriptEvent]:
+    def _run_ready_blocks(self) -> list[TranscriptEvent]:
+        """Encode and decode every ready block of this stream, one at a time (a batch of one)."""
         events = []
-        if self.options.backend == "causal":
-            encoder_state = self.segment.encoder
-            encoder_state.pending_mel = torch.cat([encoder_state.pending_mel, mel.to(encoder_state.pending_mel.dtype)])
-            # One block at a time, taken out of the pending mel only once its segment is decided, so a
-            # checkpoint taken at a roll still holds every frame not yet encoded.
-            while self.segment.encoder.pending_mel.shape[0] >= self.options.block_frames:
-                events += self._causal_block(self.options.block_frames)
-            return events
+        while (block := self.next_block()) is not None:
+            embeddings = self.encoder.encode_blocks([block.encoder], [block.mel])
+            result = self.rolling.update([block.decoder], embeddings)[0]
+            events += self.complete_block(block, result)
+        return events
+
+    def _buffer_mel(self, mel: Tensor) -> None:
+        encoder_state = self.segment.encoder
+        encoder_state.pending_mel = torch.cat([encoder_state.pending_mel, mel.to(encoder_state.pending_mel.dtype)])
+
+    def _take_block(self, frames: int, dropped_frames: int = 0) -> CausalBlock:
+        """Roll if the block would pass the cap, then take the first `frames` pending frames as the next block.
+
+        The block leaves the pending mel only now that its segment is decided, so a checkpoint taken at the
+        roll still holds every frame not yet encoded.
+        """
+        steps = frames // STEP_FRAMES
+        roll_events = self._roll_if(self.policy.should_roll_before(self.segment.steps, steps) is not None)
+        encoder_state = self.segment.encoder
+        mel = encoder_state.pending_mel[:frames]
+        encoder_state.pending_mel = encoder_state.pending_mel[frames + dropped_frames :]
+        self.frames_encoded += frames + dropped_frames
+        self.segment.steps += steps
+        return CausalBlock(mel=mel, encoder=encoder_state, decoder=self.segment.decoder, roll_events=roll_events)
+
+    def _flush_features(self) -> Tensor:
+        # A session restored from a checkpoint taken during `finish` has already flushed its front-end.
+        if self.features.flushed:
+            return torch.zeros(0, self.model.config.audio.num_mel_bins)
+        return self.features.flush()
+
+    def _consume_windowed(self, mel: Tensor) -> list[TranscriptEvent]:
+        events = []
         self.pending_mel = torch.cat([self.pending_mel, mel])
         update = self.options.windowed_update_frames
         while self.pending_mel.shape[0] >= update:
@@ -217,33 +326,12 @@ class StreamingSession:
             events += self._windowed_update(chunk, right_context=self.options.windowed_right_frames)
         return events
 
-    def _flush_backend(self) -> list[TranscriptEvent]:
-        if self.options.backend == "causal":
-            pending = self.segment.encoder.pending_mel.shape[0]
-            usable = pending // STEP_FRAMES * STEP_FRAMES
-            if usable == 0:
-                self.frames_encoded += pending  # < 80 ms: dropped, as the reference does
-                self.segment.encoder.pending_mel = self.segment.encoder.pending_mel[:0]
-                return []
-            return self._causal_block(usable, dropped_frames=pending - usable)
+    def _flush_windowed(self) -> list[TranscriptEvent]:
         chunk, self.pending_mel = self.pending_mel, self.pending_mel[:0]
         if chunk.shape[0] == 0 and self.window_mel.shape[0] == 0:
             return []
         # At the end there is no future audio: the right context is zero frames.
         return self._windowed_update(chunk, right_context=0, at_end=True)
-
-    def _causal_block(self, frames: int, dropped_frames: int = 0) -> list[TranscriptEvent]:
-        """Encode the first `frames` pending frames as one block and run one decoder update."""
-        steps = frames // STEP_FRAMES
-        events = self._roll_if(self.policy.should_roll_before(self.segment.steps, steps) is not None)
-        encoder_state = self.segment.encoder
-        block = encoder_state.pending_mel[:frames]
-        encoder_state.pending_mel = encoder_state.pending_mel[frames + dropped_frames :]
-        embeddings = self.encoder.encode_blocks([encoder_state], [block])[0]
-        self.frames_encoded += frames + dropped_frames
-        self.segment.steps += steps
-        result = self.rolling.update([self.segment.decoder], [embeddings])[0]
-        return events + self._after_update(list(result.tokens), result.stats)
 
     def _windowed_update(self, chunk: Tensor, right_context: int, at_end: bool = False) -> list[TranscriptEvent]:
         """Re-encode the window with the offline tower; append the steps that are now settled."""
@@ -393,6 +481,10 @@ class StreamingSession:
     def _check_open(self) -> None:
         if self.finished:
             raise RuntimeError("the session is finished; start a new one")
+
+    def _check_causal(self) -> None:
+        if self.options.backend != "causal":
+            raise ValueError(f"backend is {self.options.backend!r}; block-wise calls need the 'causal' backend")
 
 
 def checkpoint_offset(checkpoint: bytes) -> int:

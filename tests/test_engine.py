@@ -1,0 +1,156 @@
+"""Many streams in one engine: every stream's events equal the single-stream session's; admission by slots."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.causal_encoder import CausalAudioEncoder
+from pipeline.checkpoint import ASRModel, load_model
+from pipeline.engine import EngineAtCapacity, StreamingEngine
+from pipeline.rolling import RollingDecoder
+from pipeline.session import SessionOptions, StreamingSession, TranscriptEvent
+from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
+from tests.test_session import CAUSAL, SAMPLE_RATE, _audio, _comparable
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint: Path) -> ASRModel:
+    return load_model(tiny_checkpoint, tower=tiny_checkpoint / TOWER_OVERLAY_DIR)
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """One synthetic stream: its audio, the step it opens at, and how much audio arrives per step."""
+
+    audio: np.ndarray
+    open_step: int
+    samples_per_step: int
+
+
+def _plans(count: int) -> list[StreamPlan]:
+    """Streams of 3-20 s opening at different steps; some arrive slower than a block per step, some faster
+    (a backlog then drains one block per step after the end is signalled)."""
+    plans = []
+    for index in range(count):
+        seconds = 20.0 - (index * 7.3) % 17.0
+        per_step = (0.6, 1.3, 2.5, 4.1)[index % 4]
+        plans.append(StreamPlan(_audio(seconds, seed=100 + index), open_step=(index * 5) % 9, samples_per_step=int(per_step * SAMPLE_RATE)))
+    return plans
+
+
+def _single_stream_events(model: ASRModel, audio: np.ndarray, options: SessionOptions) -> list[TranscriptEvent]:
+    session = StreamingSession(model, options)
+    return session.push_audio(audio) + session.finish()
+
+
+def _engine_events(engine: StreamingEngine, plans: list[StreamPlan]) -> dict[str, list[TranscriptEvent]]:
+    """Drive the engine: each step, open due streams, push one chunk per open stream (or finish it), then step."""
+    events: dict[str, list[TranscriptEvent]] = {}
+    pushed = {str(index): 0 for index in range(len(plans))}
+    finished: set[str] = set()
+    step = 0
+    while step <= max(plan.open_step for plan in plans) or engine.active_streams:
+        for index, plan in enumerate(plans):
+            stream_id = str(index)
+            if plan.open_step == step:
+                engine.open_stream(stream_id)
+                events[stream_id] = []
+            if stream_id not in events or stream_id in finished:
+                continue
+            start = pushed[stream_id]
+            if start < plan.audio.size:
+                engine.push_audio(stream_id, plan.audio[start : start + plan.samples_per_step])
+                pushed[stream_id] = start + plan.samples_per_step
+            else:
+                engine.finish_stream(stream_id)
+                finished.add(stream_id)
+        for stream_id, new_events in engine.step().items():
+            events[stream_id] += new_events
+        step += 1
+        assert step < 1000, "the engine stopped making progress"
+    return events
+
+
+@pytest.mark.parametrize("count", [1, 4, 12])
+def test_every_stream_gets_the_single_stream_events(model: ASRModel, count: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    batch_sizes: dict[str, list[int]] = {"encoder": [], "decoder": []}
+
+    def recorded(name: str, method):  # noqa: ANN001, ANN202 - a spy around the batched forwards
+        def call(self, states, inputs):  # noqa: ANN001, ANN202
+            batch_sizes[name].append(len(states))
+            return method(self, states, inputs)
+
+        return call
+
+    monkeypatch.setattr(CausalAudioEncoder, "encode_blocks", recorded("encoder", CausalAudioEncoder.encode_blocks))
+    monkeypatch.setattr(RollingDecoder, "update", recorded("decoder", RollingDecoder.update))
+    plans = _plans(count)
+    engine = StreamingEngine(model, CAUSAL, max_streams=count)
+    events = _engine_events(engine, plans)
+    assert engine.free_slots == count
+    # Each block went through one encoder and one decoder call shared by all streams ready at that step.
+    sizes = list(batch_sizes["encoder"])
+    assert sizes == batch_sizes["decoder"]
+    assert sum(sizes) == sum(event.kind == "update" for stream_events in events.values() for event in stream_events)
+    assert max(sizes) == 1 if count == 1 else max(sizes) > 2
+    for index, plan in enumerate(plans):
+        expected = _single_stream_events(model, plan.audio, CAUSAL)
+        assert _comparable(events[str(index)]) == _comparable(expected), f"stream {index}"
+    kinds = [event.kind for stream_events in events.values() for event in stream_events]
+    assert "segment" in kinds and kinds.count("final") == count
+
+
+def test_streams_with_different_decoder_settings_share_steps(model: ASRModel) -> None:
+    plans = _plans(3)
+    other = SessionOptions(max_new_tokens=5, speculative=False, segment_max_steps=60, segment_punct_min_steps=40)
+    engine = StreamingEngine(model, CAUSAL, max_streams=3)
+    engine.open_stream("odd", other)
+    engine.push_audio("odd", plans[0].audio)
+    engine.finish_stream("odd")
+    engine.open_stream("even")
+    engine.push_audio("even", plans[1].audio)
+    engine.finish_stream("even")
+    events: dict[str, list[TranscriptEvent]] = {"odd": [], "even": []}
+    while engine.has_work:
+        for stream_id, new_events in engine.step().items():
+            events[stream_id] += new_events
+    assert _comparable(events["odd"]) == _comparable(_single_stream_events(model, plans[0].audio, other))
+    assert _comparable(events["even"]) == _comparable(_single_stream_events(model, plans[1].audio, CAUSAL))
+    assert engine.active_streams == []
+
+
+def test_admission_is_refused_at_capacity_and_slots_are_reused(model: ASRModel) -> None:
+    engine = StreamingEngine(model, CAUSAL, max_streams=2)
+    engine.open_stream("a")
+    engine.open_stream("b")
+    with pytest.raises(EngineAtCapacity, match="all 2 stream slots"):
+        engine.open_stream("c")
+    with pytest.raises(ValueError, match="already open"):
+        engine.open_stream("a")
+    engine.push_audio("a", _audio(0.5))
+    engine.finish_stream("a")
+    events = engine.step()
+    assert [event.kind for event in events["a"]] == ["update", "final"]
+    assert engine.active_streams == ["b"] and engine.free_slots == 1
+    engine.open_stream("c")  # the finished stream's slot
+    with pytest.raises(KeyError, match="no open stream 'a'"):
+        engine.push_audio("a", _audio(0.5))
+
+
+def test_bad_requests_get_clear_errors(model: ASRModel) -> None:
+    with pytest.raises(ValueError, match="'windowed'"):
+        StreamingEngine(model, SessionOptions.windowed())
+    engine = StreamingEngine(model, CAUSAL, max_streams=1)
+    with pytest.raises(ValueError, match="'windowed'"):
+        engine.open_stream("w", SessionOptions.windowed())
+    engine.open_stream("a")
+    engine.finish_stream("a")
+    with pytest.raises(RuntimeError, match="end of the stream"):
+        engine.push_audio("a", _audio(0.5))
+    assert engine.has_work
+    assert [event.kind for event in engine.step()["a"]] == ["final"]
+    assert not engine.has_work
