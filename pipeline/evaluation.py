@@ -295,9 +295,13 @@ def evaluate_manifest(
         result = evaluate_file(model, entry, options, tail_ms)
         log.info(
             "[%d/%d] %s: final WER %.3f, real-streaming WER %.3f, RTF %.3f",
-            index, len(entries), entry.audio.name, result.score.final.rate, result.score.real_streaming.rate,
+            index,
+            len(entries),
+            entry.audio.name,
+            result.score.final.rate,
+            result.score.real_streaming.rate,
             result.score.rtf,
-        )  # fmt: skip
+        )
         results.append(result)
     return ManifestEvaluation(
         manifest=str(manifest_path),
