@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--realtime", action="store_true", help="pace the audio like a live source")
     transcribe.add_argument("--json", action="store_true", help="one JSON object per event, then {text, token_ids}")
     transcribe.set_defaults(run=_transcribe)
+
+    from pipeline.evaluation import add_eval_parser
+
+    add_eval_parser(commands)
     return parser
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny models run many small ops: one thread avoids OpenMP spin contention on the 2-core CI machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
