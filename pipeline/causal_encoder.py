@@ -190,6 +190,14 @@ class CausalAudioEncoder:
         (a flush block may be shorter). Returns [frames // 8, output_dim] per stream and advances
         each state's cache and position.
         """
+        return self._encode_steps(states, self.conv_blocks(states, blocks))
+
+    def conv_blocks(self, states: list[CausalEncoderState], blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Check one block per stream (see `encode_blocks`) and run the conv stem over all of them in one call.
+
+        Returns each block's steps [frames // 8, d_model]; layers and head come next (`encode_blocks` runs
+        them on the states' own caches, `pipeline.kv_pool.EncoderKVPool` on preallocated slots).
+        """
         if len(states) != len(blocks):
             raise ValueError(f"got {len(states)} states and {len(blocks)} blocks; expected one block per state")
         if len({id(state) for state in states}) != len(states):
@@ -203,7 +211,7 @@ class CausalAudioEncoder:
                 )
         device = self.tower.conv_out.weight.device
         steps = self.tower.conv_steps(torch.cat([block.to(device) for block in blocks]))
-        return self._encode_steps(states, list(steps.split([b.shape[0] // STEP_FRAMES for b in blocks])))
+        return list(steps.split([b.shape[0] // STEP_FRAMES for b in blocks]))
 
     def _encode_steps(self, states: list[CausalEncoderState], steps: list[torch.Tensor]) -> list[torch.Tensor]:
         """Layers + head for one conv-stemmed block per stream; updates the states."""

@@ -215,12 +215,19 @@ class DecoderKVCache:
     Storage is preallocated and grows geometrically, so `append` writes in place and `crop` (the
     rolling decoder's "drop tail + draft, keep head + audio") is O(1). Tensors returned by `layer`
     are views, valid until the next `append`.
+
+    Given `storage` (per layer (key, value) [kv_heads, capacity, head_dim], e.g. one slot of a
+    preallocated pool, see `pipeline.kv_pool`), the cache writes into it and never reallocates: an
+    append past `capacity` is an error.
     """
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, storage: Sequence[LayerKV] | None = None) -> None:
         self.num_layers = num_layers
-        self._keys: list[Tensor] = []
-        self._values: list[Tensor] = []
+        self._keys: list[Tensor] = [] if storage is None else [key for key, _ in storage]
+        self._values: list[Tensor] = [] if storage is None else [value for _, value in storage]
+        self._fixed = storage is not None
+        if self._fixed and len(self._keys) != num_layers:
+            raise ValueError(f"storage has {len(self._keys)} layers; expected {num_layers}")
         self._length = 0
 
     @property
@@ -254,6 +261,8 @@ class DecoderKVCache:
         capacity = self._keys[0].shape[1] if self._keys else 0
         if needed <= capacity:
             return
+        if self._fixed:
+            raise ValueError(f"{needed} positions needed; the cache's fixed storage holds {capacity}")
         new_capacity = max(needed, 2 * capacity, 64)
         heads, _, head_dim = like.shape
 

@@ -1,12 +1,15 @@
 """Many causal streams advanced together: one batched encoder forward and one batched decoder update per step.
 
-A `StreamingEngine` owns up to `max_streams` `StreamingSession`s (one slot each). Audio is buffered per stream
-(only the cheap log-mel front-end runs on arrival); `step()` then advances every stream that has a whole block
-buffered, or whose end was signalled, by exactly one block:
+A `StreamingEngine` owns up to `max_streams` `StreamingSession`s. Their encoder and decoder K/V live in
+preallocated slot pools (`pipeline.kv_pool`), one slot per stream, so admission is a free-slot check (a clear
+`EngineAtCapacity` otherwise) and no cache memory is allocated per update; a segment roll reuses the stream's
+slot and the end of the stream frees it. Audio is buffered per stream (only the cheap log-mel front-end runs on
+arrival); `step()` then advances every stream that has a whole block buffered, or whose end was signalled, by
+exactly one block:
 
 1. scheduling: each session's `next_block` rolls its segment if the block would pass the cap and hands out the
    block (the same code the single-stream session runs);
-2. one `CausalAudioEncoder.encode_blocks` over all those blocks (ragged caches, one forward);
+2. one encoder forward over all those blocks, on their slots' K/V (`EncoderKVPool.encode_blocks`);
 3. one `RollingDecoder.update` over all those streams (one parallel pass, batched verification, batched
    greedy steps with streams leaving as they stop);
 4. per stream, `complete_block` applies the commit and segment policy and makes the events; a stream whose end
@@ -27,7 +30,9 @@ from collections.abc import Callable, Hashable
 import numpy as np
 
 from pipeline.checkpoint import ASRModel
-from pipeline.session import CausalBlock, SessionOptions, StreamingSession, TranscriptEvent
+from pipeline.kv_pool import KVSlot, KVSlotPool
+from pipeline.prompt import build_causal_prompt
+from pipeline.session import CausalBlock, SessionOptions, StreamingSession, TranscriptEvent, decoder_positions_needed
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +44,23 @@ class EngineAtCapacity(RuntimeError):
 class StreamingEngine:
     """Advance many causal streams in lock-step batches. Not thread-safe: drive it from one task or thread."""
 
-    def __init__(self, model: ASRModel, options: SessionOptions | None = None, max_streams: int = 32) -> None:
+    def __init__(
+        self,
+        model: ASRModel,
+        options: SessionOptions | None = None,
+        max_streams: int = 32,
+        decoder_capacity: int | None = None,
+    ) -> None:
+        """`decoder_capacity`: decoder K/V positions per slot; by default what a segment under `options` needs."""
         if max_streams < 1:
             raise ValueError(f"max_streams is {max_streams}; expected at least 1")
         self.model = model
         self.options = options or SessionOptions()
         _check_backend(self.options)
         self.max_streams = max_streams
+        if decoder_capacity is None:
+            decoder_capacity = self._decoder_positions(self.options)
+        self.pool = KVSlotPool(model.audio_tower, model.text_decoder, max_streams, decoder_capacity)
         self._sessions: dict[str, StreamingSession] = {}
 
     # ------------------------------------------------------------------ admission
@@ -56,7 +71,7 @@ class StreamingEngine:
 
     @property
     def free_slots(self) -> int:
-        return self.max_streams - len(self._sessions)
+        return self.pool.free
 
     def open_stream(self, stream_id: str, options: SessionOptions | None = None) -> None:
         """Admit a new stream, with the engine's options unless given; raises `EngineAtCapacity` when full."""
@@ -64,19 +79,30 @@ class StreamingEngine:
             raise ValueError(f"stream {stream_id!r} is already open")
         stream_options = options or self.options
         _check_backend(stream_options)
-        if self.free_slots == 0:
+        needed = self._decoder_positions(stream_options)
+        if needed > self.pool.decoder.capacity:
+            raise ValueError(
+                f"stream {stream_id!r} needs {needed} decoder positions per segment; the engine's slots hold "
+                f"{self.pool.decoder.capacity} (shorter segments or token budget, or a larger decoder_capacity)"
+            )
+        slot = self.pool.acquire()
+        if slot is None:
             raise EngineAtCapacity(f"all {self.max_streams} stream slots are taken; stream {stream_id!r} was not admitted")
-        self._sessions[stream_id] = StreamingSession(self.model, stream_options)
+        self._sessions[stream_id] = StreamingSession(self.model, stream_options, kv_slot=slot)
+
+    def close_stream(self, stream_id: str) -> None:
+        """Drop a stream without finalizing it (e.g. its client went away) and free its slot."""
+        self._close(stream_id)
 
     # ------------------------------------------------------------------ input
 
     def push_audio(self, stream_id: str, pcm: np.ndarray) -> None:
         """Buffer 16 kHz mono float32 PCM for a stream; it is encoded by later `step` calls."""
-        self._session(stream_id).buffer_audio(pcm)
+        self.session(stream_id).buffer_audio(pcm)
 
     def finish_stream(self, stream_id: str) -> None:
         """Signal the end of a stream's audio; later steps decode what is left, then finalize it."""
-        self._session(stream_id).begin_finish()
+        self.session(stream_id).begin_finish()
 
     @property
     def has_work(self) -> bool:
@@ -95,8 +121,12 @@ class StreamingEngine:
 
         embeddings = {}
         for group in _grouped(blocks, lambda stream_id: self._sessions[stream_id].encoder.options):
-            encoder = self._sessions[group[0]].encoder
-            encoded = encoder.encode_blocks([blocks[s].encoder for s in group], [blocks[s].mel for s in group])
+            encoded = self.pool.encoder.encode_blocks(
+                self._sessions[group[0]].encoder,
+                [self._slot(s).index for s in group],
+                [blocks[s].encoder for s in group],
+                [blocks[s].mel for s in group],
+            )
             embeddings.update(zip(group, encoded))
 
         events: dict[str, list[TranscriptEvent]] = {}
@@ -109,12 +139,27 @@ class StreamingEngine:
         for stream_id, session in list(self._sessions.items()):
             if session.done_encoding:
                 events.setdefault(stream_id, []).extend(session.finalize())
-                del self._sessions[stream_id]  # frees the slot
+                self._close(stream_id)
         if blocks:
             log.debug("step: %d blocks over %d open streams", len(blocks), len(self._sessions))
         return events
 
-    def _session(self, stream_id: str) -> StreamingSession:
+    def _close(self, stream_id: str) -> None:
+        slot = self._slot(stream_id)
+        del self._sessions[stream_id]
+        self.pool.release(slot)
+
+    def _slot(self, stream_id: str) -> KVSlot:
+        slot = self.session(stream_id).kv_slot
+        assert slot is not None, "engine sessions are always made with a slot"
+        return slot
+
+    def _decoder_positions(self, options: SessionOptions) -> int:
+        prompt = build_causal_prompt(self.model.tokenizer, language=options.language, context=options.context)
+        return decoder_positions_needed(prompt, options)
+
+    def session(self, stream_id: str) -> StreamingSession:
+        """The session of an open stream (for inspection: drive it through the engine, not directly)."""
         session = self._sessions.get(stream_id)
         if session is None:
             raise KeyError(f"no open stream {stream_id!r}; open it first (finished streams are closed)")

@@ -40,7 +40,8 @@ from pipeline.commit import CommitOptions, CommittedWord, SegmentOptions, Segmen
 from pipeline.decoding import DecodeControls, DecodeOptions
 from pipeline.encoder import STEP_FRAMES
 from pipeline.features import LogMelState, StreamingLogMel
-from pipeline.prompt import build_causal_prompt, decode_asr_output
+from pipeline.kv_pool import KVSlot
+from pipeline.prompt import CausalPrompt, build_causal_prompt, decode_asr_output
 from pipeline.rolling import RollingDecoder, RollingDecoderState, UpdateResult, UpdateStats, decode_from_scratch
 
 log = logging.getLogger(__name__)
@@ -138,9 +139,14 @@ class SegmentState:
 class StreamingSession:
     """Transcribe one stream: `push_audio` chunks of any size, then `finish`."""
 
-    def __init__(self, model: ASRModel, options: SessionOptions | None = None) -> None:
+    def __init__(self, model: ASRModel, options: SessionOptions | None = None, kv_slot: KVSlot | None = None) -> None:
+        """`kv_slot`: causal backend only, keep the encoder and decoder K/V in a preallocated pool slot
+        (`pipeline.kv_pool`) instead of per-segment tensors; the engine gives one to each stream."""
         self.model = model
         self.options = options or SessionOptions()
+        if kv_slot is not None:
+            self._check_causal()
+        self.kv_slot = kv_slot
         opts = self.options
         self.prompt = build_causal_prompt(model.tokenizer, language=opts.language, context=opts.context)
         self.controls = DecodeControls(
@@ -396,10 +402,14 @@ class StreamingSession:
     def _new_segment(self, pending_mel: Tensor | None = None) -> SegmentState:
         if self.options.backend == "windowed":
             return SegmentState(decoder=None, encoder=None)
-        encoder_state = self.encoder.new_state()
+        if self.kv_slot is None:
+            encoder_state, decoder_state = self.encoder.new_state(), self.rolling.new_state()
+        else:  # a roll reuses the stream's slot: new, empty states over the same storage
+            encoder_state = self.kv_slot.new_encoder_state(self.encoder)
+            decoder_state = RollingDecoderState(cache=self.kv_slot.new_decoder_cache())
         if pending_mel is not None:
             encoder_state.pending_mel = pending_mel
-        return SegmentState(decoder=self.rolling.new_state(), encoder=encoder_state)
+        return SegmentState(decoder=decoder_state, encoder=encoder_state)
 
     def checkpoint(self) -> bytes:
         """Plain-data restore point; valid only at a segment boundary (no segment audio encoded yet)."""
@@ -485,6 +495,17 @@ class StreamingSession:
     def _check_causal(self) -> None:
         if self.options.backend != "causal":
             raise ValueError(f"backend is {self.options.backend!r}; block-wise calls need the 'causal' backend")
+
+
+def decoder_positions_needed(prompt: CausalPrompt, options: SessionOptions) -> int:
+    """The most decoder K/V positions a causal segment can hold: head + audio cap + tail + token budget.
+
+    A segment holds at most `segment_max_steps` audio steps (a roll comes first), or one block if that is
+    longer; an update forwards the tail and a draft of at most `max_new_tokens`, and greedy steps never
+    forward more than `max_new_tokens` tokens.
+    """
+    audio_steps = max(options.segment_max_steps, options.block_frames // STEP_FRAMES)
+    return len(prompt.head_ids) + audio_steps + len(prompt.tail_ids) + options.max_new_tokens
 
 
 def checkpoint_offset(checkpoint: bytes) -> int:

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.causal_encoder import CausalAudioEncoder
 from pipeline.checkpoint import ASRModel, load_model
 from pipeline.engine import EngineAtCapacity, StreamingEngine
+from pipeline.kv_pool import EncoderKVPool
 from pipeline.rolling import RollingDecoder
 from pipeline.session import SessionOptions, StreamingSession, TranscriptEvent
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
@@ -80,13 +80,13 @@ def test_every_stream_gets_the_single_stream_events(model: ASRModel, count: int,
     batch_sizes: dict[str, list[int]] = {"encoder": [], "decoder": []}
 
     def recorded(name: str, method):  # noqa: ANN001, ANN202 - a spy around the batched forwards
-        def call(self, states, inputs):  # noqa: ANN001, ANN202
-            batch_sizes[name].append(len(states))
-            return method(self, states, inputs)
+        def call(self, *args):  # noqa: ANN001, ANN202
+            batch_sizes[name].append(len(args[-1]))  # the last argument has one entry per stream
+            return method(self, *args)
 
         return call
 
-    monkeypatch.setattr(CausalAudioEncoder, "encode_blocks", recorded("encoder", CausalAudioEncoder.encode_blocks))
+    monkeypatch.setattr(EncoderKVPool, "encode_blocks", recorded("encoder", EncoderKVPool.encode_blocks))
     monkeypatch.setattr(RollingDecoder, "update", recorded("decoder", RollingDecoder.update))
     plans = _plans(count)
     engine = StreamingEngine(model, CAUSAL, max_streams=count)
@@ -154,3 +154,55 @@ def test_bad_requests_get_clear_errors(model: ASRModel) -> None:
     assert engine.has_work
     assert [event.kind for event in engine.step()["a"]] == ["final"]
     assert not engine.has_work
+
+
+def test_streams_queued_for_slots_reuse_them_and_stay_exact(model: ASRModel) -> None:
+    # 6 streams through 3 slots: a stream is admitted when a slot frees, into memory a finished stream used.
+    plans = _plans(6)
+    engine = StreamingEngine(model, CAUSAL, max_streams=3)
+    waiting = list(range(len(plans)))
+    events: dict[str, list[TranscriptEvent]] = {}
+    slots_used: dict[str, int] = {}
+    while waiting or engine.active_streams:
+        while waiting:
+            stream_id = str(waiting[0])
+            try:
+                engine.open_stream(stream_id)
+            except EngineAtCapacity:
+                break
+            waiting.pop(0)
+            plan = plans[int(stream_id)]
+            engine.push_audio(stream_id, plan.audio)
+            engine.finish_stream(stream_id)
+            events[stream_id] = []
+            slots_used[stream_id] = engine.session(stream_id).kv_slot.index
+        for stream_id, new_events in engine.step().items():
+            events[stream_id] += new_events
+        for stream_id in engine.active_streams:  # the caches write into their slots; nothing was reallocated
+            session = engine.session(stream_id)
+            slot = session.kv_slot.index
+            if session.segment.decoder.cache.length:
+                assert session.segment.decoder.cache.layer(0)[0].data_ptr() == engine.pool.decoder.keys[0, slot].data_ptr()
+    assert sorted(set(slots_used.values())) == [0, 1, 2]  # six streams, three slots: each slot reused
+    for index, plan in enumerate(plans):
+        assert _comparable(events[str(index)]) == _comparable(_single_stream_events(model, plan.audio, CAUSAL))
+
+
+def test_a_stream_that_needs_longer_slots_is_refused(model: ASRModel) -> None:
+    engine = StreamingEngine(model, CAUSAL, max_streams=2)
+    longer = SessionOptions(max_new_tokens=64, segment_max_steps=60, segment_punct_min_steps=40)
+    with pytest.raises(ValueError, match="decoder positions per segment"):
+        engine.open_stream("long", longer)
+    assert engine.free_slots == 2
+    roomy = StreamingEngine(model, CAUSAL, max_streams=1, decoder_capacity=engine.pool.decoder.capacity + 52)
+    roomy.open_stream("long", longer)
+
+
+def test_closing_a_stream_frees_its_slot(model: ASRModel) -> None:
+    engine = StreamingEngine(model, CAUSAL, max_streams=1)
+    engine.open_stream("a")
+    engine.push_audio("a", _audio(2.5))
+    assert engine.step()["a"][0].kind == "update"
+    engine.close_stream("a")
+    assert engine.free_slots == 1 and engine.step() == {}
+    engine.open_stream("b")

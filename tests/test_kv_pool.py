@@ -1,0 +1,92 @@
+"""Preallocated K/V slot pools: the pooled encoder equals the per-state one; fixed decoder slots; admission."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.causal_encoder import CausalAudioEncoder, CausalEncoderOptions
+from pipeline.config import TINY_AUDIO
+from pipeline.decoder import DecoderKVCache, forward_streams
+from pipeline.kv_pool import EncoderKVPool, KVSlotPool
+from tests.test_decoder import random_decoder
+from tests.test_encoder import random_tower, relative_error
+
+BINS = TINY_AUDIO.num_mel_bins
+
+
+@pytest.mark.parametrize("block_frames", [192, 96])
+def test_pooled_encoder_equals_per_state_encoder(block_frames: int) -> None:
+    # Three streams in slots 4, 0, 2 starting at different blocks, ragged flush blocks, long enough (> 195
+    # steps) to slide the window; the pool and plain states must give the same embeddings and the same K/V.
+    tower = random_tower(seed=3)
+    encoder = CausalAudioEncoder(tower, CausalEncoderOptions(block_frames=block_frames))
+    pool = EncoderKVPool(tower, slots=5)
+    slots = [4, 0, 2]
+    starts = [0, 3, 7]
+    torch.manual_seed(0)
+    blocks_per_stream = [list(torch.randn(block_frames * count, BINS).split(block_frames)) for count in (30, 24, 14)]
+    blocks_per_stream[1][-1] = blocks_per_stream[1][-1][: block_frames // 2]  # a short flush block
+    plain = [encoder.new_state() for _ in slots]
+    pooled = [pool.new_state(encoder, slot) for slot in slots]
+    worst = 0.0
+    for step in range(40):
+        ready = [i for i, start in enumerate(starts) if 0 <= step - start < len(blocks_per_stream[i])]
+        if not ready:
+            continue
+        blocks = [blocks_per_stream[i][step - starts[i]] for i in ready]
+        expected = encoder.encode_blocks([plain[i] for i in ready], blocks)
+        actual = pool.encode_blocks(encoder, [slots[i] for i in ready], [pooled[i] for i in ready], blocks)
+        for i, got, want in zip(ready, actual, expected):
+            worst = max(worst, relative_error(got, want))
+            assert pooled[i].next_position == plain[i].next_position
+            assert pooled[i].cached_steps == plain[i].cached_steps
+            torch.testing.assert_close(pooled[i].keys, plain[i].keys, rtol=0, atol=1e-5)
+    assert worst < 1e-5
+    assert plain[0].cached_steps == encoder.options.left_context_steps  # the window did slide
+    # The pooled states are views of their slots.
+    assert pooled[0].keys.data_ptr() == pool.keys[:, 4, :, -pooled[0].cached_steps :].data_ptr()
+
+
+def test_pooled_encoder_refuses_a_state_from_elsewhere() -> None:
+    tower = random_tower(seed=3)
+    encoder = CausalAudioEncoder(tower)
+    pool = EncoderKVPool(tower, slots=2)
+    state = pool.new_state(encoder, 0)
+    pool.encode_blocks(encoder, [0], [state], [torch.randn(192, BINS)])
+    with pytest.raises(ValueError, match="does not live in slot 1"):
+        pool.encode_blocks(encoder, [1], [state], [torch.randn(192, BINS)])
+
+
+def test_decoder_cache_on_fixed_storage_matches_growing_cache_and_never_reallocates() -> None:
+    decoder = random_decoder(seed=0)
+    pool = KVSlotPool(random_tower(seed=1), decoder, slots=3, decoder_capacity=50)
+    pooled = [pool.decoder.new_cache(2), pool.decoder.new_cache(0)]
+    growing = [DecoderKVCache(len(decoder.layers)) for _ in pooled]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for lengths in ([20, 7], [1, 1], [9, 30], [1, 1]):
+            inputs = [torch.randn(n, decoder.config.hidden_size) for n in lengths]
+            expected = forward_streams(decoder, growing, inputs)
+            actual = forward_streams(decoder, pooled, inputs)
+            for got, want in zip(actual, expected):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+            for cache in growing + pooled:
+                cache.crop(cache.length - 1)
+    # After every append and crop the caches still write into their slots.
+    assert pooled[0].layer(0)[0].data_ptr() == pool.decoder.keys[0, 2].data_ptr()
+    assert pooled[1].layer(1)[1].data_ptr() == pool.decoder.values[1, 0].data_ptr()
+    with pytest.raises(ValueError, match="fixed storage holds 50"):
+        with torch.no_grad():
+            forward_streams(decoder, [pooled[1]], [torch.randn(50 - pooled[1].length + 1, decoder.config.hidden_size)])
+
+
+def test_slots_are_admitted_while_free_and_reused_after_release() -> None:
+    pool = KVSlotPool(random_tower(seed=1), random_decoder(seed=0), slots=2, decoder_capacity=8)
+    first, second = pool.acquire(), pool.acquire()
+    assert (first.index, second.index) == (0, 1) and pool.free == 0
+    assert pool.acquire() is None
+    pool.release(first)
+    assert pool.acquire().index == 0
+    with pytest.raises(ValueError, match="not an acquired slot"):
+        pool.release(KVSlotPool(random_tower(seed=1), random_decoder(seed=0), 1, 8).acquire())
