@@ -15,6 +15,9 @@ exactly one block:
 4. per stream, `complete_block` applies the commit and segment policy and makes the events; a stream whose end
    was signalled and whose last block is decoded is finalized and its slot freed.
 
+`AsyncStreamingEngine` is the asyncio front: client coroutines submit audio and read their stream's events;
+one driver task owns the engine, applying submissions between steps and running each step in a worker thread.
+
 Because every phase is the session's own code and the batched forwards give each stream what it gets alone,
 each stream's events equal those of a `StreamingSession` fed the same audio, whatever the other streams do.
 Streams whose options change the model inputs (block size; prompt or decode controls) cannot share a forward;
@@ -23,9 +26,10 @@ they are batched in groups of equal settings, one forward per group.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable
 
 import numpy as np
 
@@ -164,6 +168,82 @@ class StreamingEngine:
         if session is None:
             raise KeyError(f"no open stream {stream_id!r}; open it first (finished streams are closed)")
         return session
+
+
+
+class AsyncStreamingEngine:
+    """asyncio front of a `StreamingEngine`: many client coroutines, one driver task (`run`) that owns the engine.
+
+    Every call that touches the engine is queued and applied by the driver between steps, so the engine is never
+    used from two places at once, and awaiting a call is the answer to it (e.g. `EngineAtCapacity` from
+    `open_stream`). Each step runs in a worker thread, so the event loop keeps serving clients meanwhile.
+    """
+
+    def __init__(self, engine: StreamingEngine) -> None:
+        self.engine = engine
+        self._requests: list[tuple[Callable[[], None], asyncio.Future[None]]] = []
+        self._queues: dict[str, asyncio.Queue[TranscriptEvent | None]] = {}  # None: the stream is over
+        self._wake = asyncio.Event()
+
+    async def open_stream(self, stream_id: str, options: SessionOptions | None = None) -> None:
+        def open_() -> None:
+            self.engine.open_stream(stream_id, options)
+            self._queues[stream_id] = asyncio.Queue()
+
+        await self._call(open_)
+
+    async def push_audio(self, stream_id: str, pcm: np.ndarray) -> None:
+        await self._call(lambda: self.engine.push_audio(stream_id, pcm))
+
+    async def finish_stream(self, stream_id: str) -> None:
+        await self._call(lambda: self.engine.finish_stream(stream_id))
+
+    async def close_stream(self, stream_id: str) -> None:
+        def close() -> None:
+            self.engine.close_stream(stream_id)
+            self._queues[stream_id].put_nowait(None)
+
+        await self._call(close)
+
+    async def events(self, stream_id: str) -> AsyncIterator[TranscriptEvent]:
+        """A stream's events as they come, ending after its final event (or when it is closed)."""
+        queue = self._queues.get(stream_id)
+        if queue is None:
+            raise KeyError(f"no open stream {stream_id!r}; await open_stream first")
+        while (event := await queue.get()) is not None:
+            yield event
+        del self._queues[stream_id]
+
+    async def run(self) -> None:
+        """The driver: apply submissions, step while some stream is ready, otherwise wait. Run it as a task."""
+        while True:
+            self._apply_requests()
+            if not self.engine.has_work:
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            for stream_id, new_events in (await asyncio.to_thread(self.engine.step)).items():
+                queue = self._queues[stream_id]
+                for event in new_events:
+                    queue.put_nowait(event)
+                if new_events[-1].kind == "final":
+                    queue.put_nowait(None)
+
+    async def _call(self, apply: Callable[[], None]) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._requests.append((apply, done))
+        self._wake.set()
+        await done
+
+    def _apply_requests(self) -> None:
+        requests, self._requests = self._requests, []
+        for apply, done in requests:
+            try:
+                apply()
+            except (ValueError, KeyError, RuntimeError) as error:  # a bad request: the answer goes to its caller
+                done.set_exception(error)
+            else:
+                done.set_result(None)
 
 
 def _check_backend(options: SessionOptions) -> None:

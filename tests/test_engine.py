@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.checkpoint import ASRModel, load_model
-from pipeline.engine import EngineAtCapacity, StreamingEngine
+from pipeline.engine import AsyncStreamingEngine, EngineAtCapacity, StreamingEngine
 from pipeline.kv_pool import EncoderKVPool
 from pipeline.rolling import RollingDecoder
 from pipeline.session import SessionOptions, StreamingSession, TranscriptEvent
@@ -206,3 +207,43 @@ def test_closing_a_stream_frees_its_slot(model: ASRModel) -> None:
     engine.close_stream("a")
     assert engine.free_slots == 1 and engine.step() == {}
     engine.open_stream("b")
+
+
+def test_async_engine_serves_concurrent_clients(model: ASRModel) -> None:
+    plans = _plans(3)
+
+    async def serve() -> list[list[TranscriptEvent]]:
+        engine = AsyncStreamingEngine(StreamingEngine(model, CAUSAL, max_streams=3))
+        driver = asyncio.create_task(engine.run())
+
+        async def client(stream_id: str, audio: np.ndarray) -> list[TranscriptEvent]:
+            await engine.open_stream(stream_id)
+            received: list[TranscriptEvent] = []
+
+            async def read() -> None:
+                async for event in engine.events(stream_id):
+                    received.append(event)
+
+            reader = asyncio.create_task(read())
+            for start in range(0, audio.size, 9000):
+                await engine.push_audio(stream_id, audio[start : start + 9000])
+            await engine.finish_stream(stream_id)
+            await reader
+            return received
+
+        results = await asyncio.gather(*(client(str(i), plan.audio) for i, plan in enumerate(plans)))
+        for stream_id in "abc":
+            await engine.open_stream(stream_id)
+        with pytest.raises(EngineAtCapacity):
+            await engine.open_stream("d")
+        with pytest.raises(KeyError, match="no open stream 'd'"):
+            await engine.push_audio("d", _audio(0.1))
+        await engine.close_stream("a")
+        assert [event async for event in engine.events("a")] == []
+        await engine.open_stream("d")
+        driver.cancel()
+        return results
+
+    results = asyncio.run(serve())
+    for plan, received in zip(plans, results):
+        assert _comparable(received) == _comparable(_single_stream_events(model, plan.audio, CAUSAL))

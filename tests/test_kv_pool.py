@@ -15,6 +15,13 @@ from tests.test_encoder import random_tower, relative_error
 BINS = TINY_AUDIO.num_mel_bins
 
 
+@pytest.fixture(autouse=True)
+def _own_random_state():
+    """These tests seed torch's global generator; give later test files back the state they would have seen."""
+    with torch.random.fork_rng():
+        yield
+
+
 @pytest.mark.parametrize("block_frames", [192, 96])
 def test_pooled_encoder_equals_per_state_encoder(block_frames: int) -> None:
     # Three streams in slots 4, 0, 2 starting at different blocks, ragged flush blocks, long enough (> 195
