@@ -2,8 +2,9 @@
 
 A `StreamingEngine` owns up to `max_streams` `StreamingSession`s. Their encoder and decoder K/V live in
 preallocated slot pools (`pipeline.kv_pool`), one slot per stream, so admission is a free-slot check (a clear
-`EngineAtCapacity` otherwise) and no cache memory is allocated per update; a segment roll reuses the stream's
-slot and the end of the stream frees it. Audio is buffered per stream (only the cheap log-mel front-end runs on
+`EngineAtCapacity` otherwise) and no cache memory is allocated per update (the padded batch views the forwards
+gather, and the activations, are still per-step tensors); a segment roll reuses the stream's slot and the end
+of the stream frees it. Audio is buffered per stream (only the cheap log-mel front-end runs on
 arrival); `step()` then advances every stream that has a whole block buffered, or whose end was signalled, by
 exactly one block:
 
@@ -91,7 +92,9 @@ class StreamingEngine:
             )
         slot = self.pool.acquire()
         if slot is None:
-            raise EngineAtCapacity(f"all {self.max_streams} stream slots are taken; stream {stream_id!r} was not admitted")
+            raise EngineAtCapacity(
+                f"all {self.max_streams} stream slots are taken; stream {stream_id!r} was not admitted"
+            )
         self._sessions[stream_id] = StreamingSession(self.model, stream_options, kv_slot=slot)
 
     def close_stream(self, stream_id: str) -> None:

@@ -108,7 +108,8 @@ class DecoderKVPool:
     def new_cache(self, slot: int) -> DecoderKVCache:
         """An empty cache (segment start) that writes into `slot`."""
         layers = self.keys.shape[0]
-        return DecoderKVCache(layers, storage=[(self.keys[layer, slot], self.values[layer, slot]) for layer in range(layers)])
+        storage = [(self.keys[layer, slot], self.values[layer, slot]) for layer in range(layers)]
+        return DecoderKVCache(layers, storage=storage)
 
 
 @dataclass(frozen=True)

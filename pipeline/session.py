@@ -139,7 +139,9 @@ class SegmentState:
 class StreamingSession:
     """Transcribe one stream: `push_audio` chunks of any size, then `finish`."""
 
-    def __init__(self, model: ASRModel, options: SessionOptions | None = None, kv_slot: KVSlot | None = None) -> None:
+    def __init__(
+        self, model: ASRModel, options: SessionOptions | None = None, kv_slot: KVSlot | None = None
+    ) -> None:
         """`kv_slot`: causal backend only, keep the encoder and decoder K/V in a preallocated pool slot
         (`pipeline.kv_pool`) instead of per-segment tensors; the engine gives one to each stream."""
         self.model = model

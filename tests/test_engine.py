@@ -39,7 +39,8 @@ def _plans(count: int) -> list[StreamPlan]:
     for index in range(count):
         seconds = 20.0 - (index * 7.3) % 17.0
         per_step = (0.6, 1.3, 2.5, 4.1)[index % 4]
-        plans.append(StreamPlan(_audio(seconds, seed=100 + index), open_step=(index * 5) % 9, samples_per_step=int(per_step * SAMPLE_RATE)))
+        audio = _audio(seconds, seed=100 + index)
+        plans.append(StreamPlan(audio, open_step=(index * 5) % 9, samples_per_step=int(per_step * SAMPLE_RATE)))
     return plans
 
 
@@ -76,8 +77,10 @@ def _engine_events(engine: StreamingEngine, plans: list[StreamPlan]) -> dict[str
     return events
 
 
-@pytest.mark.parametrize("count", [1, 4, 12])
-def test_every_stream_gets_the_single_stream_events(model: ASRModel, count: int, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("count", [1, 4, 12, 32])
+def test_every_stream_gets_the_single_stream_events(
+    model: ASRModel, count: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     batch_sizes: dict[str, list[int]] = {"encoder": [], "decoder": []}
 
     def recorded(name: str, method):  # noqa: ANN001, ANN202 - a spy around the batched forwards
@@ -183,7 +186,8 @@ def test_streams_queued_for_slots_reuse_them_and_stay_exact(model: ASRModel) -> 
             session = engine.session(stream_id)
             slot = session.kv_slot.index
             if session.segment.decoder.cache.length:
-                assert session.segment.decoder.cache.layer(0)[0].data_ptr() == engine.pool.decoder.keys[0, slot].data_ptr()
+                cache_keys = session.segment.decoder.cache.layer(0)[0]
+                assert cache_keys.data_ptr() == engine.pool.decoder.keys[0, slot].data_ptr()
     assert sorted(set(slots_used.values())) == [0, 1, 2]  # six streams, three slots: each slot reused
     for index, plan in enumerate(plans):
         assert _comparable(events[str(index)]) == _comparable(_single_stream_events(model, plan.audio, CAUSAL))
