@@ -302,7 +302,7 @@ class StreamingSession:
 
     def _buffer_mel(self, mel: Tensor) -> None:
         encoder_state = self.segment.encoder
-        encoder_state.pending_mel = torch.cat([encoder_state.pending_mel, mel.to(encoder_state.pending_mel.dtype)])
+        encoder_state.pending_mel = torch.cat([encoder_state.pending_mel, mel.to(encoder_state.pending_mel)])
 
     def _take_block(self, frames: int, dropped_frames: int = 0) -> CausalBlock:
         """Roll if the block would pass the cap, then take the first `frames` pending frames as the next block.
@@ -352,7 +352,7 @@ class StreamingSession:
         frames_seen = self.window_start_frame + self.window_mel.shape[0]
         settled_until = frames_seen - right_context  # steps ending before this frame have their look-ahead
         with torch.inference_mode():
-            steps = self.model.audio_tower.forward_offline(self.window_mel.to(self.model.dtype))
+            steps = self.model.audio_tower.forward_offline(self.window_mel.to(device=self.model.device, dtype=self.model.dtype))
         end_frames = self.window_start_frame + _offline_step_end_frames(self.window_mel.shape[0])
         fresh = (end_frames > self.last_emitted_end_frame) & (end_frames < settled_until)
         new_steps = steps[fresh]
@@ -435,8 +435,8 @@ class StreamingSession:
                 "clamp_restart_frame": mel_state.clamp_restart_frame,
                 "flushed": mel_state.flushed,
             },
-            "pending_mel": _encode_array(pending.float().numpy()),
-            "window_mel": _encode_array(self.window_mel.float().numpy()),
+            "pending_mel": _encode_array(pending.float().cpu().numpy()),
+            "window_mel": _encode_array(self.window_mel.float().cpu().numpy()),
             "window_start_frame": self.window_start_frame,
             "last_emitted_end_frame": self.last_emitted_end_frame,
         }
@@ -459,7 +459,7 @@ class StreamingSession:
         session.committer.state = TranscriptCommitState.from_dict(payload["commit"])
         pending = torch.from_numpy(_decode_array(payload["pending_mel"]))
         if session.segment.encoder is not None:
-            session.segment.encoder.pending_mel = pending.to(model.dtype)
+            session.segment.encoder.pending_mel = pending.to(session.segment.encoder.pending_mel)
         else:
             session.pending_mel = pending
         session.window_mel = torch.from_numpy(_decode_array(payload["window_mel"]))

@@ -58,7 +58,8 @@ def test_drafts_are_accepted_when_the_audio_barely_changes(parts) -> None:
     model, prompt, controls = parts
     rolling = RollingDecoder(model.text_decoder, prompt, controls)
     state = rolling.new_state()
-    first = rolling.update([state], [0.1 * torch.randn(24, model.config.text.hidden_size)])[0]
+    audio = 0.1 * torch.randn(24, model.config.text.hidden_size, generator=torch.Generator().manual_seed(0))
+    first = rolling.update([state], [audio])[0]
     again = rolling.update([state], [torch.zeros(0, model.config.text.hidden_size)])[0]
     assert again.tokens == first.tokens
     assert again.stats.draft_accepted == again.stats.draft_tokens == len(first.tokens)
@@ -107,7 +108,8 @@ def test_draft_diverging_mid_way_is_corrected_and_continued(parts, agree: int) -
     accepted, the pick at the divergence replaces the draft's token, and greedy decoding continues from there."""
     model, prompt, controls = parts
     hidden = model.config.text.hidden_size
-    first, second = 0.1 * torch.randn(24, hidden), 0.1 * torch.randn(24, hidden)
+    generator = torch.Generator().manual_seed(agree)
+    first, second = (0.1 * torch.randn(24, hidden, generator=generator) for _ in range(2))
     expected, _ = decode_from_scratch(model.text_decoder, prompt, torch.cat([first, second]), controls)
     assert len(expected) > agree
     rolling = RollingDecoder(model.text_decoder, prompt, controls)

@@ -133,3 +133,14 @@ def test_checkpoint_inside_a_segment_is_refused(model: ASRModel) -> None:
     session.push_audio(_audio(2.0))
     with pytest.raises(ValueError, match="segment boundary"):
         session.checkpoint()
+
+
+def test_bf16_model_runs_the_whole_path_on_cpu(tiny_checkpoint: Path) -> None:
+    """The dtype logic of the CUDA configuration (bf16 weights, fp32 features and softmax), exercised on the CPU."""
+    import torch
+
+    model = load_model(tiny_checkpoint, tower=tiny_checkpoint / TOWER_OVERLAY_DIR, dtype=torch.bfloat16)
+    for options in (CAUSAL, WINDOWED):
+        events, session = _run(model, _audio(5.0, seed=6), 4000, options)
+        assert events[-1].kind == "final" and session.token_ids
+        assert all(e.stats.positions_forwarded > 0 for e in events if e.stats)
