@@ -16,8 +16,9 @@ those shapes come from walking the update schedule of a stream:
 
 Counts are memoised by shape, so an hour of stream costs a few hundred distinct counted calls.
 
-Accounting. Counted FLOPs fall into three classes, by aten op: `linear` (mm/addmm: every nn.Linear and
-the tied lm_head), `conv` (the conv stem) and `attention` (bmm: score and value matmuls). The published
+Accounting. Counted FLOPs fall into three classes, by the module they run in: `linear` (every nn.Linear,
+and the tied lm_head), `conv` (the conv stem) and `attention` (the score and value matmuls of the attention
+code itself). The published
 ledger (causal_runtime.md §2, §5) counts what the counter saw in the reference runtime: the text model's
 linears, never the lm_head, and attention only where it ran as eager matmuls (the causal tower), not
 where it ran through CPU SDPA (the text model, the offline tower), which the counter does not see.
@@ -635,8 +636,8 @@ def probe_session_memory(
 
 @dataclass(frozen=True)
 class StateBound:
-    """Per-stream K/V state of the causal backend at full size, at its largest (live values; the decoder
-    cache's storage grows geometrically, so what it has allocated can be up to twice its live length)."""
+    """Per-stream K/V state of the causal backend at full size, at its largest: live values, which is what
+    a `KVSlotPool` slot holds (a growing `DecoderKVCache` may allocate up to twice its live length)."""
 
     encoder_values: int  # layers x (K, V) x 195 steps x d_model
     decoder_positions: int  # head + segment cap + tail + max_new_tokens
@@ -656,11 +657,13 @@ def full_size_state_bound(
     """The bound, analytically. The encoder keeps <= 195 steps. The decoder cache holds `head + audio`
     between updates; during one it holds at most `head + audio + tail + max_new_tokens`, since the draft
     is capped at max_new_tokens and, after the crop to the accepted prefix, the sequential steps add at
-    most the rest of the hypothesis budget. Both are dropped at every segment roll (audio <= 200 steps)."""
+    most the rest of the hypothesis budget (as `pipeline.session.decoder_positions_needed`). Both are
+    dropped at every segment roll."""
     audio, text = config.audio, config.text
+    segment_audio = max(options.segment_max_steps, options.block_frames // STEP_FRAMES)
     return StateBound(
         encoder_values=audio.encoder_layers * 2 * CAUSAL_LEFT_CONTEXT_STEPS * audio.d_model,
-        decoder_positions=prompt.head + options.segment_max_steps + prompt.tail + options.max_new_tokens,
+        decoder_positions=prompt.head + segment_audio + prompt.tail + options.max_new_tokens,
         decoder_values_per_position=text.num_hidden_layers * 2 * text.num_key_value_heads * text.head_dim,
     )
 
@@ -826,8 +829,16 @@ def plot_cost_vs_time(
             times = [c.shape.stream_sec for c in shown]
             per_update = [c.weights / c.shape.audio_sec / GIGA for c in shown]
             cumulative = np.cumsum([c.weights for c in shown]) / np.array(times) / GIGA
+            # Each update's cost holds over the audio it took in: (stream_sec - audio_sec, stream_sec].
+            start = shown[0].shape.stream_sec - shown[0].shape.audio_sec
             axis.step(
-                times, per_update, where="pre", color=colors[backend], alpha=0.45, lw=1, label=f"{backend}: per update"
+                [start, *times],
+                [per_update[0], *per_update],
+                where="pre",
+                color=colors[backend],
+                alpha=0.45,
+                lw=1,
+                label=f"{backend}: per update",
             )
             axis.plot(times, cumulative, color=colors[backend], lw=2.2, label=f"{backend}: cumulative average")
         axis.axhline(41.5, color="tab:blue", ls=":", lw=1, label="published causal 41.5")

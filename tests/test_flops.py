@@ -25,7 +25,7 @@ from pipeline.flops import (
     probe_session_memory,
     windowed_schedule,
 )
-from pipeline.session import SessionOptions, StreamingSession
+from pipeline.session import SessionOptions, StreamingSession, decoder_positions_needed
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
 
 TINY = Qwen3ASRConfig(audio=TINY_AUDIO, text=TINY_TEXT)
@@ -162,6 +162,15 @@ def test_memory_probe_runs_on_a_short_stream():
         assert sample.encoder_cached_steps <= 195
         # Between updates the decoder keeps head + segment audio only (cap 200 steps).
         assert sample.decoder_cached_positions <= 9 + 200
+
+
+def test_state_bound_agrees_with_the_session(tiny_checkpoint):
+    model = load_model(tiny_checkpoint, tower=tiny_checkpoint / TOWER_OVERLAY_DIR)
+    options = SessionOptions(max_new_tokens=40)
+    prompt = StreamingSession(model, options).prompt
+    shape = PromptShape(head=len(prompt.head_ids), tail=len(prompt.tail_ids))
+    bound = flops.full_size_state_bound(options=options, prompt=shape)
+    assert bound.decoder_positions == decoder_positions_needed(prompt, options)
 
 
 def test_state_bound_of_the_full_size_model():
