@@ -29,10 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Hashable
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from pipeline.checkpoint import ASRModel
 from pipeline.kv_pool import KVSlot, KVSlotPool
@@ -40,6 +43,21 @@ from pipeline.prompt import build_causal_prompt
 from pipeline.session import CausalBlock, SessionOptions, StreamingSession, TranscriptEvent, decoder_positions_needed
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """Wall time of one `step`, by phase (seconds; CUDA work is synchronised before each reading)."""
+
+    streams: int  # blocks advanced in this step
+    schedule_sec: float
+    encoder_sec: float
+    decoder_sec: float
+    policy_sec: float  # commit/segment policy, events, finalization
+
+    @property
+    def total_sec(self) -> float:
+        return self.schedule_sec + self.encoder_sec + self.decoder_sec + self.policy_sec
 
 
 class EngineAtCapacity(RuntimeError):
@@ -67,6 +85,7 @@ class StreamingEngine:
             decoder_capacity = self._decoder_positions(self.options)
         self.pool = KVSlotPool(model.audio_tower, model.text_decoder, max_streams, decoder_capacity)
         self._sessions: dict[str, StreamingSession] = {}
+        self.last_step_timing: StepTiming | None = None  # for metrics and benchmarks
 
     # ------------------------------------------------------------------ admission
 
@@ -120,12 +139,14 @@ class StreamingEngine:
 
     def step(self) -> dict[str, list[TranscriptEvent]]:
         """Advance every ready stream by one block; returns the new events of each stream that produced any."""
+        clock = _PhaseClock(self.model.device)
         blocks: dict[str, CausalBlock] = {}
         for stream_id, session in self._sessions.items():
             block = session.next_block()
             if block is not None:
                 blocks[stream_id] = block
 
+        schedule_sec = clock.lap()
         embeddings = {}
         for group in _grouped(blocks, lambda stream_id: self._sessions[stream_id].encoder.options):
             encoded = self.pool.encoder.encode_blocks(
@@ -136,17 +157,22 @@ class StreamingEngine:
             )
             embeddings.update(zip(group, encoded))
 
+        encoder_sec = clock.lap()
         events: dict[str, list[TranscriptEvent]] = {}
+        results_by_stream = {}
         for group in _grouped(blocks, lambda stream_id: _decoder_settings(self._sessions[stream_id])):
             rolling = self._sessions[group[0]].rolling
             results = rolling.update([blocks[s].decoder for s in group], [embeddings[s] for s in group])
-            for stream_id, result in zip(group, results):
-                events[stream_id] = self._sessions[stream_id].complete_block(blocks[stream_id], result)
+            results_by_stream.update(zip(group, results))
+        decoder_sec = clock.lap()
+        for stream_id, result in results_by_stream.items():
+            events[stream_id] = self._sessions[stream_id].complete_block(blocks[stream_id], result)
 
         for stream_id, session in list(self._sessions.items()):
             if session.done_encoding:
                 events.setdefault(stream_id, []).extend(session.finalize())
                 self._close(stream_id)
+        self.last_step_timing = StepTiming(len(blocks), schedule_sec, encoder_sec, decoder_sec, clock.lap())
         if blocks:
             log.debug("step: %d blocks over %d open streams", len(blocks), len(self._sessions))
         return events
@@ -247,6 +273,21 @@ class AsyncStreamingEngine:
                 done.set_exception(error)
             else:
                 done.set_result(None)
+
+
+class _PhaseClock:
+    """Successive phase durations; waits for queued CUDA work so each phase is charged its own kernels."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else None
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.sync is not None:
+            self.sync()
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
 
 
 def _check_backend(options: SessionOptions) -> None:

@@ -142,6 +142,12 @@ class KVSlotPool:
     def free(self) -> int:
         return len(self._free)
 
+    @property
+    def bytes_per_slot(self) -> int:
+        """Encoder + decoder K/V memory one stream holds, whatever its segment's fill."""
+        tensors = (self.encoder.keys, self.encoder.values, self.decoder.keys, self.decoder.values)
+        return sum(t.numel() * t.element_size() for t in tensors) // self.slots
+
     def acquire(self) -> KVSlot | None:
         if not self._free:
             return None

@@ -1,0 +1,229 @@
+"""`qwen3-stream bench engine`: real-time capacity of the multi-stream engine at full size, random weights.
+
+What is measured: the real `StreamingEngine` (front-end, causal encoder over K/V slot pools, rolling decoder with
+speculative verification, commit and segment policy) on the full-size Qwen3-ASR-0.6B geometry with random weights,
+for N streams whose blocks arrive together (aligned: the best case for batching, the worst for queueing).
+
+What is synthetic: the **decode budget**. Random weights decode garbage (up to 256 tokens per update), so the
+token *choices* are scripted while every forward pass, logit filter and verification still runs for real:
+`SyntheticDecodeBudget` picks tokens so that, in steady state, each update verifies a 30-token draft, accepts
+21 of it and appends 9 tokens with 9 sequential steps (the published steady state, causal_runtime.md §5); the
+first updates of a segment build the hypothesis up 9 tokens at a time. The output says so.
+
+Per N it reports per-update latency p50/p95 (= the step time, since every stream's update ends with the step),
+aggregate real-time factor (audio seconds per wall second), whether N streams keep up with real time, the K/V
+memory per stream slot, and the per-stream cost at batch N relative to batch 1, all measured in one run.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline.checkpoint import ASRModel, default_dtype
+from pipeline.config import QWEN3_ASR_0_6B, Qwen3ASRConfig
+from pipeline.decoder import TextDecoder
+from pipeline.decoding import DecodeControls
+from pipeline.encoder import AudioTower
+from pipeline.engine import StreamingEngine
+from pipeline.features import SAMPLE_RATE
+from pipeline.session import SessionOptions
+from pipeline.tiny_checkpoint import _build_tokenizer
+
+log = logging.getLogger(__name__)
+
+DRAFT_TOKENS = 30
+ACCEPTED_TOKENS = 21
+NEW_TOKENS_PER_UPDATE = 9
+
+
+class SyntheticDecodeBudget(DecodeControls):
+    """Decode controls whose filter chain runs on the real logits but whose picks follow a fixed budget.
+
+    New tokens come in runs of `NEW_TOKENS_PER_UPDATE` copies of one of three words; verification accepts at most
+    `ACCEPTED_TOKENS` of the draft and then starts a run of a word that differs from both the last accepted token
+    and the rejected draft token, so the budget holds whatever the logits say.
+    """
+
+    def __init__(self, base: DecodeControls, words: tuple[int, int, int]) -> None:
+        super().__init__(base.options)
+        self.words = words
+        self.stop = base.options.stop_token_ids[0]
+
+    def pick(self, logits: Tensor, histories: Sequence[Sequence[int]]) -> list[int]:
+        super().pick(logits, histories)  # the real cost of the filter chain; the choice is scripted
+        return [self._continue(history) for history in histories]
+
+    def verify_draft(self, logits: Tensor, draft: Sequence[int], history: Sequence[int] = ()) -> tuple[int, int]:
+        # The real cost of verification: the filter chain over one row per draft prefix.
+        DecodeControls.pick(self, logits, [[*history, *draft[:j]] for j in range(len(draft) + 1)])
+        accepted = min(len(draft), ACCEPTED_TOKENS)
+        taken = {*draft[max(0, accepted - 1) : accepted + 1]}
+        return accepted, next(word for word in self.words if word not in taken)
+
+    def _continue(self, history: Sequence[int]) -> int:
+        run = 0
+        while run < len(history) and history[-1 - run] == history[-1]:
+            run += 1
+        return self.stop if not history or run >= NEW_TOKENS_PER_UPDATE else history[-1]
+
+
+def random_full_size_model(
+    config: Qwen3ASRConfig = QWEN3_ASR_0_6B, device: str = "cpu", dtype: torch.dtype | None = None, seed: int = 0
+) -> ASRModel:
+    """The full-size architecture with random weights (compute does not depend on weight values).
+
+    The tokenizer is the tiny checkpoint's (its ids fit the full vocabulary); the prompt it builds is a few
+    tokens longer than the official one (head 11 vs 9, tail 12 vs 9 positions).
+    """
+    torch.manual_seed(seed)
+    dtype = dtype or default_dtype(device)
+    tokenizer = _build_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids(["<|audio_pad|>", "<|audio_start|>", "<|audio_end|>"])
+    config = replace(config, audio_token_id=ids[0], audio_start_token_id=ids[1], audio_end_token_id=ids[2])
+    with torch.device(device):
+        tower = AudioTower(config.audio).to(dtype).eval()
+        decoder = TextDecoder(config.text).to(dtype).eval()
+    return ASRModel(config, tower, decoder, tokenizer, model_source="random full-size", tower_source=None)
+
+
+@dataclass(frozen=True)
+class EngineBenchResult:
+    streams: int
+    steps: int
+    step_p50_sec: float
+    step_p95_sec: float
+    step_mean_sec: float
+    encoder_mean_sec: float
+    decoder_mean_sec: float
+    audio_per_step_sec: float
+    kv_bytes_per_stream: int
+    mean_draft: float
+    mean_accepted: float
+    mean_decode_steps: float
+
+    @property
+    def rtfx(self) -> float:
+        """Aggregate audio seconds processed per wall-clock second."""
+        return self.streams * self.audio_per_step_sec / self.step_mean_sec
+
+    @property
+    def keeps_up(self) -> bool:
+        """Real time: on average a step (one block of every stream) takes less than a block of audio."""
+        return self.step_mean_sec <= self.audio_per_step_sec
+
+    @property
+    def per_stream_sec(self) -> float:
+        return self.step_mean_sec / self.streams
+
+
+def run_engine_bench(
+    model: ASRModel, stream_counts: Sequence[int], blocks_per_stream: int = 9, options: SessionOptions | None = None
+) -> list[EngineBenchResult]:
+    """Measure each N in `stream_counts` in turn (same process, same model), aligned arrivals."""
+    options = options or SessionOptions(language="English")
+    words = tuple(model.tokenizer.encode(word)[0] for word in (" the", " a", " one"))
+    results = []
+    for count in stream_counts:
+        engine = StreamingEngine(model, options, max_streams=count)
+        rng = np.random.default_rng(count)
+        samples = blocks_per_stream * options.block_frames * SAMPLE_RATE // 100
+        for index in range(count):
+            stream_id = f"stream-{index}"
+            engine.open_stream(stream_id)
+            session = engine.session(stream_id)
+            session.rolling.controls = session.controls = SyntheticDecodeBudget(session.controls, words)
+            engine.push_audio(stream_id, (0.1 * rng.standard_normal(samples)).astype(np.float32))
+            engine.finish_stream(stream_id)
+        timings, stats = [], []
+        while engine.has_work:
+            events = engine.step()
+            timing = engine.last_step_timing
+            if timing is not None and timing.streams == count:
+                timings.append(timing)
+                stats += [e.stats for stream_events in events.values() for e in stream_events if e.stats]
+        totals = [t.total_sec for t in timings]
+        results.append(
+            EngineBenchResult(
+                streams=count,
+                steps=len(timings),
+                step_p50_sec=float(np.percentile(totals, 50)),
+                step_p95_sec=float(np.percentile(totals, 95)),
+                step_mean_sec=statistics.fmean(totals),
+                encoder_mean_sec=statistics.fmean(t.encoder_sec for t in timings),
+                decoder_mean_sec=statistics.fmean(t.decoder_sec for t in timings),
+                audio_per_step_sec=options.block_frames / 100,
+                kv_bytes_per_stream=engine.pool.bytes_per_slot,
+                mean_draft=statistics.fmean(s.draft_tokens for s in stats),
+                mean_accepted=statistics.fmean(s.draft_accepted for s in stats),
+                mean_decode_steps=statistics.fmean(s.decode_steps for s in stats),
+            )
+        )
+        log.info("bench engine: N=%d done (%.2f s per step)", count, results[-1].step_mean_sec)
+    return results
+
+
+def format_engine_table(results: Sequence[EngineBenchResult], device: str, latency_target_sec: float = 0.5) -> str:
+    """A Markdown table, plus the capacity lines derived from it."""
+    base = next((r for r in results if r.streams == 1), None)
+    lines = [
+        f"device: {device}; decode budget per update: synthetic (draft {DRAFT_TOKENS}, accept {ACCEPTED_TOKENS}, "
+        f"{NEW_TOKENS_PER_UPDATE} sequential steps in steady state; random weights decode garbage)",
+        "",
+        "| N | steps | update p50 (s) | update p95 (s) | encoder (s) | decoder (s) | RTFx | real time | "
+        "per-stream s/update | vs N=1 | K/V MiB/stream | draft/accepted/steps |",
+        "|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        ratio = f"{r.per_stream_sec / base.per_stream_sec:.2f}x" if base else "n/a"
+        lines.append(
+            f"| {r.streams} | {r.steps} | {r.step_p50_sec:.2f} | {r.step_p95_sec:.2f} | {r.encoder_mean_sec:.2f} | "
+            f"{r.decoder_mean_sec:.2f} | {r.rtfx:.2f} | {'yes' if r.keeps_up else 'no'} | {r.per_stream_sec:.2f} | "
+            f"{ratio} | {r.kv_bytes_per_stream / 2**20:.1f} | {r.mean_draft:.1f}/{r.mean_accepted:.1f}/"
+            f"{r.mean_decode_steps:.1f} |"
+        )
+    real_time = [r.streams for r in results if r.keeps_up]
+    within_target = [r.streams for r in results if r.keeps_up and r.step_p95_sec <= latency_target_sec]
+    best = max(results, key=lambda r: r.rtfx)
+    lines += [
+        "",
+        f"largest N in real time (mean step <= one block): {max(real_time) if real_time else 'none measured'}",
+        f"largest N in real time with p95 update latency <= {latency_target_sec:.1f} s: "
+        f"{max(within_target) if within_target else 'none measured'}",
+        f"highest throughput: {best.rtfx:.2f} real-time streams' worth of audio at N={best.streams}",
+    ]
+    return "\n".join(lines)
+
+
+def add_bench_engine_parser(benches) -> None:
+    parser = benches.add_parser("engine", help="multi-stream engine capacity at full size (random weights)")
+    parser.add_argument("--streams", default="1,2,4,8", help="comma-separated stream counts, measured in turn")
+    parser.add_argument("--blocks", type=int, default=9, help="blocks per stream (9 x 1.92 s spans a segment roll)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.set_defaults(run=run_bench_engine_command)
+
+
+def run_bench_engine_command(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    counts = [int(part) for part in args.streams.split(",") if part.strip()]
+    started = time.perf_counter()
+    model = random_full_size_model(device=args.device)
+    log.info("random full-size model ready in %.1f s", time.perf_counter() - started)
+    results = run_engine_bench(model, counts, blocks_per_stream=args.blocks)
+    print(format_engine_table(results, _describe(args.device)))
+    return 0
+
+
+def _describe(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(0)} (bf16)"
+    return f"CPU, {torch.get_num_threads()} threads (fp32)"

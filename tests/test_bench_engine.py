@@ -1,0 +1,43 @@
+"""The engine benchmark's mechanics on the tiny checkpoint: the synthetic decode budget and the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.bench_engine import SyntheticDecodeBudget, format_engine_table, run_engine_bench
+from pipeline.checkpoint import load_model
+from pipeline.decoding import DecodeControls, DecodeOptions
+from pipeline.session import SessionOptions
+from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
+
+
+def test_budget_accepts_21_of_a_30_token_draft_then_takes_9_steps() -> None:
+    budget = SyntheticDecodeBudget(DecodeControls(DecodeOptions(stop_token_ids=(99,))), words=(5, 6, 7))
+    logits = torch.zeros(31, 100)
+    draft = [5] * 9 + [6] * 9 + [5] * 9 + [6] * 3
+    accepted, token = budget.verify_draft(logits, draft)
+    assert (accepted, token) == (21, 6)  # draft[20:22] is [5, 5]: the new run is of another word
+    hypothesis = draft[:21] + [token]
+    while (pick := budget.pick(torch.zeros(1, 100), [hypothesis])[0]) != 99:
+        hypothesis.append(pick)
+    assert hypothesis == draft[:21] + [6] * 9
+    assert budget.verify_draft(torch.zeros(1, 100), []) == (0, 5)
+    # A full accept of a short draft continues with a word other than its last one.
+    assert budget.verify_draft(torch.zeros(10, 100), [5] * 9) == (9, 6)
+
+
+def test_engine_bench_runs_the_real_engine_with_the_budget(tiny_checkpoint: Path) -> None:
+    model = load_model(tiny_checkpoint, tower=tiny_checkpoint / TOWER_OVERLAY_DIR)
+    results = run_engine_bench(model, [1, 3], blocks_per_stream=6, options=SessionOptions(language="English"))
+    for result in results:
+        assert result.steps == 6
+        # Drafts grow 0, 9, 18, 27, 30, 30; accepted 0, 9, 18, 21, 21, 21; always 9 sequential steps.
+        assert result.mean_draft == pytest.approx(19.0)
+        assert result.mean_accepted == pytest.approx(15.0)
+        assert result.mean_decode_steps == pytest.approx(9.0)
+        assert result.step_p50_sec > 0 and result.rtfx > 0 and result.kv_bytes_per_stream > 0
+    table = format_engine_table(results, "cpu")
+    assert "| 3 | 6 |" in table and "synthetic" in table and "vs N=1" in table
