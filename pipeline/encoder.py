@@ -213,14 +213,20 @@ class AudioTower(nn.Module):
         # Only the last chunk has steps made from padding, at its end: the real steps are a prefix.
         hidden = steps.flatten(0, 1)[: offline_output_steps(frames, chunk)]
 
-        # Bidirectional attention inside fixed windows aligned to the clip start (8 s = 104 steps):
-        # run the windows as a batch, padding the last one and masking its padded keys.
+        # Bidirectional attention inside fixed windows aligned to the clip start (8 s = 104 steps): the
+        # whole windows run as one batch, the partial last one on its own (padding it would cost up to
+        # a whole window of wasted rows through every layer).
         window = steps_per_chunk * (self.config.n_window_infer // chunk)
-        total = hidden.shape[0]
-        num_windows = -(-total // window)
-        windows = F.pad(hidden, (0, 0, 0, num_windows * window - total)).reshape(num_windows, window, -1)
-        key_is_real = (torch.arange(num_windows * window, device=mel.device) < total).reshape(num_windows, 1, window)
-        encoded = self.encode(windows, key_is_real).reshape(num_windows * window, -1)[:total]
+        whole = hidden.shape[0] // window * window
+        pieces = []
+        if whole:
+            full = hidden[:whole].reshape(whole // window, window, -1)
+            everything = torch.ones(1, 1, window, dtype=torch.bool, device=mel.device)
+            pieces.append(self.encode(full, everything).flatten(0, 1))
+        if whole < hidden.shape[0]:
+            rest = hidden[whole:][None]
+            pieces.append(self.encode(rest, torch.ones(1, 1, rest.shape[1], dtype=torch.bool, device=mel.device))[0])
+        encoded = torch.cat(pieces)
         return self.head(encoded)
 
     # ---- block-causal (streaming) tower, in one pass ------------------------------------------
