@@ -14,8 +14,9 @@ position streams are equal.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,11 @@ from pipeline.config import TextDecoderConfig
 
 #: One layer's (key, value), each [batch, kv_heads, positions, head_dim], keys already rotated.
 LayerKV = tuple[Tensor, Tensor]
+# Given a layer's new keys and values [B, kv_heads, S, d], store them if the caller keeps them, and return every
+# key and value the S new positions attend over [B, kv_heads, T, d] (the mask says which of the T are visible).
+KVAccess = Callable[[Tensor, Tensor], LayerKV]
+# The same, per layer index: how a whole forward reaches its K/V storage.
+LayerKVStore = Callable[[int, Tensor, Tensor], LayerKV]
 
 
 class RMSNorm(nn.Module):
@@ -74,12 +80,16 @@ def eager_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> 
     query [B, heads, S, d]; key/value [B, kv_heads, T, d]; mask [B, S, T] bool, True = may attend.
     Query head h reads kv head h // (heads / kv_heads), as in transformers' `repeat_kv`.
     """
-    groups = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(groups, dim=1)
-    value = value.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5
-    scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    return torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)
+    batch, heads, length, head_dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    # Fold each kv head's query group into its rows instead of repeating K/V `groups` times (no K/V copy).
+    grouped = query.reshape(batch, kv_heads, groups * length, head_dim)
+    scores = torch.matmul(grouped.float(), key.float().transpose(-1, -2)) * head_dim**-0.5
+    visible = mask[:, None, None].expand(batch, 1, groups, length, mask.shape[-1]).reshape(batch, 1, groups * length, -1)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    attended = torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)
+    return attended.reshape(batch, heads, length, head_dim)
 
 
 def sdpa_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> Tensor:
@@ -109,19 +119,15 @@ class DecoderAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, past: LayerKV | None
-    ) -> tuple[Tensor, LayerKV]:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv: "KVAccess") -> tuple[Tensor, LayerKV]:
+        """kv(key, value) stores the new positions' K/V if it keeps them, and returns all K/V to attend over."""
         batch, length, _ = x.shape
         query = self.q_norm(self.q_proj(x).view(batch, length, self.num_heads, self.head_dim))
         key = self.k_norm(self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim))
         value = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         query = apply_rotary(query.transpose(1, 2), cos, sin)
         key = apply_rotary(key.transpose(1, 2), cos, sin)
-        all_keys, all_values = (key, value) if past is None else (
-            torch.cat([past[0], key], dim=2),
-            torch.cat([past[1], value], dim=2),
-        )
+        all_keys, all_values = kv(key, value)
         attended = attention(query, all_keys, all_values, mask)
         out = self.o_proj(attended.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
         return out, (key, value)
@@ -148,10 +154,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = DecoderMLP(config)
 
-    def forward(
-        self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, past: LayerKV | None
-    ) -> tuple[Tensor, LayerKV]:
-        attended, new_kv = self.self_attn(self.input_layernorm(h), cos, sin, mask, past)
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv: "KVAccess") -> tuple[Tensor, LayerKV]:
+        attended, new_kv = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv)
         h = h + attended
         return h + self.mlp(self.post_attention_layernorm(h)), new_kv
 
@@ -186,27 +190,38 @@ class TextDecoder(nn.Module):
         position_ids: Tensor,
         attention_mask: Tensor,
         past: Sequence[LayerKV] | None = None,
+        kv_store: LayerKVStore | None = None,
     ) -> DecoderOutput:
         """Run S new positions on top of P cached ones.
 
         inputs_embeds [B, S, hidden] (token embeddings, or audio vectors at audio positions);
         position_ids [B, S]; attention_mask [B, S, P + S] bool over [cached | new] keys, True = may
         attend (see `ragged_causal_mask`); past: per layer (key, value) [B, kv_heads, P, head_dim],
-        or None when P = 0.
+        or None when P = 0. Instead of `past`, `kv_store` may own the storage: it takes each layer's new
+        K/V and returns what to attend over (the mask then indexes its layout; see `forward_streams`).
         """
         if past is not None and len(past) != len(self.layers):
             raise ValueError(f"past has {len(past)} layers; expected {len(self.layers)}")
+        if past is not None and kv_store is not None:
+            raise ValueError("give either past or kv_store, not both")
+        store = kv_store or partial(_concatenate_past, past)
         cos, sin = self.rotary(position_ids)
         h = inputs_embeds
         new_kv: list[LayerKV] = []
         for index, layer in enumerate(self.layers):
-            h, layer_kv = layer(h, cos, sin, attention_mask, None if past is None else past[index])
+            h, layer_kv = layer(h, cos, sin, attention_mask, partial(store, index))
             new_kv.append(layer_kv)
         return DecoderOutput(hidden=self.norm(h), new_kv=new_kv)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """Vocabulary logits through the tied output matrix (`embed_tokens.weight`)."""
         return F.linear(hidden, self.embed_tokens.weight)
+
+
+def _concatenate_past(past: Sequence[LayerKV] | None, index: int, key: Tensor, value: Tensor) -> LayerKV:
+    if past is None:
+        return key, value
+    return torch.cat([past[index][0], key], dim=2), torch.cat([past[index][1], value], dim=2)
 
 
 class DecoderKVCache:
@@ -221,8 +236,13 @@ class DecoderKVCache:
     append past `capacity` is an error.
     """
 
-    def __init__(self, num_layers: int, storage: Sequence[LayerKV] | None = None) -> None:
+    def __init__(
+        self, num_layers: int, storage: Sequence[LayerKV] | None = None, pool_slot: "PoolSlot | None" = None
+    ) -> None:
+        """`pool_slot`: where `storage` sits in a pool, so that a batch of neighbouring slots can run on
+        the pool in place (`forward_streams`)."""
         self.num_layers = num_layers
+        self.pool_slot = pool_slot
         self._keys: list[Tensor] = [] if storage is None else [key for key, _ in storage]
         self._values: list[Tensor] = [] if storage is None else [value for _, value in storage]
         self._fixed = storage is not None
@@ -278,6 +298,19 @@ class DecoderKVCache:
         self._values = [grown(old) for old in old_values]
 
 
+@dataclass(frozen=True)
+class PoolSlot:
+    """Slot `index` of pool tensors keys/values [layers, slots, kv_heads, capacity, head_dim]."""
+
+    keys: Tensor
+    values: Tensor
+    index: int
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+
 def ragged_causal_mask(past_lengths: Tensor, new_lengths: Tensor, max_past: int, max_new: int) -> Tensor:
     """[B, max_new, max_past + max_new] bool mask for a padded batch of streams.
 
@@ -308,6 +341,10 @@ def forward_streams(
 
     inputs_embeds[b] is [S_b, hidden]; positions continue at caches[b].length. The new K/V is
     appended to each cache; returns each stream's final hidden states [S_b, hidden].
+
+    Two layouts, same results: caches that fill a run of neighbouring slots of one pool run in place (each
+    layer writes its new K/V straight into the slots and attends over a view of them: no copy of the past);
+    any other batch is gathered into padded tensors first.
     """
     if len(caches) != len(inputs_embeds):
         raise ValueError(f"{len(caches)} caches but {len(inputs_embeds)} input sequences")
@@ -317,15 +354,75 @@ def forward_streams(
     max_past, max_new = int(past_lengths.max()), int(new_lengths.max())
     embeds = torch.nn.utils.rnn.pad_sequence(list(inputs_embeds), batch_first=True)
     positions = past_lengths[:, None] + torch.arange(max_new, device=reference.device)[None, :]
-    mask = ragged_causal_mask(past_lengths, new_lengths, max_past, max_new)
-    past = _padded_past(caches, max_past) if max_past > 0 else None
 
-    output = decoder(embeds, positions, mask, past)
+    pool_rows = _pool_rows(caches, max_past + max_new)
+    if pool_rows is not None:
+        order = torch.tensor(pool_rows.order, device=reference.device)
+        output = decoder(
+            embeds[order], positions[order], in_place_causal_mask(past_lengths[order], max_past + max_new, max_new),
+            kv_store=partial(_write_in_place, pool_rows, [int(past_lengths[i]) for i in pool_rows.order]),
+        )
+        hidden = output.hidden[torch.argsort(order)]
+        for row, cache in enumerate(caches):
+            cache._length += int(new_lengths[row])
+    else:
+        mask = ragged_causal_mask(past_lengths, new_lengths, max_past, max_new)
+        past = _padded_past(caches, max_past) if max_past > 0 else None
+        output = decoder(embeds, positions, mask, past)
+        hidden = output.hidden
+        for row, cache in enumerate(caches):
+            count = int(new_lengths[row])
+            cache.append([(key[row, :, :count], value[row, :, :count]) for key, value in output.new_kv])
+    return [hidden[row, : int(new_lengths[row])] for row in range(len(caches))]
 
-    for row, cache in enumerate(caches):
-        count = int(new_lengths[row])
-        cache.append([(key[row, :, :count], value[row, :, :count]) for key, value in output.new_kv])
-    return [output.hidden[row, : int(new_lengths[row])] for row in range(len(caches))]
+
+def in_place_causal_mask(past_lengths: Tensor, total: int, max_new: int) -> Tensor:
+    """[B, max_new, total] mask when each stream's new positions sit right after its own cached ones.
+
+    New position i of stream b is absolute position P_b + i and sees keys 0..P_b + i. Padding rows
+    (i >= S_b) see a few stale slot entries; their outputs are discarded, and no real row sees them.
+    """
+    keys = torch.arange(total, device=past_lengths.device)
+    queries = past_lengths[:, None] + torch.arange(max_new, device=past_lengths.device)[None, :]
+    return keys[None, None, :] <= queries[:, :, None]
+
+
+@dataclass(frozen=True)
+class _PoolRows:
+    """A batch whose caches are slots first..first + B - 1 of one pool; order[r] = batch row in slot first + r."""
+
+    slot: PoolSlot
+    first: int
+    order: list[int]
+
+
+def _pool_rows(caches: Sequence[DecoderKVCache], needed: int) -> _PoolRows | None:
+    slots = [cache.pool_slot for cache in caches]
+    if any(slot is None for slot in slots) or len(caches) < 2:
+        return None
+    keys = slots[0].keys
+    if any(slot.keys is not keys for slot in slots) or needed > slots[0].capacity:
+        return None
+    indices = [slot.index for slot in slots]
+    first = min(indices)
+    if sorted(indices) != list(range(first, first + len(indices))):
+        return None
+    return _PoolRows(slot=slots[0], first=first, order=sorted(range(len(caches)), key=indices.__getitem__))
+
+
+def _write_in_place(rows: _PoolRows, past_lengths: list[int], index: int, key: Tensor, value: Tensor) -> LayerKV:
+    """Write each stream's new K/V after its cached positions in its slot; attend over the slots' prefix."""
+    span = slice(rows.first, rows.first + len(rows.order))
+    keys, values = rows.slot.keys[index, span], rows.slot.values[index, span]
+    added = key.shape[2]
+    if len(set(past_lengths)) == 1:  # aligned streams: one write per tensor
+        start = past_lengths[0]
+        keys[:, :, start : start + added], values[:, :, start : start + added] = key, value
+    else:
+        for row, start in enumerate(past_lengths):
+            keys[row, :, start : start + added], values[row, :, start : start + added] = key[row], value[row]
+    total = max(past_lengths) + added
+    return keys[:, :, :total], values[:, :, :total]
 
 
 def _padded_past(caches: Sequence[DecoderKVCache], max_past: int) -> list[LayerKV]:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.causal_encoder import CausalAudioEncoder, CausalEncoderState, causal_block_forward
-from pipeline.decoder import DecoderKVCache, TextDecoder
+from pipeline.decoder import DecoderKVCache, PoolSlot, TextDecoder
 from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, AudioTower
 
 
@@ -109,7 +109,7 @@ class DecoderKVPool:
         """An empty cache (segment start) that writes into `slot`."""
         layers = self.keys.shape[0]
         storage = [(self.keys[layer, slot], self.values[layer, slot]) for layer in range(layers)]
-        return DecoderKVCache(layers, storage=storage)
+        return DecoderKVCache(layers, storage=storage, pool_slot=PoolSlot(self.keys, self.values, slot))
 
 
 @dataclass(frozen=True)

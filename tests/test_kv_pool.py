@@ -88,6 +88,30 @@ def test_decoder_cache_on_fixed_storage_matches_growing_cache_and_never_realloca
             forward_streams(decoder, [pooled[1]], [torch.randn(50 - pooled[1].length + 1, decoder.config.hidden_size)])
 
 
+def test_neighbouring_slots_run_in_place_and_match_growing_caches() -> None:
+    """A batch filling slots 0..2 (in any order) writes K/V straight into the pool: same results as gathering."""
+    from pipeline.decoder import _pool_rows
+
+    decoder = random_decoder(seed=0)
+    pool = KVSlotPool(random_tower(seed=1), decoder, slots=3, decoder_capacity=80)
+    pooled = [pool.decoder.new_cache(1), pool.decoder.new_cache(2), pool.decoder.new_cache(0)]
+    growing = [DecoderKVCache(len(decoder.layers)) for _ in pooled]
+    assert _pool_rows(pooled, needed=10) is not None and _pool_rows(pooled[:2] + growing[:1], needed=10) is None
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for lengths in ([20, 7, 12], [1, 1, 1], [9, 30, 2], [5, 5, 5], [1, 1, 1]):
+            inputs = [torch.randn(n, decoder.config.hidden_size, generator=generator) for n in lengths]
+            expected = forward_streams(decoder, growing, inputs)
+            actual = forward_streams(decoder, pooled, inputs)
+            for got, want in zip(actual, expected):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+            for cache, other in zip(pooled, growing):
+                assert cache.length == other.length
+                torch.testing.assert_close(cache.layer(1)[0], other.layer(1)[0], rtol=0, atol=1e-5)
+                cache.crop(cache.length - 2)
+                other.crop(other.length - 2)
+
+
 def test_slots_are_admitted_while_free_and_reused_after_release() -> None:
     pool = KVSlotPool(random_tower(seed=1), random_decoder(seed=0), slots=2, decoder_capacity=8)
     first, second = pool.acquire(), pool.acquire()
