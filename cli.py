@@ -101,11 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pipeline.bench_engine import add_bench_engine_parser
     from pipeline.flops import add_bench_flops_parser
+    from pipeline.roofline import add_bench_roofline_parser
 
     bench = commands.add_parser("bench", help="benchmarks (full-size architecture, random weights)")
     benches = bench.add_subparsers(dest="bench", required=True)
     add_bench_flops_parser(benches)
     add_bench_engine_parser(benches)
+    add_bench_roofline_parser(benches)
     return parser
 
 

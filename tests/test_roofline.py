@@ -1,0 +1,38 @@
+"""The roofline estimate: monotone step times, exact bisection, memory accounting equal to the pool's."""
+
+from __future__ import annotations
+
+from pipeline.config import Qwen3ASRConfig, TINY_AUDIO, TINY_TEXT
+from pipeline.roofline import CPU_2_CORES, H100_SXM, format_roofline, step_model
+
+TINY = Qwen3ASRConfig(audio=TINY_AUDIO, text=TINY_TEXT)
+
+
+def test_step_time_grows_with_streams_and_bisection_is_exact() -> None:
+    model = step_model(TINY, bytes_per_value=4)
+    times = [model.step_sec(n, CPU_2_CORES) for n in (1, 2, 8, 64)]
+    assert times == sorted(times) and times[0] > 0
+    for latency in (0.01, 0.1, 1.0):
+        best = model.max_streams(CPU_2_CORES, latency, limit=100_000)
+        assert model.step_sec(best, CPU_2_CORES) <= latency < model.step_sec(best + 1, CPU_2_CORES)
+
+
+def test_memory_bound_phase_is_flat_until_compute_takes_over() -> None:
+    """On a GPU the sequential steps read the weights once for the whole batch: adding streams is nearly free."""
+    model = step_model(TINY, bytes_per_value=2)
+    one, two = model.step_sec(1, H100_SXM), model.step_sec(2, H100_SXM)
+    assert two < 1.01 * one
+
+
+def test_slot_bytes_equal_the_pool_slot() -> None:
+    from pipeline.decoder import TextDecoder
+    from pipeline.encoder import AudioTower
+    from pipeline.kv_pool import KVSlotPool
+
+    model = step_model(TINY, bytes_per_value=4, slot_positions=300)
+    pool = KVSlotPool(AudioTower(TINY_AUDIO), TextDecoder(TINY_TEXT), slots=2, decoder_capacity=300)
+    assert model.slot_bytes == pool.bytes_per_slot
+
+
+def test_report_is_labelled_an_estimate() -> None:
+    assert "ESTIMATE" in format_roofline(devices=(H100_SXM,), calibration=(1,)).splitlines()[0]
