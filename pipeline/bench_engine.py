@@ -35,7 +35,7 @@ from pipeline.encoder import AudioTower
 from pipeline.engine import StreamingEngine
 from pipeline.features import SAMPLE_RATE
 from pipeline.session import SessionOptions
-from pipeline.tiny_checkpoint import _build_tokenizer
+from pipeline.tiny_checkpoint import build_tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def random_full_size_model(
     """
     torch.manual_seed(seed)
     dtype = dtype or default_dtype(device)
-    tokenizer = _build_tokenizer()
+    tokenizer = build_tiny_tokenizer()
     ids = tokenizer.convert_tokens_to_ids(["<|audio_pad|>", "<|audio_start|>", "<|audio_end|>"])
     config = replace(config, audio_token_id=ids[0], audio_start_token_id=ids[1], audio_end_token_id=ids[2])
     with torch.device(device):

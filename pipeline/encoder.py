@@ -75,7 +75,6 @@ class AudioSelfAttention(nn.Module):
             )
         self.num_heads = config.encoder_attention_heads
         self.head_dim = config.head_dim
-        self.scaling = self.head_dim**-0.5
         self.q_proj = nn.Linear(config.d_model, config.d_model)
         self.k_proj = nn.Linear(config.d_model, config.d_model)
         self.v_proj = nn.Linear(config.d_model, config.d_model)
@@ -103,12 +102,23 @@ class AudioSelfAttention(nn.Module):
         if past_key is not None:
             key = torch.cat([past_key, key], dim=2)
             value = torch.cat([past_value, value], dim=2)
-        # Scores and softmax in fp32 whatever the activation dtype, as the reference runtime does.
-        scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * self.scaling
-        scores = scores.masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
-        probs = torch.softmax(scores, dim=-1).to(value.dtype)
-        out = torch.matmul(probs, value).transpose(1, 2).flatten(-2)
+        out = audio_attention(query, key, value, allowed, fused=query.is_cuda).transpose(1, 2).flatten(-2)
         return self.out_proj(out), key, value
+
+
+def audio_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, fused: bool
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over the `allowed` [B, S, T] keys, with the softmax in fp32.
+
+    `fused` uses PyTorch's SDPA (flash / memory-efficient kernels on CUDA, which accumulate in fp32 even for bf16
+    inputs); otherwise the explicit form in fp32, the reference runtime's arithmetic and the tested CPU path.
+    """
+    if fused:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[:, None])
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5
+    scores = scores.masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+    return torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
 
 
 class AudioEncoderLayer(nn.Module):

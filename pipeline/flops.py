@@ -53,7 +53,7 @@ from pipeline.commit import SegmentOptions, SegmentPolicy
 from pipeline.config import QWEN3_ASR_0_6B, Qwen3ASRConfig
 from pipeline.decoder import TextDecoder, ragged_causal_mask
 from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, STEP_FRAMES, AudioTower
-from pipeline.session import FRAMES_PER_SECOND, SessionOptions, StreamingSession, _offline_step_end_frames
+from pipeline.session import FRAMES_PER_SECOND, SessionOptions, StreamingSession, offline_step_end_frames
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR, make_tiny_checkpoint
 
 log = logging.getLogger(__name__)
@@ -374,7 +374,7 @@ def windowed_schedule(
         window_start += max(0, window - window_cap)
         window = min(window, window_cap)
         frames_seen = window_start + window
-        end_frames = window_start + _offline_step_end_frames(window)
+        end_frames = window_start + offline_step_end_frames(window)
         fresh = (end_frames > last_emitted_end) & (end_frames < frames_seen - right_context)
         if fresh.any():
             last_emitted_end = int(end_frames[fresh].max())

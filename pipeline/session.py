@@ -353,7 +353,7 @@ class StreamingSession:
         settled_until = frames_seen - right_context  # steps ending before this frame have their look-ahead
         with torch.inference_mode():
             steps = self.model.audio_tower.forward_offline(self.window_mel.to(device=self.model.device, dtype=self.model.dtype))
-        end_frames = self.window_start_frame + _offline_step_end_frames(self.window_mel.shape[0])
+        end_frames = self.window_start_frame + offline_step_end_frames(self.window_mel.shape[0])
         fresh = (end_frames > self.last_emitted_end_frame) & (end_frames < settled_until)
         new_steps = steps[fresh]
         if fresh.any():
@@ -515,7 +515,7 @@ def checkpoint_offset(checkpoint: bytes) -> int:
     return int(json.loads(checkpoint)["sample_offset"])
 
 
-def _offline_step_end_frames(frames: int) -> Tensor:
+def offline_step_end_frames(frames: int) -> Tensor:
     """Last mel frame (relative to the window start) covered by each step of the offline tower.
 
     The offline tower convolves 100-frame chunks into 13 steps; step i of a chunk covers frames up to

@@ -44,7 +44,7 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, with_tower: bool = 
     """Write the tiny model to `out_dir` (created); with `with_tower`, also `out_dir/causal_tower/`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _build_tokenizer()
+    tokenizer = build_tiny_tokenizer()
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS + NON_SPECIAL_ADDED_TOKENS}
     if len(tokenizer) > TINY_TEXT.vocab_size:
         raise AssertionError(f"tiny tokenizer has {len(tokenizer)} tokens; TINY_TEXT.vocab_size is {TINY_TEXT.vocab_size}")
@@ -98,7 +98,7 @@ def _random_state(module: torch.nn.Module, generator: torch.Generator) -> dict[s
     return state
 
 
-def _build_tokenizer() -> Qwen2Tokenizer:
+def build_tiny_tokenizer() -> Qwen2Tokenizer:
     """A byte-level BPE with Qwen2's pre-tokenizer, trained on a fixed corpus, plus the Qwen special tokens."""
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()

@@ -186,3 +186,17 @@ def test_bad_inputs_are_rejected():
         tower.forward_offline(torch.zeros(128, 50))
     with pytest.raises(ValueError, match=r"expected \[frames > 0, 128\]"):
         tower.forward_offline(torch.zeros(0, 128))
+
+
+def test_fused_attention_path_equals_the_explicit_one() -> None:
+    """The SDPA path the tower takes on CUDA, checked on the CPU against the explicit fp32 softmax (ragged mask)."""
+    from pipeline.encoder import audio_attention
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 24, 16, generator=generator)
+    key, value = (torch.randn(2, 4, 54, 16, generator=generator) for _ in range(2))  # 30 cached + 24 new
+    allowed = torch.rand(2, 24, 54, generator=generator) > 0.3
+    allowed[..., -1] = True  # no empty row
+    explicit = audio_attention(query, key, value, allowed, fused=False)
+    fused = audio_attention(query, key, value, allowed, fused=True)
+    assert relative_error(fused, explicit) < 1e-5
