@@ -85,14 +85,17 @@ class RollingDecoder:
         drafts = [self.controls.trim_draft(s.hypothesis) if self.speculative else [] for s in states]
         inputs = [self._pass_inputs(state, audio, draft) for state, audio, draft in zip(states, new_audio, drafts)]
         hidden = forward_streams(self.decoder, [s.cache for s in states], inputs)
+        # Logits only where verification needs them (last tail position + each draft position), in one matmul for
+        # the whole batch: the output matrix is the largest weight and is read once.
+        rows = [out[-(len(draft) + 1) :] for out, draft in zip(hidden, drafts)]
+        verify_logits = self.decoder.logits(torch.cat(rows)).split([len(r) for r in rows])
 
         tokens: list[list[int]] = []
         accepted: list[int] = []
         pending: list[int] = []  # streams whose last token must be forwarded to continue
-        for index, (state, audio, draft, out) in enumerate(zip(states, new_audio, drafts, hidden)):
+        for index, (state, audio, draft, logits) in enumerate(zip(states, new_audio, drafts, verify_logits)):
             state.audio_steps += audio.shape[0]
             prefix_length = self.head_length + state.audio_steps + len(self.prompt.tail_ids)
-            logits = self.decoder.logits(out[-(len(draft) + 1) :])
             count, next_token = self.controls.verify_draft(logits, draft)
             accepted.append(count)
             tokens.append(list(draft[:count]))
