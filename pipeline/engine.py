@@ -31,7 +31,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,10 +159,16 @@ class StreamingEngine:
 
         encoder_sec = clock.lap()
         events: dict[str, list[TranscriptEvent]] = {}
+        due = {}
+        for stream_id, block in blocks.items():
+            if block.decode:
+                due[stream_id] = self._sessions[stream_id].decoder_input(block, embeddings[stream_id])
+            else:  # its update comes after a later block (blocks_per_update > 1)
+                events[stream_id] = self._sessions[stream_id].hold_block(block, embeddings[stream_id])
         results_by_stream = {}
-        for group in _grouped(blocks, lambda stream_id: _decoder_settings(self._sessions[stream_id])):
+        for group in _grouped(due, lambda stream_id: _decoder_settings(self._sessions[stream_id])):
             rolling = self._sessions[group[0]].rolling
-            results = rolling.update([blocks[s].decoder for s in group], [embeddings[s] for s in group])
+            results = rolling.update([blocks[s].decoder for s in group], [due[s] for s in group])
             results_by_stream.update(zip(group, results))
         decoder_sec = clock.lap()
         for stream_id, result in results_by_stream.items():
@@ -300,7 +306,7 @@ def _decoder_settings(session: StreamingSession) -> Hashable:
     return session.prompt, session.controls.options, session.rolling.speculative
 
 
-def _grouped(stream_ids: dict[str, CausalBlock], key: Callable[[str], Hashable]) -> list[list[str]]:
+def _grouped(stream_ids: Iterable[str], key: Callable[[str], Hashable]) -> list[list[str]]:
     groups: dict[Hashable, list[str]] = defaultdict(list)
     for stream_id in stream_ids:
         groups[key(stream_id)].append(stream_id)

@@ -59,6 +59,9 @@ class SessionOptions:
     language: str | None = "English"
     context: str = ""
     speculative: bool = True
+    # causal backend: run the decoder once per this many encoded blocks (1 = every block, the reference). More
+    # blocks per update amortise the decoder over more audio (it dominates the cost) at the price of latency.
+    blocks_per_update: int = 1
     max_new_tokens: int = 256
     repetition_penalty: float = 1.15
     no_repeat_ngram_size: int = 3
@@ -87,6 +90,8 @@ class SessionOptions:
     def __post_init__(self) -> None:
         if self.backend not in ("causal", "windowed"):
             raise ValueError(f"backend is {self.backend!r}; expected 'causal' or 'windowed'")
+        if self.blocks_per_update < 1:
+            raise ValueError(f"blocks_per_update is {self.blocks_per_update}; expected at least 1")
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,7 @@ class CausalBlock:
     encoder: CausalEncoderState
     decoder: RollingDecoderState
     roll_events: list[TranscriptEvent]  # the segment roll that had to happen before this block
+    decode: bool  # whether the decoder updates after this block (else its embeddings wait: `hold_block`)
 
 
 @dataclass
@@ -132,7 +138,8 @@ class SegmentState:
     decoder: Any  # RollingDecoderState (causal) or None (windowed re-decodes from scratch)
     encoder: CausalEncoderState | None
     steps: int = 0
-    embeddings: list[Tensor] = field(default_factory=list)  # windowed: the segment's audio steps
+    # windowed: the segment's audio steps; causal: encoded blocks waiting for the next decoder update
+    embeddings: list[Tensor] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
 
 
@@ -257,6 +264,16 @@ class StreamingSession:
             return None
         return self._take_block(usable, dropped_frames=pending - usable)
 
+    def hold_block(self, block: CausalBlock, embeddings: Tensor) -> list[TranscriptEvent]:
+        """Keep an encoded block whose decoder update comes later (`block.decode` is False)."""
+        self.segment.embeddings.append(embeddings)
+        return block.roll_events
+
+    def decoder_input(self, block: CausalBlock, embeddings: Tensor) -> Tensor:
+        """The audio of the decoder update after `block`: every block encoded since the last update."""
+        held, self.segment.embeddings = self.segment.embeddings, []
+        return torch.cat([*held, embeddings]) if held else embeddings
+
     def complete_block(self, block: CausalBlock, result: UpdateResult) -> list[TranscriptEvent]:
         """Commit and segment policy after the decoder update of `block`; returns its events."""
         return block.roll_events + self._after_update(list(result.tokens), result.stats)
@@ -295,8 +312,11 @@ class StreamingSession:
         """Encode and decode every ready block of this stream, one at a time (a batch of one)."""
         events = []
         while (block := self.next_block()) is not None:
-            embeddings = self.encoder.encode_blocks([block.encoder], [block.mel])
-            result = self.rolling.update([block.decoder], embeddings)[0]
+            embeddings = self.encoder.encode_blocks([block.encoder], [block.mel])[0]
+            if not block.decode:
+                events += self.hold_block(block, embeddings)
+                continue
+            result = self.rolling.update([block.decoder], [self.decoder_input(block, embeddings)])[0]
             events += self.complete_block(block, result)
         return events
 
@@ -317,7 +337,24 @@ class StreamingSession:
         encoder_state.pending_mel = encoder_state.pending_mel[frames + dropped_frames :]
         self.frames_encoded += frames + dropped_frames
         self.segment.steps += steps
-        return CausalBlock(mel=mel, encoder=encoder_state, decoder=self.segment.decoder, roll_events=roll_events)
+        return CausalBlock(
+            mel=mel,
+            encoder=encoder_state,
+            decoder=self.segment.decoder,
+            roll_events=roll_events,
+            decode=self._update_due(steps),
+        )
+
+    def _update_due(self, steps: int) -> bool:
+        """Decode after this block? Every `blocks_per_update` blocks, at the end of the stream, and before any
+        roll, so that no encoded audio is dropped undecoded: a roll comes before a whole block that would pass
+        the cap."""
+        if self.final_update or len(self.segment.embeddings) + 1 >= self.options.blocks_per_update:
+            return True
+        if self.finishing and self.segment.encoder.pending_mel.shape[0] < STEP_FRAMES:
+            return True  # no block comes after this one
+        next_block_steps = self.options.block_frames // STEP_FRAMES
+        return self.policy.should_roll_before(self.segment.steps, next_block_steps) is not None
 
     def _flush_features(self) -> Tensor:
         # A session restored from a checkpoint taken during `finish` has already flushed its front-end.
@@ -393,6 +430,8 @@ class StreamingSession:
     def _roll_if(self, condition: bool) -> list[TranscriptEvent]:
         if not condition or self.segment.steps == 0:
             return []
+        if self.options.backend == "causal" and self.segment.embeddings:
+            raise RuntimeError("segment roll with encoded blocks not yet decoded; `_update_due` must prevent this")
         new_words = self.committer.finalize_segment(self.audio_sec)
         self.completed_tokens += self.segment.tokens
         pending = self.segment.encoder.pending_mel if self.segment.encoder is not None else None

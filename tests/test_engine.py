@@ -251,3 +251,23 @@ def test_async_engine_serves_concurrent_clients(model: ASRModel) -> None:
     results = asyncio.run(serve())
     for plan, received in zip(plans, results):
         assert _comparable(received) == _comparable(_single_stream_events(model, plan.audio, CAUSAL))
+
+
+def test_streams_decoding_every_few_blocks_match_their_sessions(model: ASRModel) -> None:
+    """Streams that hold encoded blocks for a later decoder update share steps with every-block streams."""
+    plans = _plans(4)
+    slow = SessionOptions(**{**CAUSAL.__dict__, "blocks_per_update": 2, "segment_max_steps": 100, "segment_punct_min_steps": 80})
+    engine = StreamingEngine(model, CAUSAL, max_streams=4, decoder_capacity=400)
+    events: dict[str, list[TranscriptEvent]] = {}
+    for index, plan in enumerate(plans):
+        stream_id = str(index)
+        engine.open_stream(stream_id, slow if index % 2 else None)
+        engine.push_audio(stream_id, plan.audio)
+        engine.finish_stream(stream_id)
+        events[stream_id] = []
+    while engine.has_work:
+        for stream_id, new_events in engine.step().items():
+            events[stream_id] += new_events
+    for index, plan in enumerate(plans):
+        expected = _single_stream_events(model, plan.audio, slow if index % 2 else CAUSAL)
+        assert _comparable(events[str(index)]) == _comparable(expected), f"stream {index}"

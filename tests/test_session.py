@@ -144,3 +144,32 @@ def test_bf16_model_runs_the_whole_path_on_cpu(tiny_checkpoint: Path) -> None:
         events, session = _run(model, _audio(5.0, seed=6), 4000, options)
         assert events[-1].kind == "final" and session.token_ids
         assert all(e.stats.positions_forwarded > 0 for e in events if e.stats)
+
+
+@pytest.mark.parametrize("blocks", [2, 3])
+def test_decoding_every_few_blocks_loses_no_audio_and_stays_deterministic(model: ASRModel, blocks: int) -> None:
+    options = SessionOptions(**{**CAUSAL.__dict__, "blocks_per_update": blocks})
+    audio = _audio(17.0, seed=7)
+    events, session = _run(model, audio, 3000, options)
+    updates = [e for e in events if e.kind == "update"]
+    every_block, _ = _run(model, audio, 3000, CAUSAL)
+    # Fewer decoder updates, but every encoded frame reaches one: the last update ends at the stream's end.
+    assert len(updates) < sum(e.kind == "update" for e in every_block)
+    assert updates[-1].audio_sec == pytest.approx(audio.size // 160 / 100)
+    # Updates fall every `blocks` blocks unless a roll (cap 60 steps: 2 blocks fit) or the end forces one sooner.
+    per_segment = {}
+    for event in updates:
+        per_segment.setdefault(event.segment_index, []).append(event.audio_sec)
+    assert all(len(times) == 1 for times in list(per_segment.values())[:-1])
+    # Deterministic whatever the chunking, and restorable at every roll.
+    again, _ = _run(model, audio, [7000, 123, 16000], options)
+    assert _comparable(again) == _comparable(events)
+    roll = next(i for i, e in enumerate(events) if e.kind == "segment")
+    restored = StreamingSession.restore(model, events[roll].checkpoint)
+    rest = restored.push_audio(audio[checkpoint_offset(events[roll].checkpoint) :]) + restored.finish()
+    assert _comparable(rest) == _comparable(events[roll + 1 :])
+
+
+def test_blocks_per_update_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="blocks_per_update is 0"):
+        SessionOptions(blocks_per_update=0)
