@@ -32,7 +32,7 @@ from pipeline.config import QWEN3_ASR_0_6B, Qwen3ASRConfig
 from pipeline.decoder import TextDecoder
 from pipeline.decoding import DecodeControls
 from pipeline.encoder import AudioTower
-from pipeline.engine import StreamingEngine
+from pipeline.engine import StepTiming, StreamingEngine
 from pipeline.features import SAMPLE_RATE
 from pipeline.session import SessionOptions
 from pipeline.tiny_checkpoint import build_tiny_tokenizer
@@ -40,21 +40,24 @@ from pipeline.tiny_checkpoint import build_tiny_tokenizer
 log = logging.getLogger(__name__)
 
 DRAFT_TOKENS = 30
-ACCEPTED_TOKENS = 21
-NEW_TOKENS_PER_UPDATE = 9
+NEW_TOKENS_PER_UPDATE = 9  # per block of audio; the steady draft is accepted up to DRAFT_TOKENS - new tokens
 
 
 class SyntheticDecodeBudget(DecodeControls):
     """Decode controls whose filter chain runs on the real logits but whose picks follow a fixed budget.
 
-    New tokens come in runs of `NEW_TOKENS_PER_UPDATE` copies of one of three words; verification accepts at most
-    `ACCEPTED_TOKENS` of the draft and then starts a run of a word that differs from both the last accepted token
-    and the rejected draft token, so the budget holds whatever the logits say.
+    New tokens come in runs (9 per block of audio the update hears) of one of three words; verification accepts
+    at most `DRAFT_TOKENS` minus that many draft tokens and then starts a run of a word that differs from both the
+    last accepted token and the rejected draft token, so the budget holds whatever the logits say.
     """
 
-    def __init__(self, base: DecodeControls, words: tuple[int, int, int]) -> None:
+    def __init__(self, base: DecodeControls, words: tuple[int, int, int], blocks_per_update: int = 1) -> None:
         super().__init__(base.options)
         self.words = words
+        # An update over k blocks hears k blocks of new speech: it re-decodes k times as many tokens, and the
+        # steady hypothesis stays DRAFT_TOKENS long.
+        self.new_tokens = min(NEW_TOKENS_PER_UPDATE * blocks_per_update, DRAFT_TOKENS)
+        self.accepted = DRAFT_TOKENS - self.new_tokens
         self.stop = base.options.stop_token_ids[0]
 
     def pick(self, logits: Tensor, histories: Sequence[Sequence[int]]) -> list[int]:
@@ -64,7 +67,7 @@ class SyntheticDecodeBudget(DecodeControls):
     def verify_draft(self, logits: Tensor, draft: Sequence[int], history: Sequence[int] = ()) -> tuple[int, int]:
         # The real cost of verification: the filter chain over one row per draft prefix.
         DecodeControls.pick(self, logits, [[*history, *draft[:j]] for j in range(len(draft) + 1)])
-        accepted = min(len(draft), ACCEPTED_TOKENS)
+        accepted = min(len(draft), self.accepted)
         taken = {*draft[max(0, accepted - 1) : accepted + 1]}
         return accepted, next(word for word in self.words if word not in taken)
 
@@ -72,7 +75,7 @@ class SyntheticDecodeBudget(DecodeControls):
         run = 0
         while run < len(history) and history[-1 - run] == history[-1]:
             run += 1
-        return self.stop if not history or run >= NEW_TOKENS_PER_UPDATE else history[-1]
+        return self.stop if not history or run >= self.new_tokens else history[-1]
 
 
 def random_full_size_model(
@@ -127,7 +130,11 @@ class EngineBenchResult:
 def run_engine_bench(
     model: ASRModel, stream_counts: Sequence[int], blocks_per_stream: int = 9, options: SessionOptions | None = None
 ) -> list[EngineBenchResult]:
-    """Measure each N in `stream_counts` in turn (same process, same model), aligned arrivals."""
+    """Measure each N in `stream_counts` in turn (same process, same model), aligned arrivals.
+
+    With `options.blocks_per_update` = k > 1 a decoder update follows every k-th block, so steps alternate
+    between encoder-only and encoder + decoder; the update latency is then the p95 step plus up to k − 1 blocks
+    of waiting."""
     options = options or SessionOptions(language="English")
     words = tuple(model.tokenizer.encode(word)[0] for word in (" the", " a", " one"))
     results = []
@@ -139,10 +146,12 @@ def run_engine_bench(
             stream_id = f"stream-{index}"
             engine.open_stream(stream_id)
             session = engine.session(stream_id)
-            session.rolling.controls = session.controls = SyntheticDecodeBudget(session.controls, words)
+            budget = SyntheticDecodeBudget(session.controls, words, options.blocks_per_update)
+            session.rolling.controls = session.controls = budget
             engine.push_audio(stream_id, (0.1 * rng.standard_normal(samples)).astype(np.float32))
             engine.finish_stream(stream_id)
-        timings, stats = [], []
+        timings: list[StepTiming] = []
+        stats = []
         while engine.has_work:
             events = engine.step()
             timing = engine.last_step_timing
@@ -170,12 +179,16 @@ def run_engine_bench(
     return results
 
 
-def format_engine_table(results: Sequence[EngineBenchResult], device: str, latency_target_sec: float = 0.5) -> str:
+def format_engine_table(
+    results: Sequence[EngineBenchResult], device: str, latency_target_sec: float = 0.5, blocks_per_update: int = 1
+) -> str:
     """A Markdown table, plus the capacity lines derived from it."""
     base = next((r for r in results if r.streams == 1), None)
+    new_tokens = min(NEW_TOKENS_PER_UPDATE * blocks_per_update, DRAFT_TOKENS)
     lines = [
-        f"device: {device}; decode budget per update: synthetic (draft {DRAFT_TOKENS}, accept {ACCEPTED_TOKENS}, "
-        f"{NEW_TOKENS_PER_UPDATE} sequential steps in steady state; random weights decode garbage)",
+        f"device: {device}; decoder update every {blocks_per_update} block(s); decode budget per update: synthetic "
+        f"(draft {DRAFT_TOKENS}, accept {DRAFT_TOKENS - new_tokens}, {new_tokens} sequential steps in steady state; "
+        "random weights decode garbage)",
         "",
         "| N | steps | update p50 (s) | update p95 (s) | encoder (s) | decoder (s) | RTFx | real time | "
         "per-stream s/update | vs N=1 | K/V MiB/stream | draft/accepted/steps |",
@@ -208,6 +221,7 @@ def add_bench_engine_parser(benches) -> None:
     parser.add_argument("--blocks", type=int, default=9, help="blocks per stream (9 x 1.92 s spans a segment roll)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--blocks-per-update", type=int, default=1, help="decoder update every k blocks")
     parser.set_defaults(run=run_bench_engine_command)
 
 
@@ -218,8 +232,9 @@ def run_bench_engine_command(args) -> int:
     started = time.perf_counter()
     model = random_full_size_model(device=args.device)
     log.info("random full-size model ready in %.1f s", time.perf_counter() - started)
-    results = run_engine_bench(model, counts, blocks_per_stream=args.blocks)
-    print(format_engine_table(results, _describe(args.device)))
+    options = SessionOptions(language="English", blocks_per_update=args.blocks_per_update)
+    results = run_engine_bench(model, counts, blocks_per_stream=args.blocks, options=options)
+    print(format_engine_table(results, _describe(args.device), blocks_per_update=args.blocks_per_update))
     return 0
 
 

@@ -41,3 +41,14 @@ def test_engine_bench_runs_the_real_engine_with_the_budget(tiny_checkpoint: Path
         assert result.step_p50_sec > 0 and result.rtfx > 0 and result.kv_bytes_per_stream > 0
     table = format_engine_table(results, "cpu")
     assert "| 3 | 6 |" in table and "synthetic" in table and "vs N=1" in table
+
+
+def test_budget_for_two_blocks_per_update_re_decodes_18_tokens() -> None:
+    budget = SyntheticDecodeBudget(DecodeControls(DecodeOptions(stop_token_ids=(99,))), words=(5, 6, 7), blocks_per_update=2)
+    draft = [5] * 12 + [6] * 18
+    accepted, token = budget.verify_draft(torch.zeros(31, 100), draft)
+    assert (accepted, token) == (12, 7)
+    hypothesis = draft[:12] + [token]
+    while (pick := budget.pick(torch.zeros(1, 100), [hypothesis])[0]) != 99:
+        hypothesis.append(pick)
+    assert hypothesis == draft[:12] + [7] * 18
