@@ -52,7 +52,7 @@ from pipeline.checkpoint import load_model
 from pipeline.commit import SegmentOptions, SegmentPolicy
 from pipeline.config import QWEN3_ASR_0_6B, Qwen3ASRConfig
 from pipeline.decoder import TextDecoder, ragged_causal_mask
-from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, STEP_FRAMES, AudioTower
+from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, STEP_FRAMES, AudioTower, offline_output_steps
 from pipeline.session import FRAMES_PER_SECOND, SessionOptions, StreamingSession, offline_step_end_frames
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR, make_tiny_checkpoint
 
@@ -361,7 +361,7 @@ def windowed_schedule(
     policy = _segment_policy(options)
     update = options.windowed_update_frames
     window_cap = options.windowed_left_frames + options.windowed_right_frames
-    upcoming_steps = -(-update * 13 // 100)  # the session's look-ahead for its cap roll
+    upcoming_steps = offline_output_steps(update)  # the session's look-ahead for its cap roll
     chunks = [(update, options.windowed_right_frames, False)] * (frames // update)
     chunks.append((frames % update, 0, True))  # finish(): the rest, with no right context
     shapes: list[UpdateShape] = []

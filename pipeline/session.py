@@ -38,7 +38,7 @@ from pipeline.causal_encoder import CausalAudioEncoder, CausalEncoderOptions, Ca
 from pipeline.checkpoint import ASRModel
 from pipeline.commit import CommitOptions, CommittedWord, SegmentOptions, SegmentPolicy, TranscriptCommitState, TranscriptCommitter
 from pipeline.decoding import DecodeControls, DecodeOptions
-from pipeline.encoder import STEP_FRAMES
+from pipeline.encoder import STEP_FRAMES, offline_output_steps
 from pipeline.features import LogMelState, StreamingLogMel
 from pipeline.kv_pool import KVSlot
 from pipeline.prompt import CausalPrompt, build_causal_prompt, decode_asr_output
@@ -135,7 +135,7 @@ class CausalBlock:
 class SegmentState:
     """Soft state of the current segment: everything a roll drops."""
 
-    decoder: Any  # RollingDecoderState (causal) or None (windowed re-decodes from scratch)
+    decoder: RollingDecoderState | None  # None: the windowed backend re-decodes from scratch
     encoder: CausalEncoderState | None
     steps: int = 0
     # windowed: the segment's audio steps; causal: encoded blocks waiting for the next decoder update
@@ -422,7 +422,7 @@ class StreamingSession:
         """
         if self.options.backend == "causal":
             return self.segment.steps > self.options.segment_max_steps
-        upcoming = -(-self.options.windowed_update_frames * 13 // 100)
+        upcoming = offline_output_steps(self.options.windowed_update_frames)
         return self.policy.should_roll_before(self.segment.steps, upcoming) is not None
 
     # ------------------------------------------------------------------ segments and checkpoints
