@@ -300,15 +300,16 @@ class DecoderKVCache:
 
 @dataclass(frozen=True)
 class PoolSlot:
-    """Slot `index` of pool tensors keys/values [layers, slots, kv_heads, capacity, head_dim]."""
+    """Slot `index` of pool tensors keys/values [layers, slots, kv_heads, columns, head_dim].
+
+    A stream may fill `capacity` positions; the pool may hold more columns (e.g. a scratch column that idle rows
+    of a static-shape decode step write to, see `pipeline.decode_step`).
+    """
 
     keys: Tensor
     values: Tensor
     index: int
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[3]
+    capacity: int
 
 
 def ragged_causal_mask(past_lengths: Tensor, new_lengths: Tensor, max_past: int, max_new: int) -> Tensor:

@@ -7,9 +7,10 @@ streams fit. A `KVSlotPool` holds two pools and hands out one slot per stream:
   left context (195 steps). A slot is stored right-aligned: its `cached` real steps are its last `cached`
   columns. That is the layout `causal_block_forward` takes, so a batch's past is one gather over the slot
   axis; after the forward, each stream's trimmed window is copied back into its slot.
-* `DecoderKVPool`: keys and values [layers, slots, kv_heads, capacity, head_dim] with capacity = the most
+* `DecoderKVPool`: keys and values [layers, slots, kv_heads, capacity + 1, head_dim] with capacity = the most
   positions a segment can hold (head + segment audio cap + tail + token budget). A slot backs a
-  `DecoderKVCache` that writes in place and never reallocates.
+  `DecoderKVCache` that writes in place and never reallocates. The extra column is scratch: a static-shape
+  decode step (`pipeline.decode_step`) runs every slot of a range and lets the idle ones write there.
 
 A stream keeps its slot for its whole life: a segment roll starts new, empty states over the same storage;
 the slot is released when the stream ends. The engine keeps the slot index beside the states, and the states
@@ -95,21 +96,26 @@ class EncoderKVPool:
 
 
 class DecoderKVPool:
-    """Decoder K/V of `slots` streams, `capacity` positions each, in one preallocated tensor pair."""
+    """Decoder K/V of `slots` streams, `capacity` positions each (+ one scratch column), in one tensor pair."""
 
     def __init__(self, decoder: TextDecoder, slots: int, capacity: int) -> None:
         config = decoder.config
         weight = decoder.embed_tokens.weight
-        shape = (config.num_hidden_layers, slots, config.num_key_value_heads, capacity, config.head_dim)
+        shape = (config.num_hidden_layers, slots, config.num_key_value_heads, capacity + 1, config.head_dim)
         self.capacity = capacity
         self.keys = weight.new_zeros(shape)
         self.values = weight.new_zeros(shape)
 
     def new_cache(self, slot: int) -> DecoderKVCache:
         """An empty cache (segment start) that writes into `slot`."""
-        layers = self.keys.shape[0]
-        storage = [(self.keys[layer, slot], self.values[layer, slot]) for layer in range(layers)]
-        return DecoderKVCache(layers, storage=storage, pool_slot=PoolSlot(self.keys, self.values, slot))
+        layers, capacity = self.keys.shape[0], self.capacity
+        storage = [(self.keys[layer, slot, :, :capacity], self.values[layer, slot, :, :capacity]) for layer in range(layers)]
+        return DecoderKVCache(layers, storage=storage, pool_slot=PoolSlot(self.keys, self.values, slot, capacity))
+
+    @property
+    def scratch_column(self) -> int:
+        """The column no stream owns: rows without a stream write there."""
+        return self.capacity
 
 
 @dataclass(frozen=True)
