@@ -27,9 +27,11 @@ encodes the pending frames as one short block, rounded down to whole steps.
 `AudioTower.forward_block_causal` computes the same as this runtime in one masked pass.
 
 Batching: `CausalAudioEncoder.encode_blocks` runs one block from each of many streams in one
-forward, ragged in cache length and block length. Its core, `causal_block_forward`, takes stacked
-caches plus lengths, so an engine that keeps caches in a preallocated per-device slot pool can gather
-them into that layout and scatter the trimmed result back.
+forward, ragged in cache length and block length. Its core, `causal_block_forward`, does not own the
+caches: each layer stores its block's keys and values through a callback that returns what to attend
+over, and a `KeyColumns` says where each stream's keys lie along that key axis. The per-state path
+concatenates `[cache ; block]`; `pipeline.kv_pool.EncoderKVPool` writes the block straight into
+preallocated slots and attends over a view of them.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, STEP_FRAMES, AudioTower, check_block_frames
+from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, STEP_FRAMES, AudioKVStore, AudioTower, check_block_frames
 
 logger = logging.getLogger(__name__)
 
@@ -83,48 +85,68 @@ class CausalEncoderState:
         self.next_position = 0
 
 
+@dataclass(frozen=True)
+class KeyColumns:
+    """Where each of B streams' keys lie along the key axis (`width` columns) that its block attends over.
+
+    Row b's cached keys fill columns oldest[b] .. block[b] - 1, oldest first, and its block's keys follow from
+    column block[b]; every other column (padding, or stale entries of a slot pool) is masked out. Keys carry
+    absolute positions added before projection (no rotary), so a key's column only has to be known, not fixed.
+    """
+
+    oldest: torch.Tensor  # [B]
+    block: torch.Tensor  # [B]
+    width: int
+
+
+def block_attention_mask(
+    first_positions: torch.Tensor,
+    step_counts: torch.Tensor,
+    block_width: int,
+    columns: KeyColumns,
+    left_context_steps: int,
+) -> torch.Tensor:
+    """allowed [B, block_width, columns.width]: each block query sees its stream's real keys within its window.
+
+    Stream b's block holds step_counts[b] real steps from absolute position first_positions[b] (padded to
+    block_width); a query sees every real key of its own block (bidirectional) and cached keys at most
+    `left_context_steps` steps back, itself included. Padding queries act as the block's last step, so that no
+    row is fully masked.
+    """
+    device = first_positions.device
+    first = first_positions[:, None]
+    counts = step_counts[:, None]
+    query_positions = first + torch.minimum(torch.arange(block_width, device=device), counts - 1)  # [B, S]
+    column = torch.arange(columns.width, device=device)[None, :]
+    block_column = columns.block.to(device)[:, None]
+    key_positions = first + column - block_column  # [B, T]
+    key_is_real = (column >= columns.oldest.to(device)[:, None]) & (column < block_column + counts)
+    in_window = key_positions[:, None, :] >= query_positions[:, :, None] - left_context_steps + 1
+    return key_is_real[:, None, :] & in_window
+
+
 def causal_block_forward(
     tower: AudioTower,
     steps: torch.Tensor,
     step_counts: torch.Tensor,
-    past_keys: torch.Tensor,
-    past_values: torch.Tensor,
-    past_lengths: torch.Tensor,
     first_positions: torch.Tensor,
+    columns: KeyColumns,
+    kv_store: AudioKVStore,
     left_context_steps: int = CAUSAL_LEFT_CONTEXT_STEPS,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """One block from each of B streams through the layers and head, in one forward.
 
-    steps [B, S, D]: conv-stem output of each block, zero-padded to the longest (step_counts [B] real).
-    past_keys, past_values [layers, B, heads, P, head_dim]: each stream's cache right-aligned, its
-    past_lengths[b] real entries ending at index P (the steps just before first_positions[b]).
-    Returns embeddings [B, S, output_dim] (rows past step_counts are padding) and each layer's keys
-    and values [layers, B, heads, P + S, head_dim], i.e. `[past ; block]`: stream b's real entries
-    are indices P - past_lengths[b] .. P + step_counts[b] - 1.
+    steps [B, S, D]: conv-stem output of each block, zero-padded to the longest (step_counts [B] real), stream b's
+    first step at absolute position first_positions[b]. `kv_store(layer, key, value)` keeps the block's keys and
+    values where the caller's cache lives and returns the keys and values to attend over, laid out as `columns`
+    says. Returns embeddings [B, S, output_dim] (rows past step_counts are padding).
     """
-    batch, width, _ = steps.shape
-    past_width = past_keys.shape[3]
     device = steps.device
-    first = first_positions.to(device)[:, None]
-    counts = step_counts.to(device)[:, None]
-    offsets = torch.arange(width, device=device)
-    step_positions = first + offsets  # [B, S]
-    # Padding queries act as the block's last step so that no row is fully masked.
-    query_positions = first + torch.minimum(offsets, counts - 1)
-    key_positions = first + torch.arange(-past_width, width, device=device)  # [B, P + S]
-    oldest_key = first - past_lengths.to(device)[:, None]
-    newest_key = first + counts - 1
-    key_is_real = (key_positions >= oldest_key) & (key_positions <= newest_key)
-    in_window = key_positions[:, None, :] >= query_positions[:, :, None] - left_context_steps + 1
-    allowed = key_is_real[:, None, :] & in_window  # [B, S, P + S]
-
+    first_positions, step_counts = first_positions.to(device), step_counts.to(device)
+    allowed = block_attention_mask(first_positions, step_counts, steps.shape[1], columns, left_context_steps)
+    step_positions = first_positions[:, None] + torch.arange(steps.shape[1], device=device)
     x = tower.add_positions(steps, step_positions)
-    keys, values = [], []
-    for layer, layer_past_keys, layer_past_values in zip(tower.layers, past_keys, past_values):
-        x, layer_keys, layer_values = layer(x, allowed, layer_past_keys, layer_past_values)
-        keys.append(layer_keys)
-        values.append(layer_values)
-    return tower.head(x), torch.stack(keys), torch.stack(values)
+    return tower.head(tower.encode(x, allowed, kv_store))
 
 
 class CausalAudioEncoder:
@@ -214,7 +236,7 @@ class CausalAudioEncoder:
         return list(steps.split([b.shape[0] // STEP_FRAMES for b in blocks]))
 
     def _encode_steps(self, states: list[CausalEncoderState], steps: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Layers + head for one conv-stemmed block per stream; updates the states."""
+        """Layers + head for one conv-stemmed block per stream; each state gets a new cache of its own."""
         counts = [block_steps.shape[0] for block_steps in steps]
         cached = [state.cached_steps for state in states]
         past_width = max(cached)
@@ -223,24 +245,36 @@ class CausalAudioEncoder:
         def right_aligned(caches: list[torch.Tensor]) -> torch.Tensor:
             return torch.stack([F.pad(c, (0, 0, past_width - c.shape[2], 0)) for c in caches], dim=1)
 
-        embeddings, keys, values = causal_block_forward(
+        past_keys = right_aligned([state.keys for state in states])
+        past_values = right_aligned([state.values for state in states])
+        layer_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def past_then_block(layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = torch.cat([past_keys[layer], key], dim=2), torch.cat([past_values[layer], value], dim=2)
+            layer_kv.append((keys, values))
+            return keys, values
+
+        embeddings = causal_block_forward(
             self.tower,
             padded_steps,
             step_counts=torch.tensor(counts),
-            past_keys=right_aligned([state.keys for state in states]),
-            past_values=right_aligned([state.values for state in states]),
-            past_lengths=torch.tensor(cached),
             first_positions=torch.tensor([state.next_position for state in states]),
+            columns=KeyColumns(
+                oldest=torch.tensor([past_width - c for c in cached]),
+                block=torch.full((len(states),), past_width),
+                width=past_width + max(counts),
+            ),
+            kv_store=past_then_block,
             left_context_steps=self.options.left_context_steps,
         )
         outputs = []
-        for index, (state, count) in enumerate(zip(states, counts)):
+        for row, (state, count) in enumerate(zip(states, counts)):
             end = past_width + count
             kept = min(state.cached_steps + count, self.options.left_context_steps)
-            state.keys = keys[:, index, :, end - kept : end].clone()
-            state.values = values[:, index, :, end - kept : end].clone()
+            state.keys = torch.stack([keys[row, :, end - kept : end] for keys, _ in layer_kv])
+            state.values = torch.stack([values[row, :, end - kept : end] for _, values in layer_kv])
             state.next_position += count
-            outputs.append(embeddings[index, :count])
+            outputs.append(embeddings[row, :count])
         return outputs
 
     def _no_embeddings(self) -> torch.Tensor:

@@ -18,6 +18,8 @@ position table is not a parameter (it is computed analytically, in fp32, for any
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,12 @@ STEP_FRAMES = 8
 #: Left attention window of the causal tower, in steps. The tower was trained with 15 s of left
 #: context counted in offline-tower steps: 1500 frames -> 15 chunks x 13 steps = 195.
 CAUSAL_LEFT_CONTEXT_STEPS = 195
+
+#: Given one layer's keys and values of the new steps [B, heads, S, head_dim], store them where the caller keeps
+#: them and return every key and value the S queries attend over [B, heads, T, head_dim] (the mask says which).
+AudioKVAccess = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+#: The same with the layer index first: how a whole forward reaches its K/V storage.
+AudioKVStore = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def conv_output_length(frames: int) -> int:
@@ -84,26 +92,19 @@ class AudioSelfAttention(nn.Module):
         """[B, S, D] -> [B, H, S, head_dim]."""
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        allowed: torch.Tensor,
-        past_key: torch.Tensor | None = None,
-        past_value: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Attend queries `x` [B, S, D] to `[past ; x]` keys where `allowed` [B, S, P+S] is true.
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, kv: AudioKVAccess | None = None) -> torch.Tensor:
+        """Attend queries `x` [B, S, D] -> [B, S, D] to the keys where `allowed` [B, S, T] is true.
 
-        Returns the output [B, S, D] and the full keys and values [B, H, P+S, head_dim] (past
-        first), which a streaming caller keeps for later blocks.
+        Without `kv` the keys are x's own (T = S); with it, `kv(key, value)` stores x's keys and values where the
+        caller keeps them and returns the T keys and values to attend over (e.g. a stream's cache and x's).
         """
         query = self.split_heads(self.q_proj(x))
         key = self.split_heads(self.k_proj(x))
         value = self.split_heads(self.v_proj(x))
-        if past_key is not None:
-            key = torch.cat([past_key, key], dim=2)
-            value = torch.cat([past_value, value], dim=2)
+        if kv is not None:
+            key, value = kv(key, value)
         out = audio_attention(query, key, value, allowed, fused=query.is_cuda).transpose(1, 2).flatten(-2)
-        return self.out_proj(out), key, value
+        return self.out_proj(out)
 
 
 def audio_attention(
@@ -132,22 +133,16 @@ class AudioEncoderLayer(nn.Module):
         self.fc2 = nn.Linear(config.encoder_ffn_dim, config.d_model)
         self.final_layer_norm = nn.LayerNorm(config.d_model)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        allowed: torch.Tensor,
-        past_key: torch.Tensor | None = None,
-        past_value: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns the new hidden states and this layer's full keys and values (see AudioSelfAttention)."""
-        attended, key, value = self.self_attn(self.self_attn_layer_norm(x), allowed, past_key, past_value)
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, kv: AudioKVAccess | None = None) -> torch.Tensor:
+        """The new hidden states [B, S, D]; `allowed` and `kv` as in AudioSelfAttention."""
+        attended = self.self_attn(self.self_attn_layer_norm(x), allowed, kv)
         x = x + attended
         x = x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
         if x.dtype == torch.float16:
             # fp16 overflows in late layers of the real tower; the reference clamps the same way.
             limit = torch.finfo(torch.float16).max - 1000
             x = x.clamp(-limit, limit)
-        return x, key, value
+        return x
 
 
 class AudioTower(nn.Module):
@@ -196,10 +191,14 @@ class AudioTower(nn.Module):
         """steps [..., S, D] + sinusoids of `positions` [..., S], computed in fp32, added in the steps' dtype."""
         return steps + sinusoidal_positions(positions, self.config.d_model).to(steps.dtype)
 
-    def encode(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """All layers over x [B, S, D] with one attention mask `allowed` [B or 1, S, S]; no cache."""
-        for layer in self.layers:
-            x, _, _ = layer(x, allowed)
+    def encode(self, x: torch.Tensor, allowed: torch.Tensor, kv_store: AudioKVStore | None = None) -> torch.Tensor:
+        """All layers over x [B, S, D] with one attention mask `allowed` [B or 1, S, T].
+
+        Without `kv_store` each layer attends within x (T = S); with it, layer i reaches its K/V through
+        `kv_store(i, key, value)` (see `AudioKVStore`).
+        """
+        for index, layer in enumerate(self.layers):
+            x = layer(x, allowed, None if kv_store is None else partial(kv_store, index))
         return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,10 +3,10 @@
 An engine serving many streams should not allocate cache memory per update, and should know up front how many
 streams fit. A `KVSlotPool` holds two pools and hands out one slot per stream:
 
-* `EncoderKVPool`: keys and values [layers, slots, heads, window, head_dim] with window = the causal tower's
-  left context (195 steps). A slot is stored right-aligned: its `cached` real steps are its last `cached`
-  columns. That is the layout `causal_block_forward` takes, so a batch's past is one gather over the slot
-  axis; after the forward, each stream's trimmed window is copied back into its slot.
+* `EncoderKVPool`: keys and values [layers, slots, heads, window + slack, head_dim] with window = the causal
+  tower's left context (195 steps) and slack = spare columns (8 blocks of 24 steps by default). A stream's
+  cached steps are a run of its slot's columns that a block extends in place, like the decoder's; the run is
+  moved back to the front only when a block would not fit (once every `slack` steps).
 * `DecoderKVPool`: keys and values [layers, slots, kv_heads, capacity + 1, head_dim] with capacity = the most
   positions a segment can hold (head + segment audio cap + tail + token budget). A slot backs a
   `DecoderKVCache` that writes in place and never reallocates. The extra column is scratch: a static-shape
@@ -25,74 +25,195 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.causal_encoder import CausalAudioEncoder, CausalEncoderState, causal_block_forward
+from pipeline.causal_encoder import CausalAudioEncoder, CausalEncoderState, KeyColumns, causal_block_forward
 from pipeline.decoder import DecoderKVCache, PoolSlot, TextDecoder
 from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, AudioTower
 
 
-class EncoderKVPool:
-    """Causal-tower K/V windows of `slots` streams, right-aligned in one preallocated tensor pair."""
+#: Spare columns per encoder slot beyond its window: eight 24-step (1.92 s) blocks, so a stream's window is moved
+#: back to the front of its slot once every eight blocks.
+DEFAULT_ENCODER_SLACK_STEPS = 8 * 24
+#: Columns of an encoder slot under the defaults (what a slot's memory is sized by).
+ENCODER_SLOT_COLUMNS = CAUSAL_LEFT_CONTEXT_STEPS + DEFAULT_ENCODER_SLACK_STEPS
 
-    def __init__(self, tower: AudioTower, slots: int, window: int = CAUSAL_LEFT_CONTEXT_STEPS) -> None:
+
+class EncoderKVPool:
+    """Causal-tower K/V of `slots` streams in one preallocated tensor pair; blocks are written in place.
+
+    Slot layout ("slack window"): a slot has `window + slack` columns, and a stream's cached steps are one run of
+    them, oldest first, ending at the slot's `end` column (always >= window). A block's keys and values are written
+    at end .. end + count - 1 and the run's end moves on, the state's view becoming the last <= left-context
+    columns: nothing is gathered, concatenated or copied back. When a block would pass the last column, the run is
+    first moved back to end at column `window`: the one remaining copy (<= window columns, once every `slack`
+    steps); every stream of that batch is moved together, so streams that advance together stay aligned and
+    their batch attends over window + block columns, as a gathered batch would.
+    """
+
+    def __init__(
+        self,
+        tower: AudioTower,
+        slots: int,
+        window: int = CAUSAL_LEFT_CONTEXT_STEPS,
+        slack: int = DEFAULT_ENCODER_SLACK_STEPS,
+    ) -> None:
+        if slack <= 0:
+            raise ValueError(f"slack={slack}; expected a positive number of steps (at least one block's)")
         config = tower.config
         weight = tower.conv_out.weight
-        shape = (config.encoder_layers, slots, config.encoder_attention_heads, window, config.head_dim)
+        shape = (config.encoder_layers, slots, config.encoder_attention_heads, window + slack, config.head_dim)
         self.window = window
+        self.slack = slack
         self.keys = weight.new_zeros(shape)
         self.values = weight.new_zeros(shape)
+        self._ends = [window] * slots  # per slot: the column after its newest cached step
+
+    @property
+    def columns(self) -> int:
+        return self.window + self.slack
 
     def new_state(self, encoder: CausalAudioEncoder, slot: int) -> CausalEncoderState:
         """An empty encoder state (segment start) whose cache lives in `slot`."""
         state = encoder.new_state()
-        state.keys, state.values = self._slot_window(slot, 0)
+        self._ends[slot] = self.window
+        state.keys, state.values = self._run(slot, 0)
         return state
 
     @torch.no_grad()
     def encode_blocks(
         self, encoder: CausalAudioEncoder, slots: list[int], states: list[CausalEncoderState], blocks: list[Tensor]
     ) -> list[Tensor]:
-        """`CausalAudioEncoder.encode_blocks` for streams whose caches live in `slots`: same result, no new cache."""
+        """`CausalAudioEncoder.encode_blocks` for streams whose caches live in `slots`: same result, no new cache.
+
+        Streams in a run of neighbouring slots (any order) attend over a view of the pool; any other batch
+        gathers its slots' occupied columns first. Both write the blocks' K/V into the slots in place.
+        """
         left_context = encoder.options.left_context_steps
         if left_context > self.window:
             raise ValueError(f"left_context_steps={left_context}; the pool's window holds {self.window} steps")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"slots {slots} repeat a slot; expected one stream per slot")
         for slot, state in zip(slots, states):
             self._check_backed(slot, state)
         steps = encoder.conv_blocks(states, blocks)
-        counts = [block_steps.shape[0] for block_steps in steps]
-        cached = [state.cached_steps for state in states]
-        padded_steps = torch.stack([F.pad(s, (0, 0, 0, max(counts) - s.shape[0])) for s in steps])
-        index = torch.tensor(slots, device=self.keys.device)
-        embeddings, keys, values = causal_block_forward(
+        # Rows in slot order, so that neighbouring slots are the rows of one pool view.
+        order = sorted(range(len(slots)), key=slots.__getitem__)
+        batch = self._place([slots[i] for i in order], [states[i] for i in order], [steps[i].shape[0] for i in order])
+        embeddings = causal_block_forward(
             encoder.tower,
-            padded_steps,
-            step_counts=torch.tensor(counts),
-            past_keys=self.keys.index_select(1, index),
-            past_values=self.values.index_select(1, index),
-            past_lengths=torch.tensor(cached),
-            first_positions=torch.tensor([state.next_position for state in states]),
+            torch.stack([F.pad(steps[i], (0, 0, 0, max(batch.counts) - steps[i].shape[0])) for i in order]),
+            step_counts=torch.tensor(batch.counts),
+            first_positions=torch.tensor([states[i].next_position for i in order]),
+            columns=batch.key_columns(),
+            kv_store=batch.store,
             left_context_steps=left_context,
         )
-        outputs = []
-        for row, (slot, state, count) in enumerate(zip(slots, states, counts)):
-            end = self.window + count
-            kept = min(cached[row] + count, left_context)
-            slot_keys, slot_values = self._slot_window(slot, kept)
-            slot_keys.copy_(keys[:, row, :, end - kept : end])
-            slot_values.copy_(values[:, row, :, end - kept : end])
-            state.keys, state.values = slot_keys, slot_values
+        row_of = {}
+        for row, index in enumerate(order):
+            slot, state, count = slots[index], states[index], batch.counts[row]
+            self._ends[slot] = batch.ends[row] + count
+            state.keys, state.values = self._run(slot, min(state.cached_steps + count, left_context))
             state.next_position += count
-            outputs.append(embeddings[row, :count])
-        return outputs
+            row_of[index] = row
+        return [embeddings[row_of[index], : batch.counts[row_of[index]]] for index in range(len(slots))]
 
-    def _slot_window(self, slot: int, steps: int) -> tuple[Tensor, Tensor]:
-        """Views of the last `steps` columns of a slot: [layers, heads, steps, head_dim] each."""
-        start = self.window - steps
-        return self.keys[:, slot, :, start:], self.values[:, slot, :, start:]
+    def _place(self, slots: list[int], states: list[CausalEncoderState], counts: list[int]) -> _SlotBatch:
+        """Where a batch (rows in slot order) reads and writes; first rewinds its slots if a block would not fit."""
+        if max(counts) > self.slack:
+            raise ValueError(f"a block of {max(counts)} steps; the pool's slack holds {self.slack} (make it larger)")
+        cached = [state.cached_steps for state in states]
+        if any(self._ends[slot] + count > self.columns for slot, count in zip(slots, counts)):
+            # All of the batch, not just the full slots: streams that then advance together stay aligned.
+            for slot, steps in zip(slots, cached):
+                self._rewind(slot, steps)
+        ends = [self._ends[slot] for slot in slots]
+        # Only real steps are written: a short (flush) block's padding never reaches a slot.
+        rows = [row for row, count in enumerate(counts) for _ in range(count)]
+        step_in_block = [step for count in counts for step in range(count)]
+        device = self.keys.device
+        neighbouring = slots == list(range(slots[0], slots[0] + len(slots)))
+        return _SlotBatch(
+            keys=self.keys,
+            values=self.values,
+            slots=slots,
+            ends=ends,
+            cached=cached,
+            counts=counts,
+            low=min(end - c for end, c in zip(ends, cached)),
+            high=max(end + count for end, count in zip(ends, counts)),
+            write_slots=torch.tensor([slots[row] for row in rows], device=device),
+            write_columns=torch.tensor([ends[row] + step for row, step in zip(rows, step_in_block)], device=device),
+            block_rows=torch.tensor(rows, device=device),
+            block_steps=torch.tensor(step_in_block, device=device),
+            gather=None if neighbouring else torch.tensor(slots, device=device),
+        )
+
+    def _run(self, slot: int, steps: int) -> tuple[Tensor, Tensor]:
+        """Views of a slot's newest `steps` cached columns: [layers, heads, steps, head_dim] each."""
+        end = self._ends[slot]
+        return self.keys[:, slot, :, end - steps : end], self.values[:, slot, :, end - steps : end]
+
+    def _rewind(self, slot: int, steps: int) -> None:
+        """Move a slot's newest `steps` cached columns to end at column `window`: the pool's one copy."""
+        end = self._ends[slot]
+        if end == self.window:
+            return
+        for pool in (self.keys, self.values):
+            # clone: the source and destination columns may overlap.
+            pool[:, slot, :, self.window - steps : self.window] = pool[:, slot, :, end - steps : end].clone()
+        self._ends[slot] = self.window
 
     def _check_backed(self, slot: int, state: CausalEncoderState) -> None:
-        expected = self._slot_window(slot, state.cached_steps)[0]
-        if state.keys.data_ptr() != expected.data_ptr() or state.keys.shape != expected.shape:
+        """The state's cache must be its slot's current run (a state made before the slot's last new_state is not)."""
+        backed = 0 <= slot < len(self._ends) and state.cached_steps <= self._ends[slot]
+        if backed:
+            expected = self._run(slot, state.cached_steps)[0]
+            backed = state.keys.data_ptr() == expected.data_ptr() and state.keys.shape == expected.shape
+        if not backed:
             raise ValueError(f"encoder state does not live in slot {slot}; make it with EncoderKVPool.new_state")
+
+
+@dataclass(frozen=True)
+class _SlotBatch:
+    """Where one `encode_blocks` batch lives in the pool tensors: rows in slot order, row r in slots[r].
+
+    Row r's cached steps are columns ends[r] - cached[r] .. ends[r] - 1 of its slot and its block goes to
+    ends[r] .. ends[r] + counts[r] - 1; the batch attends over the columns low .. high - 1, which cover every row.
+    """
+
+    keys: Tensor  # the pool's [layers, slots, heads, columns, head_dim]
+    values: Tensor
+    slots: list[int]
+    ends: list[int]
+    cached: list[int]
+    counts: list[int]
+    low: int
+    high: int
+    write_slots: Tensor  # [real block steps of the batch]: the slot each one goes to,
+    write_columns: Tensor  # its column there,
+    block_rows: Tensor  # and its row and step in the padded block [B, S].
+    block_steps: Tensor
+    gather: Tensor | None  # the slots to gather; None when they are neighbours (rows of one view)
+
+    def key_columns(self) -> KeyColumns:
+        return KeyColumns(
+            oldest=torch.tensor([end - c - self.low for end, c in zip(self.ends, self.cached)]),
+            block=torch.tensor([end - self.low for end in self.ends]),
+            width=self.high - self.low,
+        )
+
+    def store(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the block's real K/V into the slots; return the batch's columns [B, heads, T, head_dim] of them."""
+        attended = []
+        for pool, new in ((self.keys[layer], key), (self.values[layer], value)):
+            # As [slots, columns, heads, d] and [B, S, heads, d]: one indexed write of every real step.
+            new_steps = new.transpose(1, 2)[self.block_rows, self.block_steps]
+            pool.transpose(1, 2).index_put_((self.write_slots, self.write_columns), new_steps)
+            columns = pool[:, :, self.low : self.high]
+            if self.gather is None:
+                attended.append(columns[self.slots[0] : self.slots[0] + len(self.slots)])
+            else:
+                attended.append(columns.index_select(0, self.gather))
+        return attended[0], attended[1]
 
 
 class DecoderKVPool:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from pipeline.config import QWEN3_ASR_0_6B, Qwen3ASRConfig
 from pipeline.flops import ModelFlopCounter
+from pipeline.kv_pool import ENCODER_SLOT_COLUMNS
 
 BLOCK_SEC = 1.92
 BLOCK_STEPS = 24
@@ -97,7 +98,8 @@ def step_model(config: Qwen3ASRConfig = QWEN3_ASR_0_6B, bytes_per_value: int = 2
         decoder_weight_bytes=decoder_params * bytes_per_value,
         encoder_kv_bytes=MEAN_ENCODER_CACHED * encoder_kv_per_step * bytes_per_value,
         decoder_kv_bytes=(decoder_cached + BLOCK_STEPS + TAIL_AND_DRAFT) * decoder_kv_per_position * bytes_per_value,
-        slot_bytes=(195 * encoder_kv_per_step + (slot_positions + 1) * decoder_kv_per_position) * bytes_per_value,
+        slot_bytes=(ENCODER_SLOT_COLUMNS * encoder_kv_per_step + (slot_positions + 1) * decoder_kv_per_position)
+        * bytes_per_value,
     )
 
 

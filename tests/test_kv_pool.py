@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from pipeline.causal_encoder import CausalAudioEncoder, CausalEncoderOptions
 from pipeline.config import TINY_AUDIO
@@ -22,14 +23,27 @@ def _own_random_state():
         yield
 
 
+def slot_column(pool: torch.Tensor, slot: int, view: torch.Tensor) -> int:
+    """The column of `pool` (keys or values) where a state's `view` starts; fails unless it is a run of `slot`."""
+    in_slot = pool[:, slot]
+    assert view.untyped_storage().data_ptr() == pool.untyped_storage().data_ptr()
+    assert view.stride() == in_slot.stride()
+    column, rest = divmod(view.storage_offset() - in_slot.storage_offset(), in_slot.stride(2))
+    assert rest == 0 and 0 <= column and column + view.shape[2] <= pool.shape[3]
+    return column
+
+
+# Slots 4, 0, 2 gather (but a stream alone runs in place); slots 0, 1, 2 run in place whenever the streams that
+# have a block are neighbours. A slack of one 24-step block moves the windows back before nearly every block.
+@pytest.mark.parametrize("slack", [192, 24])
+@pytest.mark.parametrize("slots", [[4, 0, 2], [0, 1, 2]])
 @pytest.mark.parametrize("block_frames", [192, 96])
-def test_pooled_encoder_equals_per_state_encoder(block_frames: int) -> None:
-    # Three streams in slots 4, 0, 2 starting at different blocks, ragged flush blocks, long enough (> 195
-    # steps) to slide the window; the pool and plain states must give the same embeddings and the same K/V.
+def test_pooled_encoder_equals_per_state_encoder(block_frames: int, slots: list[int], slack: int) -> None:
+    # Three streams starting at different blocks, ragged flush blocks, long enough (> 195 steps) to slide the
+    # window; the pool and plain states must give the same embeddings and the same K/V.
     tower = random_tower(seed=3)
     encoder = CausalAudioEncoder(tower, CausalEncoderOptions(block_frames=block_frames))
-    pool = EncoderKVPool(tower, slots=5)
-    slots = [4, 0, 2]
+    pool = EncoderKVPool(tower, slots=5, slack=slack)
     starts = [0, 3, 7]
     torch.manual_seed(0)
     blocks_per_stream = [list(torch.randn(block_frames * count, BINS).split(block_frames)) for count in (30, 24, 14)]
@@ -52,7 +66,74 @@ def test_pooled_encoder_equals_per_state_encoder(block_frames: int) -> None:
     assert worst < 1e-5
     assert plain[0].cached_steps == encoder.options.left_context_steps  # the window did slide
     # The pooled states are views of their slots.
-    assert pooled[0].keys.data_ptr() == pool.keys[:, 4, :, -pooled[0].cached_steps :].data_ptr()
+    for slot, state in zip(slots, pooled):
+        assert slot_column(pool.keys, slot, state.keys) == slot_column(pool.values, slot, state.values)
+
+
+class _TorchCalls(TorchFunctionMode):
+    """Records which torch functions run, and how many matmuls read the pool's own K/V storage."""
+
+    def __init__(self, pool: EncoderKVPool) -> None:
+        super().__init__()
+        self.pool_storage = {pool.keys.untyped_storage().data_ptr(), pool.values.untyped_storage().data_ptr()}
+        self.names: set[str] = set()
+        self.matmuls_on_pool = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.add(getattr(func, "__name__", str(func)))
+        if func is torch.matmul:
+            storages = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+            self.matmuls_on_pool += bool(storages & self.pool_storage)
+        return func(*args, **(kwargs or {}))
+
+
+def test_neighbouring_slots_attend_over_the_pool_itself() -> None:
+    tower = random_tower(seed=3)
+    encoder = CausalAudioEncoder(tower)
+    pool = EncoderKVPool(tower, slots=3)
+    states = [pool.new_state(encoder, slot) for slot in range(3)]
+    torch.manual_seed(0)
+    pool.encode_blocks(encoder, [0, 1, 2], states, [torch.randn(192, BINS) for _ in states])
+
+    neighbours = _TorchCalls(pool)
+    with neighbours:
+        pool.encode_blocks(encoder, [1, 0], [states[1], states[0]], [torch.randn(192, BINS), torch.randn(56, BINS)])
+    assert "index_select" not in neighbours.names
+    assert neighbours.matmuls_on_pool == 2 * len(tower.layers)  # scores over the keys, weights times the values
+
+    apart = _TorchCalls(pool)
+    with apart:
+        pool.encode_blocks(encoder, [0, 2], [states[0], states[2]], [torch.randn(192, BINS), torch.randn(192, BINS)])
+    assert "index_select" in apart.names and apart.matmuls_on_pool == 0  # gathered first
+
+
+def test_state_views_stay_put_until_the_window_is_moved_back() -> None:
+    # 24-step blocks, window 195, slack 192: a run starts at column 195 and grows in place for 8 blocks (to
+    # column 387, the last); the 9th block moves the newest 192 steps back to end at column 195 first.
+    tower = random_tower(seed=3)
+    encoder = CausalAudioEncoder(tower)
+    pool = EncoderKVPool(tower, slots=2, slack=192)
+    states = [pool.new_state(encoder, slot) for slot in range(2)]
+    torch.manual_seed(1)
+    columns, pointers = [], []
+    for _ in range(12):
+        pool.encode_blocks(encoder, [0, 1], states, [torch.randn(192, BINS) for _ in states])
+        columns.append(slot_column(pool.keys, 1, states[1].keys))
+        pointers.append(states[1].keys.data_ptr())
+    assert columns == [195] * 8 + [24, 48, 72, 96]
+    assert len(set(pointers[:8])) == 1  # not moved, not copied: the blocks were written after the cached steps
+    assert [state.cached_steps for state in states] == [195, 195]
+
+
+def test_pooled_encoder_refuses_blocks_longer_than_the_slack_and_repeated_slots() -> None:
+    tower = random_tower(seed=3)
+    encoder = CausalAudioEncoder(tower)
+    pool = EncoderKVPool(tower, slots=2, slack=12)
+    states = [pool.new_state(encoder, slot) for slot in range(2)]
+    with pytest.raises(ValueError, match="block of 24 steps; the pool's slack holds 12"):
+        pool.encode_blocks(encoder, [0], states[:1], [torch.randn(192, BINS)])
+    with pytest.raises(ValueError, match="repeat a slot"):
+        pool.encode_blocks(encoder, [0, 0], states, [torch.randn(96, BINS)] * 2)
 
 
 def test_pooled_encoder_refuses_a_state_from_elsewhere() -> None:
@@ -63,6 +144,9 @@ def test_pooled_encoder_refuses_a_state_from_elsewhere() -> None:
     pool.encode_blocks(encoder, [0], [state], [torch.randn(192, BINS)])
     with pytest.raises(ValueError, match="does not live in slot 1"):
         pool.encode_blocks(encoder, [1], [state], [torch.randn(192, BINS)])
+    pool.new_state(encoder, 0)  # a new segment in slot 0: the old state no longer owns it
+    with pytest.raises(ValueError, match="does not live in slot 0"):
+        pool.encode_blocks(encoder, [0], [state], [torch.randn(192, BINS)])
 
 
 def test_decoder_cache_on_fixed_storage_matches_growing_cache_and_never_reallocates() -> None:
