@@ -32,7 +32,7 @@ from pipeline.config import QWEN3_ASR_0_6B, Qwen3ASRConfig
 from pipeline.decoder import TextDecoder
 from pipeline.decoding import DecodeControls
 from pipeline.encoder import AudioTower
-from pipeline.engine import StepTiming, StreamingEngine
+from pipeline.engine import EngineOptions, StepTiming, StreamingEngine
 from pipeline.features import SAMPLE_RATE
 from pipeline.session import SessionOptions
 from pipeline.tiny_checkpoint import build_tiny_tokenizer
@@ -100,6 +100,7 @@ def random_full_size_model(
 @dataclass(frozen=True)
 class EngineBenchResult:
     streams: int
+    decode_step: str
     steps: int
     step_p50_sec: float
     step_p95_sec: float
@@ -128,9 +129,15 @@ class EngineBenchResult:
 
 
 def run_engine_bench(
-    model: ASRModel, stream_counts: Sequence[int], blocks_per_stream: int = 9, options: SessionOptions | None = None
+    model: ASRModel,
+    stream_counts: Sequence[int],
+    blocks_per_stream: int = 9,
+    options: SessionOptions | None = None,
+    decode_step: str = "auto",
 ) -> list[EngineBenchResult]:
     """Measure each N in `stream_counts` in turn (same process, same model), aligned arrivals.
+
+    `decode_step`: how the engine runs sequential greedy steps (`EngineOptions.decode_step`).
 
     With `options.blocks_per_update` = k > 1 a decoder update follows every k-th block, so steps alternate
     between encoder-only and encoder + decoder; the update latency is then the p95 step plus up to k − 1 blocks
@@ -139,7 +146,7 @@ def run_engine_bench(
     words = tuple(model.tokenizer.encode(word)[0] for word in (" the", " a", " one"))
     results = []
     for count in stream_counts:
-        engine = StreamingEngine(model, options, max_streams=count)
+        engine = StreamingEngine(model, options, EngineOptions(max_streams=count, decode_step=decode_step))
         rng = np.random.default_rng(count)
         samples = blocks_per_stream * options.block_frames * SAMPLE_RATE // 100
         for index in range(count):
@@ -162,6 +169,7 @@ def run_engine_bench(
         results.append(
             EngineBenchResult(
                 streams=count,
+                decode_step=engine.engine_options.decode_step_on(model.device),
                 steps=len(timings),
                 step_p50_sec=float(np.percentile(totals, 50)),
                 step_p95_sec=float(np.percentile(totals, 95)),
@@ -183,21 +191,22 @@ def format_engine_table(
     results: Sequence[EngineBenchResult], device: str, latency_target_sec: float = 0.5, blocks_per_update: int = 1
 ) -> str:
     """A Markdown table, plus the capacity lines derived from it."""
-    base = next((r for r in results if r.streams == 1), None)
+    base = {r.decode_step: r for r in results if r.streams == 1}
     new_tokens = min(NEW_TOKENS_PER_UPDATE * blocks_per_update, DRAFT_TOKENS)
     lines = [
         f"device: {device}; decoder update every {blocks_per_update} block(s); decode budget per update: synthetic "
         f"(draft {DRAFT_TOKENS}, accept {DRAFT_TOKENS - new_tokens}, {new_tokens} sequential steps in steady state; "
         "random weights decode garbage)",
         "",
-        "| N | steps | update p50 (s) | update p95 (s) | encoder (s) | decoder (s) | RTFx | real time | "
+        "| N | decode step | steps | update p50 (s) | update p95 (s) | encoder (s) | decoder (s) | RTFx | real time | "
         "per-stream s/update | vs N=1 | K/V MiB/stream | draft/accepted/steps |",
-        "|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|:---:|---:|---:|---:|---|",
     ]
     for r in results:
-        ratio = f"{r.per_stream_sec / base.per_stream_sec:.2f}x" if base else "n/a"
+        one = base.get(r.decode_step)
+        ratio = f"{r.per_stream_sec / one.per_stream_sec:.2f}x" if one else "n/a"
         lines.append(
-            f"| {r.streams} | {r.steps} | {r.step_p50_sec:.2f} | {r.step_p95_sec:.2f} | {r.encoder_mean_sec:.2f} | "
+            f"| {r.streams} | {r.decode_step} | {r.steps} | {r.step_p50_sec:.2f} | {r.step_p95_sec:.2f} | {r.encoder_mean_sec:.2f} | "
             f"{r.decoder_mean_sec:.2f} | {r.rtfx:.2f} | {'yes' if r.keeps_up else 'no'} | {r.per_stream_sec:.2f} | "
             f"{ratio} | {r.kv_bytes_per_stream / 2**20:.1f} | {r.mean_draft:.1f}/{r.mean_accepted:.1f}/"
             f"{r.mean_decode_steps:.1f} |"
@@ -222,6 +231,11 @@ def add_bench_engine_parser(benches) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--blocks-per-update", type=int, default=1, help="decoder update every k blocks")
+    parser.add_argument(
+        "--decode-steps",
+        default="auto",
+        help="comma-separated: how sequential steps run (auto, dynamic, static, cuda_graph), each measured in turn",
+    )
     parser.set_defaults(run=run_bench_engine_command)
 
 
@@ -233,7 +247,11 @@ def run_bench_engine_command(args) -> int:
     model = random_full_size_model(device=args.device)
     log.info("random full-size model ready in %.1f s", time.perf_counter() - started)
     options = SessionOptions(language="English", blocks_per_update=args.blocks_per_update)
-    results = run_engine_bench(model, counts, blocks_per_stream=args.blocks, options=options)
+    results = [
+        result
+        for decode_step in args.decode_steps.split(",")
+        for result in run_engine_bench(model, counts, args.blocks, options, decode_step.strip())
+    ]
     print(format_engine_table(results, _describe(args.device), blocks_per_update=args.blocks_per_update))
     return 0
 

@@ -271,6 +271,15 @@ class DecoderKVCache:
             self._values[index][:, self._length : end] = value
         self._length = end
 
+    def advance(self, count: int) -> None:
+        """Count `count` positions that a pooled forward wrote straight into this cache's storage."""
+        if not self._fixed or self._length + count > self._keys[0].shape[1]:
+            raise ValueError(
+                f"cannot advance a cache of {self._length} positions by {count}: only fixed storage with room "
+                "is written in place"
+            )
+        self._length += count
+
     def crop(self, length: int) -> None:
         """Keep the first `length` positions."""
         if not 0 <= length <= self._length:
@@ -365,7 +374,7 @@ def forward_streams(
         )
         hidden = output.hidden[torch.argsort(order)]
         for row, cache in enumerate(caches):
-            cache._length += int(new_lengths[row])
+            cache.advance(int(new_lengths[row]))
     else:
         mask = ragged_causal_mask(past_lengths, new_lengths, max_past, max_new)
         past = _padded_past(caches, max_past) if max_past > 0 else None

@@ -12,7 +12,8 @@ exactly one block:
    block (the same code the single-stream session runs);
 2. one encoder forward over all those blocks, on their slots' K/V (`EncoderKVPool.encode_blocks`);
 3. one `RollingDecoder.update` over all those streams (one parallel pass, batched verification, batched
-   greedy steps with streams leaving as they stop);
+   greedy steps with streams leaving as they stop, run by the engine's `DecodeStep`: a dynamic batch on CPU,
+   fixed-shape steps over the pool replayed as CUDA graphs on a GPU; `EngineOptions.decode_step`);
 4. per stream, `complete_block` applies the commit and segment policy and makes the events; a stream whose end
    was signalled and whose last block is decoded is finalized and its slot freed.
 
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 from pipeline.checkpoint import ASRModel
+from pipeline.decode_step import DecodeStep, DynamicDecodeStep, StaticDecodeStep
 from pipeline.kv_pool import KVSlot, KVSlotPool
 from pipeline.prompt import build_causal_prompt
 from pipeline.session import CausalBlock, SessionOptions, StreamingSession, TranscriptEvent, decoder_positions_needed
@@ -60,6 +62,33 @@ class StepTiming:
         return self.schedule_sec + self.encoder_sec + self.decoder_sec + self.policy_sec
 
 
+#: How the sequential greedy steps run (see `pipeline.decode_step`).
+DECODE_STEP_KINDS = ("dynamic", "static", "cuda_graph")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an engine runs its streams; what each stream decodes is its `SessionOptions`."""
+
+    max_streams: int = 32  # stream slots, i.e. the K/V memory preallocated on the model's device
+    # Decoder K/V positions per slot; by default what a segment needs under the engine's session options.
+    decoder_capacity: int | None = None
+    # One of DECODE_STEP_KINDS, or "auto": CUDA graphs on a GPU (launch-bound steps), a dynamic batch on CPU
+    # (no padding rows: the CPU pays for every row).
+    decode_step: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.max_streams < 1:
+            raise ValueError(f"max_streams is {self.max_streams}; expected at least 1")
+        if self.decode_step not in ("auto", *DECODE_STEP_KINDS):
+            raise ValueError(f"decode_step is {self.decode_step!r}; expected 'auto' or one of {DECODE_STEP_KINDS}")
+
+    def decode_step_on(self, device: torch.device) -> str:
+        if self.decode_step != "auto":
+            return self.decode_step
+        return "cuda_graph" if device.type == "cuda" else "dynamic"
+
+
 class EngineAtCapacity(RuntimeError):
     """Every stream slot is taken: retry once a stream has finished, or send the stream elsewhere."""
 
@@ -68,22 +97,17 @@ class StreamingEngine:
     """Advance many causal streams in lock-step batches. Not thread-safe: drive it from one task or thread."""
 
     def __init__(
-        self,
-        model: ASRModel,
-        options: SessionOptions | None = None,
-        max_streams: int = 32,
-        decoder_capacity: int | None = None,
+        self, model: ASRModel, options: SessionOptions | None = None, engine_options: EngineOptions | None = None
     ) -> None:
-        """`decoder_capacity`: decoder K/V positions per slot; by default what a segment under `options` needs."""
-        if max_streams < 1:
-            raise ValueError(f"max_streams is {max_streams}; expected at least 1")
+        """`options`: the session options of streams opened without their own."""
         self.model = model
         self.options = options or SessionOptions()
         _check_backend(self.options)
-        self.max_streams = max_streams
-        if decoder_capacity is None:
-            decoder_capacity = self._decoder_positions(self.options)
-        self.pool = KVSlotPool(model.audio_tower, model.text_decoder, max_streams, decoder_capacity)
+        self.engine_options = engine_options or EngineOptions()
+        self.max_streams = self.engine_options.max_streams
+        decoder_capacity = self.engine_options.decoder_capacity or self._decoder_positions(self.options)
+        self.pool = KVSlotPool(model.audio_tower, model.text_decoder, self.max_streams, decoder_capacity)
+        self.decode_step = self._make_decode_step(self.engine_options.decode_step_on(model.device))
         self._sessions: dict[str, StreamingSession] = {}
         self.last_step_timing: StepTiming | None = None  # for metrics and benchmarks
 
@@ -168,7 +192,7 @@ class StreamingEngine:
         results_by_stream = {}
         for group in _grouped(due, lambda stream_id: _decoder_settings(self._sessions[stream_id])):
             rolling = self._sessions[group[0]].rolling
-            results = rolling.update([blocks[s].decoder for s in group], [due[s] for s in group])
+            results = rolling.update([blocks[s].decoder for s in group], [due[s] for s in group], self.decode_step)
             results_by_stream.update(zip(group, results))
         decoder_sec = clock.lap()
         for stream_id, result in results_by_stream.items():
@@ -182,6 +206,11 @@ class StreamingEngine:
         if blocks:
             log.debug("step: %d blocks over %d open streams", len(blocks), len(self._sessions))
         return events
+
+    def _make_decode_step(self, kind: str) -> DecodeStep:
+        if kind == "dynamic":
+            return DynamicDecodeStep(self.model.text_decoder)
+        return StaticDecodeStep(self.model.text_decoder, self.pool.decoder, cuda_graphs=kind == "cuda_graph")
 
     def _close(self, stream_id: str) -> None:
         slot = self._slot(stream_id)

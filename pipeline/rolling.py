@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from pipeline.decode_step import DecodeStep, DynamicDecodeStep
 from pipeline.decoder import DecoderKVCache, TextDecoder, forward_streams
 from pipeline.decoding import DecodeControls
 from pipeline.prompt import CausalPrompt
@@ -69,6 +70,7 @@ class RollingDecoder:
         self.prompt = prompt
         self.controls = controls
         self.speculative = speculative
+        self.decode_step: DecodeStep = DynamicDecodeStep(decoder)
 
     def new_state(self) -> RollingDecoderState:
         return RollingDecoderState(cache=DecoderKVCache(len(self.decoder.layers)))
@@ -78,8 +80,16 @@ class RollingDecoder:
         return len(self.prompt.head_ids)
 
     @torch.inference_mode()
-    def update(self, states: Sequence[RollingDecoderState], new_audio: Sequence[Tensor]) -> list[UpdateResult]:
-        """Advance every stream by its new audio embeddings ([steps, hidden], steps may be 0)."""
+    def update(
+        self,
+        states: Sequence[RollingDecoderState],
+        new_audio: Sequence[Tensor],
+        decode_step: DecodeStep | None = None,
+    ) -> list[UpdateResult]:
+        """Advance every stream by its new audio embeddings ([steps, hidden], steps may be 0).
+
+        `decode_step` runs the sequential greedy steps (default: a dynamic batch; an engine passes its pool's
+        static, possibly graph-captured, step)."""
         if len(states) != len(new_audio):
             raise ValueError(f"{len(states)} decoder states but {len(new_audio)} audio deltas")
         drafts = [self.controls.trim_draft(s.hypothesis) if self.speculative else [] for s in states]
@@ -105,7 +115,7 @@ class RollingDecoder:
                 if self._has_budget(tokens[index]):
                     pending.append(index)
 
-        steps = self._continue_greedy(states, tokens, pending)
+        steps = self._continue_greedy(states, tokens, pending, decode_step or self.decode_step)
         results = []
         for state, draft, count, hypothesis, step_count, embeds in zip(states, drafts, accepted, tokens, steps, inputs):
             state.cache.crop(self.head_length + state.audio_steps)
@@ -128,15 +138,17 @@ class RollingDecoder:
         return torch.cat(pieces, dim=0)
 
     def _continue_greedy(
-        self, states: Sequence[RollingDecoderState], tokens: list[list[int]], pending: list[int]
+        self,
+        states: Sequence[RollingDecoderState],
+        tokens: list[list[int]],
+        pending: list[int],
+        decode_step: DecodeStep,
     ) -> list[int]:
         """Sequential greedy steps for the streams in `pending`, batched; returns steps per stream."""
         steps = [0] * len(states)
         active = list(pending)
         while active:
-            last = [self._embed([tokens[i][-1]]) for i in active]
-            hidden = forward_streams(self.decoder, [states[i].cache for i in active], last)
-            logits = self.decoder.logits(torch.cat([h[-1:] for h in hidden], dim=0))
+            logits = decode_step([states[i].cache for i in active], [tokens[i][-1] for i in active])
             picks = self.controls.pick(logits, [tokens[i] for i in active])
             still_active = []
             for i, token in zip(active, picks):

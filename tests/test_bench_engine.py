@@ -31,7 +31,12 @@ def test_budget_accepts_21_of_a_30_token_draft_then_takes_9_steps() -> None:
 
 def test_engine_bench_runs_the_real_engine_with_the_budget(tiny_checkpoint: Path) -> None:
     model = load_model(tiny_checkpoint, tower=tiny_checkpoint / TOWER_OVERLAY_DIR)
-    results = run_engine_bench(model, [1, 3], blocks_per_stream=6, options=SessionOptions(language="English"))
+    results = [
+        result
+        for decode_step in ("dynamic", "static")
+        for result in run_engine_bench(model, [1, 3], 6, SessionOptions(language="English"), decode_step)
+    ]
+    assert [r.decode_step for r in results] == ["dynamic", "dynamic", "static", "static"]
     for result in results:
         assert result.steps == 6
         # Drafts grow 0, 9, 18, 27, 30, 30; accepted 0, 9, 18, 21, 21, 21; always 9 sequential steps.
@@ -40,7 +45,7 @@ def test_engine_bench_runs_the_real_engine_with_the_budget(tiny_checkpoint: Path
         assert result.mean_decode_steps == pytest.approx(9.0)
         assert result.step_p50_sec > 0 and result.rtfx > 0 and result.kv_bytes_per_stream > 0
     table = format_engine_table(results, "cpu")
-    assert "| 3 | 6 |" in table and "synthetic" in table and "vs N=1" in table
+    assert "| 3 | static | 6 |" in table and "synthetic" in table and "vs N=1" in table
 
 
 def test_budget_for_two_blocks_per_update_re_decodes_18_tokens() -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.checkpoint import ASRModel, load_model
-from pipeline.engine import AsyncStreamingEngine, EngineAtCapacity, StreamingEngine
+from pipeline.engine import AsyncStreamingEngine, EngineAtCapacity, EngineOptions, StreamingEngine
 from pipeline.kv_pool import EncoderKVPool
 from pipeline.rolling import RollingDecoder
 from pipeline.session import SessionOptions, StreamingSession, TranscriptEvent
@@ -77,23 +77,25 @@ def _engine_events(engine: StreamingEngine, plans: list[StreamPlan]) -> dict[str
     return events
 
 
-@pytest.mark.parametrize("count", [1, 4, 12, 32])
+@pytest.mark.parametrize(
+    "count, decode_step", [(1, "dynamic"), (1, "static"), (4, "dynamic"), (4, "static"), (12, "static"), (32, "dynamic"), (32, "static")]
+)
 def test_every_stream_gets_the_single_stream_events(
-    model: ASRModel, count: int, monkeypatch: pytest.MonkeyPatch
+    model: ASRModel, count: int, decode_step: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     batch_sizes: dict[str, list[int]] = {"encoder": [], "decoder": []}
 
-    def recorded(name: str, method):  # noqa: ANN001, ANN202 - a spy around the batched forwards
+    def recorded(name: str, method, per_stream_arg: int):  # noqa: ANN001, ANN202 - a spy around the batched forwards
         def call(self, *args):  # noqa: ANN001, ANN202
-            batch_sizes[name].append(len(args[-1]))  # the last argument has one entry per stream
+            batch_sizes[name].append(len(args[per_stream_arg]))  # this argument has one entry per stream
             return method(self, *args)
 
         return call
 
-    monkeypatch.setattr(EncoderKVPool, "encode_blocks", recorded("encoder", EncoderKVPool.encode_blocks))
-    monkeypatch.setattr(RollingDecoder, "update", recorded("decoder", RollingDecoder.update))
+    monkeypatch.setattr(EncoderKVPool, "encode_blocks", recorded("encoder", EncoderKVPool.encode_blocks, 1))
+    monkeypatch.setattr(RollingDecoder, "update", recorded("decoder", RollingDecoder.update, 0))
     plans = _plans(count)
-    engine = StreamingEngine(model, CAUSAL, max_streams=count)
+    engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=count, decode_step=decode_step))
     events = _engine_events(engine, plans)
     assert engine.free_slots == count
     # Each block went through one encoder and one decoder call shared by all streams ready at that step.
@@ -111,7 +113,7 @@ def test_every_stream_gets_the_single_stream_events(
 def test_streams_with_different_decoder_settings_share_steps(model: ASRModel) -> None:
     plans = _plans(3)
     other = SessionOptions(max_new_tokens=5, speculative=False, segment_max_steps=60, segment_punct_min_steps=40)
-    engine = StreamingEngine(model, CAUSAL, max_streams=3)
+    engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=3))
     engine.open_stream("odd", other)
     engine.push_audio("odd", plans[0].audio)
     engine.finish_stream("odd")
@@ -128,7 +130,7 @@ def test_streams_with_different_decoder_settings_share_steps(model: ASRModel) ->
 
 
 def test_admission_is_refused_at_capacity_and_slots_are_reused(model: ASRModel) -> None:
-    engine = StreamingEngine(model, CAUSAL, max_streams=2)
+    engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=2))
     engine.open_stream("a")
     engine.open_stream("b")
     with pytest.raises(EngineAtCapacity, match="all 2 stream slots"):
@@ -148,7 +150,7 @@ def test_admission_is_refused_at_capacity_and_slots_are_reused(model: ASRModel) 
 def test_bad_requests_get_clear_errors(model: ASRModel) -> None:
     with pytest.raises(ValueError, match="'windowed'"):
         StreamingEngine(model, SessionOptions.windowed())
-    engine = StreamingEngine(model, CAUSAL, max_streams=1)
+    engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=1))
     with pytest.raises(ValueError, match="'windowed'"):
         engine.open_stream("w", SessionOptions.windowed())
     engine.open_stream("a")
@@ -163,7 +165,7 @@ def test_bad_requests_get_clear_errors(model: ASRModel) -> None:
 def test_streams_queued_for_slots_reuse_them_and_stay_exact(model: ASRModel) -> None:
     # 6 streams through 3 slots: a stream is admitted when a slot frees, into memory a finished stream used.
     plans = _plans(6)
-    engine = StreamingEngine(model, CAUSAL, max_streams=3)
+    engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=3))
     waiting = list(range(len(plans)))
     events: dict[str, list[TranscriptEvent]] = {}
     slots_used: dict[str, int] = {}
@@ -194,17 +196,19 @@ def test_streams_queued_for_slots_reuse_them_and_stay_exact(model: ASRModel) -> 
 
 
 def test_a_stream_that_needs_longer_slots_is_refused(model: ASRModel) -> None:
-    engine = StreamingEngine(model, CAUSAL, max_streams=2)
+    engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=2))
     longer = SessionOptions(max_new_tokens=64, segment_max_steps=60, segment_punct_min_steps=40)
     with pytest.raises(ValueError, match="decoder positions per segment"):
         engine.open_stream("long", longer)
     assert engine.free_slots == 2
-    roomy = StreamingEngine(model, CAUSAL, max_streams=1, decoder_capacity=engine.pool.decoder.capacity + 52)
+    roomy = StreamingEngine(
+        model, CAUSAL, EngineOptions(max_streams=1, decoder_capacity=engine.pool.decoder.capacity + 52)
+    )
     roomy.open_stream("long", longer)
 
 
 def test_closing_a_stream_frees_its_slot(model: ASRModel) -> None:
-    engine = StreamingEngine(model, CAUSAL, max_streams=1)
+    engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=1))
     engine.open_stream("a")
     engine.push_audio("a", _audio(2.5))
     assert engine.step()["a"][0].kind == "update"
@@ -217,7 +221,7 @@ def test_async_engine_serves_concurrent_clients(model: ASRModel) -> None:
     plans = _plans(3)
 
     async def serve() -> list[list[TranscriptEvent]]:
-        engine = AsyncStreamingEngine(StreamingEngine(model, CAUSAL, max_streams=3))
+        engine = AsyncStreamingEngine(StreamingEngine(model, CAUSAL, EngineOptions(max_streams=3)))
         driver = asyncio.create_task(engine.run())
 
         async def client(stream_id: str, audio: np.ndarray) -> list[TranscriptEvent]:
@@ -257,7 +261,7 @@ def test_streams_decoding_every_few_blocks_match_their_sessions(model: ASRModel)
     """Streams that hold encoded blocks for a later decoder update share steps with every-block streams."""
     plans = _plans(4)
     slow = SessionOptions(**{**CAUSAL.__dict__, "blocks_per_update": 2, "segment_max_steps": 100, "segment_punct_min_steps": 80})
-    engine = StreamingEngine(model, CAUSAL, max_streams=4, decoder_capacity=400)
+    engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=4, decoder_capacity=400))
     events: dict[str, list[TranscriptEvent]] = {}
     for index, plan in enumerate(plans):
         stream_id = str(index)

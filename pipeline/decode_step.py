@@ -1,0 +1,140 @@
+"""The rolling decoder's sequential greedy step: one token per stream, as a dynamic batch or in static shapes.
+
+After the parallel pass of an update, streams still generating forward one token each, about 9 times per
+update. A step is tiny (one row per stream) and reads every decoder weight, so it is weight-bandwidth bound,
+and on a GPU also launch bound: 28 layers of a dozen kernels, each a few microseconds of work. Two ways to run it,
+the same numbers (the tests hold them together):
+
+* `DynamicDecodeStep`: `forward_streams` on exactly the streams that step (a padded batch over their real
+  cache lengths). Fewest FLOPs; the default on CPU.
+* `StaticDecodeStep`: the first `rows` slots of the decoder pool as one fixed-shape batch, `rows` rounded up to
+  a bucket (1, 2, 4, 8, ...). Row r is slot r. A stepping stream writes its new K/V at its cache length; every
+  other row (a slot that is idle this step or has no stream) writes to the pool's scratch column, which no
+  stream owns. Query positions and the mask derive from that write column, and attention spans all the pool's
+  columns, masked, so shapes and tensor addresses never change: inputs are copied into persistent buffers and
+  the logits land in one. That is what a CUDA graph needs: with `cuda_graphs=True` each bucket is captured
+  once (on first use) and every later step is one graph replay. Padding rows cost little in a bandwidth-bound
+  step; the engine hands out the lowest free slot first, so the live slots stay packed at the start of the pool.
+
+Both advance each stepped cache by one position and return logits [streams, vocab] in the callers' order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from functools import partial
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from pipeline.decoder import DecoderKVCache, LayerKV, TextDecoder, forward_streams
+from pipeline.kv_pool import DecoderKVPool
+
+log = logging.getLogger(__name__)
+
+
+class DecodeStep(Protocol):
+    """Forward `token_ids[i]` on top of `caches[i]` for every i; append its K/V; return logits [len(caches), vocab]."""
+
+    def __call__(self, caches: Sequence[DecoderKVCache], token_ids: Sequence[int]) -> Tensor: ...
+
+
+class DynamicDecodeStep:
+    """A padded batch of exactly the stepping streams (`forward_streams`), then their logits."""
+
+    def __init__(self, decoder: TextDecoder) -> None:
+        self.decoder = decoder
+
+    def __call__(self, caches: Sequence[DecoderKVCache], token_ids: Sequence[int]) -> Tensor:
+        embeds = self.decoder.embed(torch.tensor(list(token_ids), device=self.decoder.embed_tokens.weight.device))
+        hidden = forward_streams(self.decoder, caches, list(embeds[:, None]))
+        return self.decoder.logits(torch.cat(hidden))
+
+
+def bucket_sizes(slots: int) -> list[int]:
+    """Powers of two below `slots`, then `slots`: the fixed batch shapes a static step runs (and captures)."""
+    sizes = [1]
+    while sizes[-1] * 2 < slots:
+        sizes.append(sizes[-1] * 2)
+    return sorted({*sizes, slots})
+
+
+class StaticDecodeStep:
+    """A fixed-shape step over pool slots [0, bucket); optionally captured and replayed as CUDA graphs."""
+
+    def __init__(self, decoder: TextDecoder, pool: DecoderKVPool, cuda_graphs: bool = False) -> None:
+        device = pool.keys.device
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs the decoder pool on a CUDA device; it is on {device}")
+        self.decoder = decoder
+        self.pool = pool
+        self.cuda_graphs = cuda_graphs
+        slots, columns = pool.keys.shape[1], pool.keys.shape[3]
+        self.buckets = bucket_sizes(slots)
+        # Persistent inputs: what each row forwards and the column it writes its K/V to.
+        self._token_ids = torch.zeros(slots, dtype=torch.long, device=device)
+        self._write_columns = torch.full((slots,), pool.scratch_column, dtype=torch.long, device=device)
+        self._key_columns = torch.arange(columns, device=device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # bucket -> (graph, its logits buffer)
+        self._graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+
+    def __call__(self, caches: Sequence[DecoderKVCache], token_ids: Sequence[int]) -> Tensor:
+        slots = [self._slot_of(cache) for cache in caches]
+        rows = next(size for size in self.buckets if size > max(slots))
+        if self.cuda_graphs and rows not in self._graphs:
+            self._graphs[rows] = self._capture(rows)  # before the inputs are set: capturing resets them
+        device = self._token_ids.device
+        index = torch.tensor(slots, device=device)
+        self._write_columns[:rows] = self.pool.scratch_column
+        self._write_columns[index] = torch.tensor([cache.length for cache in caches], device=device)
+        self._token_ids[index] = torch.tensor(list(token_ids), device=device)
+        if self.cuda_graphs:
+            graph, logits = self._graphs[rows]
+            graph.replay()
+        else:
+            logits = self._forward(rows)
+        for cache in caches:
+            cache.advance(1)
+        return logits[index]  # a copy: the graph's buffer is overwritten by the next replay
+
+    def _slot_of(self, cache: DecoderKVCache) -> int:
+        slot = cache.pool_slot
+        if slot is None or slot.keys is not self.pool.keys:
+            raise ValueError("a cache outside this step's decoder pool; static steps run only on pooled caches")
+        if cache.length >= slot.capacity:
+            raise ValueError(f"slot {slot.index} is full ({cache.length} of {slot.capacity} positions)")
+        return slot.index
+
+    def _forward(self, rows: int) -> Tensor:
+        """Rows [0, rows): embed, one decoder forward writing K/V in place, logits [rows, vocab]. No host syncs."""
+        columns = self._write_columns[:rows]
+        embeds = self.decoder.embed(self._token_ids[:rows])[:, None]
+        mask = self._key_columns[None, None, :] <= columns[:, None, None]  # [rows, 1, columns]
+        output = self.decoder(embeds, columns[:, None], mask, kv_store=partial(self._write, rows))
+        return self.decoder.logits(output.hidden[:, 0])
+
+    def _write(self, rows: int, layer: int, key: Tensor, value: Tensor) -> LayerKV:
+        """Scatter each row's new K/V [rows, kv_heads, 1, d] to its write column; attend over the rows' slots."""
+        keys, values = self.pool.keys[layer, :rows], self.pool.values[layer, :rows]
+        index = self._write_columns[:rows].view(rows, 1, 1, 1).expand_as(key)
+        keys.scatter_(2, index, key)
+        values.scatter_(2, index, value)
+        return keys, values
+
+    def _capture(self, rows: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        """Record the step over rows [0, rows) into a CUDA graph; returns it with the logits buffer it fills."""
+        # Warm-up and capture run with every row on the scratch column, so they write no stream's K/V.
+        self._write_columns[:rows] = self.pool.scratch_column
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # lazy kernel/workspace initialisation must happen outside the capture
+            for _ in range(2):
+                self._forward(rows)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            logits = self._forward(rows)
+        log.info("captured the decode step for %d rows as a CUDA graph", rows)
+        return graph, logits
