@@ -42,7 +42,15 @@ from pipeline.checkpoint import ASRModel
 from pipeline.decode_step import DecodeStep, DynamicDecodeStep, StaticDecodeStep
 from pipeline.kv_pool import KVSlot, KVSlotPool
 from pipeline.prompt import build_causal_prompt
-from pipeline.session import CausalBlock, SessionOptions, StreamingSession, TranscriptEvent, decoder_positions_needed
+from pipeline.session import (
+    CausalBlock,
+    SessionOptions,
+    StreamingSession,
+    TranscriptEvent,
+    checkpoint_offset,
+    checkpoint_options,
+    decoder_positions_needed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +101,11 @@ class EngineAtCapacity(RuntimeError):
     """Every stream slot is taken: retry once a stream has finished, or send the stream elsewhere."""
 
 
+class EngineFailed(RuntimeError):
+    """The engine's driver stopped on an error: its streams are lost here; restore them elsewhere from their last
+    roll checkpoint."""
+
+
 class StreamingEngine:
     """Advance many causal streams in lock-step batches. Not thread-safe: drive it from one task or thread."""
 
@@ -123,11 +136,23 @@ class StreamingEngine:
 
     def open_stream(self, stream_id: str, options: SessionOptions | None = None) -> None:
         """Admit a new stream, with the engine's options unless given; raises `EngineAtCapacity` when full."""
+        slot = self._admit(stream_id, options or self.options)
+        self._sessions[stream_id] = StreamingSession(self.model, options or self.options, kv_slot=slot)
+
+    def restore_stream(self, stream_id: str, checkpoint: bytes) -> int:
+        """Admit a stream that continues from a segment-roll checkpoint (e.g. taken on another replica).
+
+        Returns the stream sample offset to resume from: push the audio from there on. The events that follow
+        equal those the original stream produced after the checkpoint."""
+        slot = self._admit(stream_id, checkpoint_options(checkpoint))
+        self._sessions[stream_id] = StreamingSession.restore(self.model, checkpoint, kv_slot=slot)
+        return checkpoint_offset(checkpoint)
+
+    def _admit(self, stream_id: str, options: SessionOptions) -> KVSlot:
         if stream_id in self._sessions:
             raise ValueError(f"stream {stream_id!r} is already open")
-        stream_options = options or self.options
-        _check_backend(stream_options)
-        needed = self._decoder_positions(stream_options)
+        _check_backend(options)
+        needed = self._decoder_positions(options)
         if needed > self.pool.decoder.capacity:
             raise ValueError(
                 f"stream {stream_id!r} needs {needed} decoder positions per segment; the engine's slots hold "
@@ -138,7 +163,7 @@ class StreamingEngine:
             raise EngineAtCapacity(
                 f"all {self.max_streams} stream slots are taken; stream {stream_id!r} was not admitted"
             )
-        self._sessions[stream_id] = StreamingSession(self.model, stream_options, kv_slot=slot)
+        return slot
 
     def close_stream(self, stream_id: str) -> None:
         """Drop a stream without finalizing it (e.g. its client went away) and free its slot."""
@@ -246,8 +271,10 @@ class AsyncStreamingEngine:
     def __init__(self, engine: StreamingEngine) -> None:
         self.engine = engine
         self._requests: list[tuple[Callable[[], None], asyncio.Future[None]]] = []
-        self._queues: dict[str, asyncio.Queue[TranscriptEvent | None]] = {}  # None: the stream is over
+        # None: the stream is over; EngineFailed: the driver stopped.
+        self._queues: dict[str, asyncio.Queue[TranscriptEvent | EngineFailed | None]] = {}
         self._wake = asyncio.Event()
+        self._failure: EngineFailed | None = None
 
     async def open_stream(self, stream_id: str, options: SessionOptions | None = None) -> None:
         def open_() -> None:
@@ -275,25 +302,45 @@ class AsyncStreamingEngine:
         if queue is None:
             raise KeyError(f"no open stream {stream_id!r}; await open_stream first")
         while (event := await queue.get()) is not None:
+            if isinstance(event, EngineFailed):
+                raise event
             yield event
         del self._queues[stream_id]
 
     async def run(self) -> None:
-        """The driver: apply submissions, step while some stream is ready, otherwise wait. Run it as a task."""
+        """The driver: apply submissions, step while some stream is ready, otherwise wait. Run it as a task.
+
+        If a step raises, every client hears `EngineFailed` (their event iterators and later calls raise it)
+        instead of waiting forever, and `run` re-raises the error."""
         while True:
             self._apply_requests()
             if not self.engine.has_work:
                 await self._wake.wait()
                 self._wake.clear()
                 continue
-            for stream_id, new_events in (await asyncio.to_thread(self.engine.step)).items():
+            try:
+                stepped = await asyncio.to_thread(self.engine.step)
+            except Exception as error:  # re-raised: this only tells the clients before the driver dies
+                self._fail(EngineFailed(f"the engine stopped: {error}"))
+                raise
+            for stream_id, new_events in stepped.items():
                 queue = self._queues[stream_id]
                 for event in new_events:
                     queue.put_nowait(event)
                 if new_events[-1].kind == "final":
                     queue.put_nowait(None)
 
+    def _fail(self, failure: EngineFailed) -> None:
+        self._failure = failure
+        for queue in self._queues.values():
+            queue.put_nowait(failure)
+        for _, done in self._requests:
+            done.set_exception(failure)
+        self._requests = []
+
     async def _call(self, apply: Callable[[], None]) -> None:
+        if self._failure is not None:
+            raise self._failure
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._requests.append((apply, done))
         self._wake.set()

@@ -475,12 +475,12 @@ class StreamingSession:
         return json.dumps(payload).encode()
 
     @classmethod
-    def restore(cls, model: ASRModel, checkpoint: bytes) -> "StreamingSession":
-        """A session that continues from a checkpoint; feed it the audio from `checkpoint_offset(checkpoint)` on."""
+    def restore(cls, model: ASRModel, checkpoint: bytes, kv_slot: KVSlot | None = None) -> "StreamingSession":
+        """A session that continues from a checkpoint; feed it the audio from `checkpoint_offset(checkpoint)` on.
+
+        `kv_slot` as in the constructor: an engine restores a stream into one of its slots."""
+        session = cls(model, checkpoint_options(checkpoint), kv_slot=kv_slot)
         payload = json.loads(checkpoint)
-        if payload.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"checkpoint version {payload.get('version')!r}; expected {CHECKPOINT_VERSION}")
-        session = cls(model, SessionOptions(**payload["options"]))
         features = payload["features"]
         session.features = StreamingLogMel.from_state(
             LogMelState(**(features | {"pending": _decode_array(features["pending"])}))
@@ -540,6 +540,14 @@ def decoder_positions_needed(prompt: CausalPrompt, options: SessionOptions) -> i
     """
     audio_steps = max(options.segment_max_steps, options.block_frames // STEP_FRAMES)
     return len(prompt.head_ids) + audio_steps + len(prompt.tail_ids) + options.max_new_tokens
+
+
+def checkpoint_options(checkpoint: bytes) -> SessionOptions:
+    """The session options a checkpoint was taken under (checks its version)."""
+    payload = json.loads(checkpoint)
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint version {payload.get('version')!r}; expected {CHECKPOINT_VERSION}")
+    return SessionOptions(**payload["options"])
 
 
 def checkpoint_offset(checkpoint: bytes) -> int:

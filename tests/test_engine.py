@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.checkpoint import ASRModel, load_model
-from pipeline.engine import AsyncStreamingEngine, EngineAtCapacity, EngineOptions, StreamingEngine
+from pipeline.engine import AsyncStreamingEngine, EngineAtCapacity, EngineFailed, EngineOptions, StreamingEngine
 from pipeline.kv_pool import EncoderKVPool
 from pipeline.rolling import RollingDecoder
 from pipeline.session import SessionOptions, StreamingSession, TranscriptEvent
@@ -275,3 +275,59 @@ def test_streams_decoding_every_few_blocks_match_their_sessions(model: ASRModel)
     for index, plan in enumerate(plans):
         expected = _single_stream_events(model, plan.audio, slow if index % 2 else CAUSAL)
         assert _comparable(events[str(index)]) == _comparable(expected), f"stream {index}"
+
+
+def test_streams_restored_from_roll_checkpoints_continue_exactly(model: ASRModel) -> None:
+    """Streams move between engines at segment rolls (as replicas hand sessions over): the new engine, with other
+    streams in its other slots, produces exactly the events the stream would have produced where it was."""
+    plans = _plans(3)
+    original = {str(i): _single_stream_events(model, plan.audio, CAUSAL) for i, plan in enumerate(plans)}
+    target = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=4))
+    target.open_stream("resident")  # keeps slot 0 busy, so the restored streams land in other slots
+    target.push_audio("resident", plans[0].audio)
+    events: dict[str, list[TranscriptEvent]] = {"resident": []}
+    expected = {}
+    for stream_id, stream_events in original.items():
+        roll = [i for i, e in enumerate(stream_events) if e.kind == "segment"][int(stream_id) % 2]
+        offset = target.restore_stream(stream_id, stream_events[roll].checkpoint)
+        rest = plans[int(stream_id)].audio[offset:]
+        if rest.size:  # a roll during the end-of-stream flush leaves no audio to replay
+            target.push_audio(stream_id, rest)
+        target.finish_stream(stream_id)
+        events[stream_id], expected[stream_id] = [], stream_events[roll + 1 :]
+    target.finish_stream("resident")
+    while target.has_work:
+        for stream_id, new_events in target.step().items():
+            events[stream_id] += new_events
+    for stream_id, want in expected.items():
+        assert _comparable(events[stream_id]) == _comparable(want), f"stream {stream_id}"
+    assert _comparable(events["resident"]) == _comparable(original["0"])
+    with pytest.raises(ValueError, match="checkpoint version"):
+        target.restore_stream("bad", b'{"version": 0}')
+    assert target.free_slots == 4
+
+
+def test_async_clients_hear_an_engine_failure_instead_of_waiting_forever(
+    model: ASRModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=2))
+
+    def broken_step() -> dict[str, list[TranscriptEvent]]:
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine, "step", broken_step)
+
+    async def serve() -> None:
+        front = AsyncStreamingEngine(engine)
+        driver = asyncio.create_task(front.run())
+        await front.open_stream("a")
+        await front.push_audio("a", _audio(2.5))
+        with pytest.raises(EngineFailed, match="device lost"):
+            async for _ in front.events("a"):
+                pass
+        with pytest.raises(RuntimeError, match="device lost"):
+            await driver
+        with pytest.raises(EngineFailed, match="device lost"):
+            await front.open_stream("b")
+
+    asyncio.run(asyncio.wait_for(serve(), timeout=60))
