@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.checkpoint import ASRModel, load_model
 from pipeline.engine import AsyncStreamingEngine, EngineAtCapacity, EngineFailed, EngineOptions, StreamingEngine
@@ -331,3 +332,14 @@ def test_async_clients_hear_an_engine_failure_instead_of_waiting_forever(
             await front.open_stream("b")
 
     asyncio.run(asyncio.wait_for(serve(), timeout=60))
+
+
+def test_bf16_engine_with_static_steps_matches_bf16_sessions(tiny_checkpoint: Path) -> None:
+    """The CUDA configuration's dtype logic (bf16 pools, static steps into the scratch column), on the CPU."""
+    model = load_model(tiny_checkpoint, tower=tiny_checkpoint / TOWER_OVERLAY_DIR, dtype=torch.bfloat16)
+    plans = _plans(4)
+    engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=4, decode_step="static"))
+    assert engine.pool.decoder.keys.dtype == torch.bfloat16
+    events = _engine_events(engine, plans)
+    for index, plan in enumerate(plans):
+        assert _comparable(events[str(index)]) == _comparable(_single_stream_events(model, plan.audio, CAUSAL))
