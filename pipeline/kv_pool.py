@@ -4,7 +4,7 @@ An engine serving many streams should not allocate cache memory per update, and 
 streams fit. A `KVSlotPool` holds two pools and hands out one slot per stream:
 
 * `EncoderKVPool`: keys and values [layers, slots, heads, window + slack, head_dim] with window = the causal
-  tower's left context (195 steps) and slack = spare columns (8 blocks of 24 steps by default). A stream's
+  tower's left context (195 steps) and slack = spare columns (2 blocks of 24 steps by default). A stream's
   cached steps are a run of its slot's columns that a block extends in place, like the decoder's; the run is
   moved back to the front only when a block would not fit (once every `slack` steps).
 * `DecoderKVPool`: keys and values [layers, slots, kv_heads, capacity + 1, head_dim] with capacity = the most
@@ -30,9 +30,10 @@ from pipeline.decoder import DecoderKVCache, PoolSlot, TextDecoder
 from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, AudioTower
 
 
-#: Spare columns per encoder slot beyond its window: eight 24-step (1.92 s) blocks, so a stream's window is moved
-#: back to the front of its slot once every eight blocks.
-DEFAULT_ENCODER_SLACK_STEPS = 8 * 24
+#: Spare columns per encoder slot beyond its window: two 24-step (1.92 s) blocks, so a stream's window is moved
+#: back to the front of its slot once every two blocks. Slots are what bounds streams per GPU, so the slack is
+#: kept small: 243 columns instead of 195 (+25 % encoder K/V), for a sixth of the old gather/concat/copy traffic.
+DEFAULT_ENCODER_SLACK_STEPS = 2 * 24
 #: Columns of an encoder slot under the defaults (what a slot's memory is sized by).
 ENCODER_SLOT_COLUMNS = CAUSAL_LEFT_CONTEXT_STEPS + DEFAULT_ENCODER_SLACK_STEPS
 
