@@ -2,9 +2,11 @@
 
 A `StreamingEngine` owns up to `max_streams` `StreamingSession`s. Their encoder and decoder K/V live in
 preallocated slot pools (`pipeline.kv_pool`), one slot per stream, so admission is a free-slot check (a clear
-`EngineAtCapacity` otherwise) and no cache memory is allocated per update (the padded batch views the forwards
-gather, and the activations, are still per-step tensors); a segment roll reuses the stream's slot and the end
-of the stream frees it. Audio is buffered per stream (only the cheap log-mel front-end runs on
+`EngineAtCapacity` otherwise) and no cache memory is allocated per update: streams in neighbouring slots (the
+common case: slots are handed out lowest first) write their new K/V into their slots and attend over views of
+the pool; only a batch of scattered slots gathers a padded copy, and activations are per-step tensors (the
+CUDA caching allocator recycles them; the decode steps run in fixed buffers). A segment roll reuses the stream's
+slot and the end of the stream frees it. Audio is buffered per stream (only the cheap log-mel front-end runs on
 arrival); `step()` then advances every stream that has a whole block buffered, or whose end was signalled, by
 exactly one block:
 
