@@ -64,9 +64,16 @@ class SyntheticDecodeBudget(DecodeControls):
         super().pick(logits, histories)  # the real cost of the filter chain; the choice is scripted
         return [self._continue(history) for history in histories]
 
-    def verify_draft(self, logits: Tensor, draft: Sequence[int], history: Sequence[int] = ()) -> tuple[int, int]:
-        # The real cost of verification: the filter chain over one row per draft prefix.
-        DecodeControls.pick(self, logits, [[*history, *draft[:j]] for j in range(len(draft) + 1)])
+    def verify_drafts(
+        self,
+        logits: Tensor,
+        drafts: Sequence[Sequence[int]],
+        histories: Sequence[Sequence[int]] | None = None,
+    ) -> list[tuple[int, int]]:
+        super().verify_drafts(logits, drafts, histories)  # the real cost: filter chain over every draft prefix
+        return [self._scripted_verdict(draft) for draft in drafts]
+
+    def _scripted_verdict(self, draft: Sequence[int]) -> tuple[int, int]:
         accepted = min(len(draft), self.accepted)
         taken = {*draft[max(0, accepted - 1) : accepted + 1]}
         return accepted, next(word for word in self.words if word not in taken)

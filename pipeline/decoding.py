@@ -161,15 +161,34 @@ class DecodeControls:
         disagreement, or the continuation after a fully accepted draft; possibly a stop).
         A stop pick ends acceptance even where the draft agrees, since decoding ends there.
         """
-        if logits.shape[0] != len(draft) + 1:
-            raise ValueError(f"logits have {logits.shape[0]} rows; expected len(draft) + 1 = {len(draft) + 1}")
-        if len(history) + len(draft) > self.options.max_new_tokens:
-            raise ValueError(
-                f"history ({len(history)}) + draft ({len(draft)}) exceed max_new_tokens "
-                f"({self.options.max_new_tokens}); trim the draft with trim_draft"
-            )
-        prefixes = [[*history, *draft[:j]] for j in range(len(draft) + 1)]
-        picks = self.pick(logits, prefixes)
+        return self.verify_drafts(logits, [draft], [history])[0]
+
+    def verify_drafts(
+        self,
+        logits: Tensor,
+        drafts: Sequence[Sequence[int]],
+        histories: Sequence[Sequence[int]] | None = None,
+    ) -> list[tuple[int, int]]:
+        """`verify_draft` for many streams at once: one filter chain and one argmax over all their rows.
+
+        logits [sum(len(draft) + 1), vocab]: each draft's rows in turn, as `verify_draft` takes them.
+        """
+        histories = histories if histories is not None else [()] * len(drafts)
+        expected_rows = sum(len(draft) + 1 for draft in drafts)
+        if logits.shape[0] != expected_rows:
+            raise ValueError(f"logits have {logits.shape[0]} rows; expected sum(len(draft) + 1) = {expected_rows}")
+        for draft, history in zip(drafts, histories):
+            if len(history) + len(draft) > self.options.max_new_tokens:
+                raise ValueError(
+                    f"history ({len(history)}) + draft ({len(draft)}) exceed max_new_tokens "
+                    f"({self.options.max_new_tokens}); trim the draft with trim_draft"
+                )
+        prefixes = [[*history, *draft[:j]] for draft, history in zip(drafts, histories) for j in range(len(draft) + 1)]
+        picks = iter(self.pick(logits, prefixes))
+        return [self._accept(draft, [next(picks) for _ in range(len(draft) + 1)]) for draft in drafts]
+
+    def _accept(self, draft: Sequence[int], picks: Sequence[int]) -> tuple[int, int]:
+        """The longest prefix of `draft` that greedy decoding reproduces, and the pick after it."""
         for j, token in enumerate(draft):
             if picks[j] != token or self.is_stop(picks[j]):
                 return j, picks[j]

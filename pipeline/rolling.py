@@ -31,6 +31,10 @@ from pipeline.decoding import DecodeControls
 from pipeline.prompt import CausalPrompt
 
 
+#: Verification rows per logits matmul: 2048 x 151,936 vocab = 0.6 GB of bf16 logits (+ 1.2 GB of fp32 scores).
+MAX_VERIFY_ROWS = 2048
+
+
 @dataclass
 class RollingDecoderState:
     """One stream's decoder between updates: K/V of `[head + segment audio]` and the last hypothesis."""
@@ -95,18 +99,14 @@ class RollingDecoder:
         drafts = [self.controls.trim_draft(s.hypothesis) if self.speculative else [] for s in states]
         inputs = [self._pass_inputs(state, audio, draft) for state, audio, draft in zip(states, new_audio, drafts)]
         hidden = forward_streams(self.decoder, [s.cache for s in states], inputs)
-        # Logits only where verification needs them (last tail position + each draft position), in one matmul for
-        # the whole batch: the output matrix is the largest weight and is read once.
-        rows = [out[-(len(draft) + 1) :] for out, draft in zip(hidden, drafts)]
-        verify_logits = self.decoder.logits(torch.cat(rows)).split([len(r) for r in rows])
+        verdicts = self._verify([out[-(len(draft) + 1) :] for out, draft in zip(hidden, drafts)], drafts)
 
         tokens: list[list[int]] = []
         accepted: list[int] = []
         pending: list[int] = []  # streams whose last token must be forwarded to continue
-        for index, (state, audio, draft, logits) in enumerate(zip(states, new_audio, drafts, verify_logits)):
+        for index, (state, audio, draft, (count, next_token)) in enumerate(zip(states, new_audio, drafts, verdicts)):
             state.audio_steps += audio.shape[0]
             prefix_length = self.head_length + state.audio_steps + len(self.prompt.tail_ids)
-            count, next_token = self.controls.verify_draft(logits, draft)
             accepted.append(count)
             tokens.append(list(draft[:count]))
             state.cache.crop(prefix_length + count)
@@ -128,6 +128,25 @@ class RollingDecoder:
             )
             results.append(UpdateResult(tokens=tuple(hypothesis), stats=stats))
         return results
+
+    def _verify(self, rows: Sequence[Tensor], drafts: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+        """Verify every stream's draft from its pass rows (last tail position + each draft position).
+
+        Logits only for those rows, and one matmul + one filter chain for as many streams as fit in
+        `MAX_VERIFY_ROWS` rows: the output matrix is the largest weight and is read once per chunk, while the
+        logits stay bounded (a thousand streams' 31 rows each would be 9 GB of bf16 logits at once).
+        """
+        verdicts: list[tuple[int, int]] = []
+        start = 0
+        while start < len(rows):
+            end, total = start + 1, rows[start].shape[0]
+            while end < len(rows) and total + rows[end].shape[0] <= MAX_VERIFY_ROWS:
+                total += rows[end].shape[0]
+                end += 1
+            logits = self.decoder.logits(torch.cat(list(rows[start:end])))
+            verdicts += self.controls.verify_drafts(logits, drafts[start:end])
+            start = end
+        return verdicts
 
     def _pass_inputs(self, state: RollingDecoderState, audio: Tensor, draft: Sequence[int]) -> Tensor:
         """`[head if the cache is empty] + new audio + tail + draft` as one embedding sequence."""

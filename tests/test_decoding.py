@@ -164,11 +164,28 @@ def test_verify_row_j_sees_history_plus_draft_prefix() -> None:
     # bigram (1, 2) already occurred, so 2 is banned and the runner-up 3 is the correction.
     logits = rows_favouring([1, 2, 1, 2, 5])
     assert controls.verify_draft(logits, [1, 2, 1, 2], history=[4]) == (3, 3)
-    with pytest.raises(ValueError, match="expected len\\(draft\\) \\+ 1 = 5"):
+    with pytest.raises(ValueError, match="expected sum\\(len\\(draft\\) \\+ 1\\) = 5"):
         controls.verify_draft(logits[:4], [1, 2, 1, 2])
     small_budget = DecodeControls(DecodeOptions(max_new_tokens=3))
     with pytest.raises(ValueError, match="trim the draft"):
         small_budget.verify_draft(logits, [1, 2, 1, 2])
+
+
+def test_batched_verification_equals_one_stream_at_a_time() -> None:
+    """Drafts of several streams (with their own histories) checked in one call give each stream's own verdict."""
+    controls = DecodeControls(DecodeOptions(stop_token_ids=(0,), repetition_penalty=1.3, no_repeat_ngram_size=2))
+    generator = torch.Generator().manual_seed(5)
+    drafts = [[1, 2, 1, 2], [], [3, 3, 4], [2, 0, 4]]
+    histories = [[4], [1, 2], [], [5]]
+    per_stream = [torch.randn(len(draft) + 1, 8, generator=generator) for draft in drafts]
+    for logits, draft in zip(per_stream, drafts):  # make most of each draft the favourite, so verdicts vary
+        for j, token in enumerate(draft[:-1]):
+            logits[j, token] += 4.0
+    expected = [controls.verify_draft(l, d, h) for l, d, h in zip(per_stream, drafts, histories)]
+    assert controls.verify_drafts(torch.cat(per_stream), drafts, histories) == expected
+    assert len({verdict[0] for verdict in expected}) > 1
+    with pytest.raises(ValueError, match="expected sum\\(len\\(draft\\) \\+ 1\\) = 14"):
+        controls.verify_drafts(torch.cat(per_stream)[:-1], drafts, histories)
 
 
 # --- property: speculative == sequential -------------------------------------------------------

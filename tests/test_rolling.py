@@ -66,7 +66,10 @@ def test_drafts_are_accepted_when_the_audio_barely_changes(parts) -> None:
     assert again.stats.decode_steps <= 1
 
 
-def test_batched_streams_equal_each_stream_alone(parts) -> None:
+@pytest.mark.parametrize("verify_rows", [2048, 20], ids=["one-chunk", "chunked"])
+def test_batched_streams_equal_each_stream_alone(parts, verify_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also with verification split into chunks of at most `verify_rows` logit rows (a stream never splits)."""
+    monkeypatch.setattr("pipeline.rolling.MAX_VERIFY_ROWS", verify_rows)
     model, prompt, controls = parts
     rolling = RollingDecoder(model.text_decoder, prompt, controls)
     streams = [_audio_updates(seed, model.config.text.hidden_size, 0.1) for seed in (1, 2, 3)]
