@@ -7,13 +7,14 @@ the same numbers (the tests hold them together):
 
 * `DynamicDecodeStep`: `forward_streams` on exactly the streams that step (a padded batch over their real
   cache lengths). Fewest FLOPs; the default on CPU.
-* `StaticDecodeStep`: the first `rows` slots of the decoder pool as one fixed-shape batch, `rows` rounded up to
-  a bucket (1, 2, 4, 8, ...). Row r is slot r. A stepping stream writes its new K/V at its cache length; every
-  other row (a slot that is idle this step or has no stream) writes to the pool's scratch column, which no
-  stream owns. Query positions and the mask derive from that write column, and attention spans all the pool's
-  columns, masked, so shapes and tensor addresses never change: inputs are copied into persistent buffers and
-  the logits land in one. That is what a CUDA graph needs: with `cuda_graphs=True` each bucket is captured
-  once (on first use) and every later step is one graph replay. Padding rows cost little in a bandwidth-bound
+* `StaticDecodeStep`: the first `rows` slots of the decoder pool as one fixed-shape batch attending over the
+  first `span` columns, both rounded up to buckets (rows 1, 2, 4, 8, ...; span 64, 128, 256, capacity). Row r
+  is slot r. A stepping stream writes its new K/V at its cache length; every other row (a slot that is idle this
+  step or has no stream) writes to the pool's scratch column, which no stream owns and no span reaches. Query
+  positions and the mask derive from that write column, so shapes and tensor addresses never change: inputs
+  are copied into persistent buffers and the logits land in one. That is what a CUDA graph needs: with
+  `cuda_graphs=True` each (rows, span) shape is captured once (on first use) and every later step is one
+  graph replay. Padding rows cost little in a bandwidth-bound
   step; the engine hands out the lowest free slot first, so the live slots stay packed at the start of the pool.
 
 Both advance each stepped cache by one position and return logits [streams, vocab] in the callers' order.
@@ -53,48 +54,60 @@ class DynamicDecodeStep:
         return self.decoder.logits(torch.cat(hidden))
 
 
-def bucket_sizes(slots: int) -> list[int]:
-    """Powers of two below `slots`, then `slots`: the fixed batch shapes a static step runs (and captures)."""
-    sizes = [1]
-    while sizes[-1] * 2 < slots:
+def bucket_sizes(limit: int, smallest: int = 1) -> list[int]:
+    """Powers of two from `smallest` below `limit`, then `limit`: the fixed sizes a static step runs (and captures)."""
+    sizes = [min(smallest, limit)]
+    while sizes[-1] * 2 < limit:
         sizes.append(sizes[-1] * 2)
-    return sorted({*sizes, slots})
+    return sorted({*sizes, limit})
 
 
 class StaticDecodeStep:
-    """A fixed-shape step over pool slots [0, bucket); optionally captured and replayed as CUDA graphs."""
+    """A fixed-shape step over pool slots [0, rows) attending over columns [0, span); optionally CUDA graphs.
 
-    def __init__(self, decoder: TextDecoder, pool: DecoderKVPool, cuda_graphs: bool = False) -> None:
+    Both sizes are bucketed: `rows` covers the highest stepping slot, `span` the longest stepping stream (+1).
+    Bounding the span matters at scale: a step reads every attended key of every row, and reading whole slots
+    (capacity 475) instead of the ~300 live positions would make K/V, not weights, most of a GPU step's bytes.
+    """
+
+    def __init__(
+        self, decoder: TextDecoder, pool: DecoderKVPool, cuda_graphs: bool = False, smallest_span: int = 64
+    ) -> None:
         device = pool.keys.device
         if cuda_graphs and device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs the decoder pool on a CUDA device; it is on {device}")
         self.decoder = decoder
         self.pool = pool
         self.cuda_graphs = cuda_graphs
-        slots, columns = pool.keys.shape[1], pool.keys.shape[3]
-        self.buckets = bucket_sizes(slots)
-        # Persistent inputs: what each row forwards and the column it writes its K/V to.
+        slots = pool.keys.shape[1]
+        self.row_buckets = bucket_sizes(slots)
+        self.span_buckets = bucket_sizes(pool.capacity, smallest_span)
+        # Persistent inputs: what each row forwards and the column it writes its K/V to (rows without a stepping
+        # stream write to the scratch column, outside every span).
         self._token_ids = torch.zeros(slots, dtype=torch.long, device=device)
         self._write_columns = torch.full((slots,), pool.scratch_column, dtype=torch.long, device=device)
-        self._key_columns = torch.arange(columns, device=device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # bucket -> (graph, its logits buffer)
+        self._key_columns = torch.arange(pool.capacity, device=device)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # (rows, span) -> graph, logits
         self._graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
 
     def __call__(self, caches: Sequence[DecoderKVCache], token_ids: Sequence[int]) -> Tensor:
         slots = [self._slot_of(cache) for cache in caches]
-        rows = next(size for size in self.buckets if size > max(slots))
-        if self.cuda_graphs and rows not in self._graphs:
-            self._graphs[rows] = self._capture(rows)  # before the inputs are set: capturing resets them
+        shape = (
+            next(size for size in self.row_buckets if size > max(slots)),
+            next(size for size in self.span_buckets if size > max(cache.length for cache in caches)),
+        )
+        if self.cuda_graphs and shape not in self._graphs:
+            self._graphs[shape] = self._capture(*shape)  # before the inputs are set: capturing resets them
         device = self._token_ids.device
         index = torch.tensor(slots, device=device)
-        self._write_columns[:rows] = self.pool.scratch_column
+        self._write_columns[: shape[0]] = self.pool.scratch_column
         self._write_columns[index] = torch.tensor([cache.length for cache in caches], device=device)
         self._token_ids[index] = torch.tensor(list(token_ids), device=device)
         if self.cuda_graphs:
-            graph, logits = self._graphs[rows]
+            graph, logits = self._graphs[shape]
             graph.replay()
         else:
-            logits = self._forward(rows)
+            logits = self._forward(*shape)
         for cache in caches:
             cache.advance(1)
         return logits[index]  # a copy: the graph's buffer is overwritten by the next replay
@@ -107,34 +120,34 @@ class StaticDecodeStep:
             raise ValueError(f"slot {slot.index} is full ({cache.length} of {slot.capacity} positions)")
         return slot.index
 
-    def _forward(self, rows: int) -> Tensor:
+    def _forward(self, rows: int, span: int) -> Tensor:
         """Rows [0, rows): embed, one decoder forward writing K/V in place, logits [rows, vocab]. No host syncs."""
         columns = self._write_columns[:rows]
         embeds = self.decoder.embed(self._token_ids[:rows])[:, None]
-        mask = self._key_columns[None, None, :] <= columns[:, None, None]  # [rows, 1, columns]
-        output = self.decoder(embeds, columns[:, None], mask, kv_store=partial(self._write, rows))
+        mask = self._key_columns[None, None, :span] <= columns[:, None, None]  # [rows, 1, span]
+        output = self.decoder(embeds, columns[:, None], mask, kv_store=partial(self._write, rows, span))
         return self.decoder.logits(output.hidden[:, 0])
 
-    def _write(self, rows: int, layer: int, key: Tensor, value: Tensor) -> LayerKV:
-        """Scatter each row's new K/V [rows, kv_heads, 1, d] to its write column; attend over the rows' slots."""
+    def _write(self, rows: int, span: int, layer: int, key: Tensor, value: Tensor) -> LayerKV:
+        """Scatter each row's new K/V [rows, kv_heads, 1, d] to its write column; attend over columns [0, span)."""
         keys, values = self.pool.keys[layer, :rows], self.pool.values[layer, :rows]
         index = self._write_columns[:rows].view(rows, 1, 1, 1).expand_as(key)
         keys.scatter_(2, index, key)
         values.scatter_(2, index, value)
-        return keys, values
+        return keys[:, :, :span], values[:, :, :span]
 
-    def _capture(self, rows: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-        """Record the step over rows [0, rows) into a CUDA graph; returns it with the logits buffer it fills."""
+    def _capture(self, rows: int, span: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        """Record the step of shape (rows, span) into a CUDA graph; returns it with the logits buffer it fills."""
         # Warm-up and capture run with every row on the scratch column, so they write no stream's K/V.
         self._write_columns[:rows] = self.pool.scratch_column
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # lazy kernel/workspace initialisation must happen outside the capture
             for _ in range(2):
-                self._forward(rows)
+                self._forward(rows, span)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            logits = self._forward(rows)
-        log.info("captured the decode step for %d rows as a CUDA graph", rows)
+            logits = self._forward(rows, span)
+        log.info("captured the decode step for %d rows over %d columns as a CUDA graph", rows, span)
         return graph, logits

@@ -33,6 +33,8 @@ def test_bucket_sizes_cover_every_batch_with_few_shapes() -> None:
     assert bucket_sizes(5) == [1, 2, 4, 5]
     assert bucket_sizes(8) == [1, 2, 4, 8]
     assert bucket_sizes(33) == [1, 2, 4, 8, 16, 32, 33]
+    assert bucket_sizes(475, smallest=64) == [64, 128, 256, 475]
+    assert bucket_sizes(40, smallest=64) == [40]
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.1)])
@@ -41,7 +43,7 @@ def test_static_step_equals_dynamic_step(dtype: torch.dtype, tolerance: float) -
     a stream that never steps, slots 3 and 5 none. Logits agree and the idle stream's K/V is untouched."""
     decoder = random_decoder(seed=0).to(dtype)
     pool = DecoderKVPool(decoder, slots=SLOTS, capacity=CAPACITY)
-    static = StaticDecodeStep(decoder, pool)
+    static = StaticDecodeStep(decoder, pool, smallest_span=4)  # spans 4, 8, 16, 32, 40: several are used
     dynamic = DynamicDecodeStep(decoder)
     slots, lengths = [4, 0, 2], [11, 3, 17]
     pooled = [pool.new_cache(slot) for slot in slots]
