@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.bench_engine import SyntheticDecodeBudget, format_engine_table, run_engine_bench
+from pipeline.bench_engine import (
+    SyntheticDecodeBudget,
+    format_engine_table,
+    format_live_table,
+    run_engine_bench,
+    run_live_engine_bench,
+)
 from pipeline.checkpoint import load_model
 from pipeline.decoding import DecodeControls, DecodeOptions
 from pipeline.session import SessionOptions
@@ -57,3 +63,16 @@ def test_budget_for_two_blocks_per_update_re_decodes_18_tokens() -> None:
     while (pick := budget.pick(torch.zeros(1, 100), [hypothesis])[0]) != 99:
         hypothesis.append(pick)
     assert hypothesis == draft[:12] + [7] * 18
+
+
+def test_live_bench_batches_only_the_streams_whose_blocks_have_arrived(tiny_checkpoint: Path) -> None:
+    """Staggered phases on the simulated clock: the tiny model steps far faster than blocks arrive, so each
+    step finds about one stream ready, and every update comes out within a step of its block's arrival."""
+    model = load_model(tiny_checkpoint, tower=tiny_checkpoint / TOWER_OVERLAY_DIR)
+    (result,) = run_live_engine_bench(model, [4], blocks_per_stream=3, options=SessionOptions(language="English"))
+    assert result.streams == 4 and result.steps >= 4 * 3
+    assert 1.0 <= result.mean_batch < 2.0
+    assert 0.0 <= result.latency_p50_sec <= result.latency_p95_sec <= result.latency_max_sec < 1.0
+    assert 0.0 < result.busy_fraction < 0.5
+    table = format_live_table([result], "cpu")
+    assert "| 4 | dynamic |" in table and "simulated real-time clock" in table
