@@ -41,6 +41,11 @@ AudioKVAccess = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch
 AudioKVStore = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+#: Pieces per conv-stem call. The first conv's output is 480 x 64 x 4 values per piece (0.25 MB in bf16), so an
+#: engine step over a thousand streams' blocks (24k pieces) would need 6 GB at once; 2048 pieces bound it to 0.5 GB.
+CONV_PIECES_PER_CALL = 2048
+
+
 def conv_output_length(frames: int) -> int:
     """Time steps left after the three (kernel 3, stride 2, padding 1) convs; zero stays zero."""
     for _ in range(3):
@@ -185,7 +190,7 @@ class AudioTower(nn.Module):
         if frames % STEP_FRAMES:
             raise ValueError(f"mel has {frames} frames; expected a multiple of {STEP_FRAMES}")
         pieces = mel.reshape(frames // STEP_FRAMES, STEP_FRAMES, mel.shape[1]).transpose(1, 2)
-        return self.conv_stem(pieces).squeeze(1)
+        return torch.cat([self.conv_stem(chunk).squeeze(1) for chunk in pieces.split(CONV_PIECES_PER_CALL)])
 
     def add_positions(self, steps: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """steps [..., S, D] + sinusoids of `positions` [..., S], computed in fp32, added in the steps' dtype."""

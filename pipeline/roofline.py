@@ -38,7 +38,9 @@ class DeviceSpec:
 
 
 # Sustained = datasheet x an efficiency we consider reachable by eager PyTorch (50 % of dense bf16 tensor-core
-# peak, 80 % of HBM bandwidth); launches: about 15 kernels per layer at 5 us.
+# peak, 80 % of HBM bandwidth); launches: about 15 kernels per layer at 5 us. Memory for weights and slots: 90 % of
+# the card; the rest holds the CUDA context and the step's transient activations, which the engine bounds
+# (conv stem in 2048-piece calls, verification logits in 2048-row chunks: a few GB whatever N).
 H100_SXM = DeviceSpec("H100 SXM (estimate)", 0.5 * 989e12, 0.8 * 3.35e12, 0.9 * 80e9, 2, 28 * 15 * 5e-6)
 H200 = DeviceSpec("H200 (estimate)", 0.5 * 989e12, 0.8 * 4.8e12, 0.9 * 141e9, 2, 28 * 15 * 5e-6)
 
