@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from pipeline.checkpoint import ASRModel
 from pipeline.decode_step import DecodeStep, DynamicDecodeStep, StaticDecodeStep
@@ -86,10 +87,16 @@ class EngineOptions:
     # One of DECODE_STEP_KINDS, or "auto": CUDA graphs on a GPU (launch-bound steps), a dynamic batch on CPU
     # (no padding rows: the CPU pays for every row).
     decode_step: str = "auto"
+    # The most blocks one step advances a stream that has fallen behind: its ready blocks are encoded in order
+    # and decoded once, so a lagging stream pays for one decoder update instead of one per block and can catch
+    # up. 1 = one block per step, exactly a single session's schedule; a stream that keeps up is never affected.
+    catch_up_blocks: int = 1
 
     def __post_init__(self) -> None:
         if self.max_streams < 1:
             raise ValueError(f"max_streams is {self.max_streams}; expected at least 1")
+        if self.catch_up_blocks < 1:
+            raise ValueError(f"catch_up_blocks is {self.catch_up_blocks}; expected at least 1")
         if self.decode_step not in ("auto", *DECODE_STEP_KINDS):
             raise ValueError(f"decode_step is {self.decode_step!r}; expected 'auto' or one of {DECODE_STEP_KINDS}")
 
@@ -189,15 +196,61 @@ class StreamingEngine:
     # ------------------------------------------------------------------ the step
 
     def step(self) -> dict[str, list[TranscriptEvent]]:
-        """Advance every ready stream by one block; returns the new events of each stream that produced any."""
+        """Advance every ready stream (by up to `catch_up_blocks` blocks); returns the new events per stream."""
         clock = _PhaseClock(self.model.device)
-        blocks: dict[str, CausalBlock] = {}
-        for stream_id, session in self._sessions.items():
-            block = session.next_block()
+        events: dict[str, list[TranscriptEvent]] = defaultdict(list)
+        updates: dict[str, tuple[CausalBlock, Tensor]] = {}  # per stream: the block its update follows, its audio
+        advanced, schedule_sec, encoder_sec = 0, 0.0, 0.0
+        takers = list(self._sessions)
+        rounds = self.engine_options.catch_up_blocks
+        for round_index in range(rounds):  # a lagging stream's further blocks, each round one batched forward
+            blocks = self._next_blocks(takers, last_round=round_index == rounds - 1)
+            schedule_sec += clock.lap()
+            if not blocks:
+                break
+            embeddings = self._encode(blocks)
+            encoder_sec += clock.lap()
+            advanced += len(blocks)
+            for stream_id, block in blocks.items():
+                session = self._sessions[stream_id]
+                if block.decode:
+                    updates[stream_id] = block, session.decoder_input(block, embeddings[stream_id])
+                else:  # its update comes after a later block (catching up, or blocks_per_update > 1)
+                    events[stream_id] += session.hold_block(block, embeddings[stream_id])
+            takers = [stream_id for stream_id, block in blocks.items() if not block.decode]
+
+        results_by_stream = {}
+        for group in _grouped(updates, lambda stream_id: _decoder_settings(self._sessions[stream_id])):
+            rolling = self._sessions[group[0]].rolling
+            decoders = [updates[s][0].decoder for s in group]
+            results = rolling.update(decoders, [updates[s][1] for s in group], self.decode_step)
+            results_by_stream.update(zip(group, results))
+        decoder_sec = clock.lap()
+        for stream_id, result in results_by_stream.items():
+            events[stream_id] += self._sessions[stream_id].complete_block(updates[stream_id][0], result)
+
+        for stream_id, session in list(self._sessions.items()):
+            if session.done_encoding:
+                events[stream_id] += session.finalize()
+                self._close(stream_id)
+        self.last_step_timing = StepTiming(advanced, schedule_sec, encoder_sec, decoder_sec, clock.lap())
+        if advanced:
+            log.debug("step: %d blocks over %d open streams", advanced, len(self._sessions))
+        return {stream_id: stream_events for stream_id, stream_events in events.items() if stream_events}
+
+    def _next_blocks(self, stream_ids: list[str], last_round: bool) -> dict[str, CausalBlock]:
+        """Scheduling: the next block of each stream that has one; a stream with more ready is asked to hold
+        this one for a joint update unless this is the step's last round."""
+        blocks = {}
+        for stream_id in stream_ids:
+            session = self._sessions[stream_id]
+            block = session.next_block(more_to_come=not last_round and session.whole_blocks_buffered >= 2)
             if block is not None:
                 blocks[stream_id] = block
+        return blocks
 
-        schedule_sec = clock.lap()
+    def _encode(self, blocks: dict[str, CausalBlock]) -> dict[str, Tensor]:
+        """One encoder forward per group of streams with equal encoder options, on their slots' K/V."""
         embeddings = {}
         for group in _grouped(blocks, lambda stream_id: self._sessions[stream_id].encoder.options):
             encoded = self.pool.encoder.encode_blocks(
@@ -207,32 +260,7 @@ class StreamingEngine:
                 [blocks[s].mel for s in group],
             )
             embeddings.update(zip(group, encoded))
-
-        encoder_sec = clock.lap()
-        events: dict[str, list[TranscriptEvent]] = {}
-        due = {}
-        for stream_id, block in blocks.items():
-            if block.decode:
-                due[stream_id] = self._sessions[stream_id].decoder_input(block, embeddings[stream_id])
-            else:  # its update comes after a later block (blocks_per_update > 1)
-                events[stream_id] = self._sessions[stream_id].hold_block(block, embeddings[stream_id])
-        results_by_stream = {}
-        for group in _grouped(due, lambda stream_id: _decoder_settings(self._sessions[stream_id])):
-            rolling = self._sessions[group[0]].rolling
-            results = rolling.update([blocks[s].decoder for s in group], [due[s] for s in group], self.decode_step)
-            results_by_stream.update(zip(group, results))
-        decoder_sec = clock.lap()
-        for stream_id, result in results_by_stream.items():
-            events[stream_id] = self._sessions[stream_id].complete_block(blocks[stream_id], result)
-
-        for stream_id, session in list(self._sessions.items()):
-            if session.done_encoding:
-                events.setdefault(stream_id, []).extend(session.finalize())
-                self._close(stream_id)
-        self.last_step_timing = StepTiming(len(blocks), schedule_sec, encoder_sec, decoder_sec, clock.lap())
-        if blocks:
-            log.debug("step: %d blocks over %d open streams", len(blocks), len(self._sessions))
-        return events
+        return embeddings
 
     def _make_decode_step(self, kind: str) -> DecodeStep:
         if kind == "dynamic":

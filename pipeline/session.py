@@ -243,19 +243,23 @@ class StreamingSession:
         self._buffer_mel(self._flush_features())
         self.finishing = True
 
-    def next_block(self) -> CausalBlock | None:
+    def next_block(self, more_to_come: bool = False) -> CausalBlock | None:
         """The next block to encode (rolling the segment first if the block would pass the cap), or None.
 
         A whole block is ready once `block_frames` are buffered. After `begin_finish`, when no whole block is
         left, the pending frames rounded down to whole steps go as one last short block (fewer than 8 frames
         are dropped, as the reference does).
+
+        `more_to_come`: the caller takes the next ready block right after this one and wants one decoder update
+        for both (an engine catching up a lagging stream): this block is held unless a roll or the end forces
+        its update.
         """
         if not self.block_ready:
             return None
         encoder_state = self.segment.encoder
         pending = encoder_state.pending_mel.shape[0]
         if pending >= self.options.block_frames:
-            return self._take_block(self.options.block_frames)
+            return self._take_block(self.options.block_frames, more_to_come=more_to_come)
         self.final_update = True
         usable = pending // STEP_FRAMES * STEP_FRAMES
         if usable == 0:
@@ -263,6 +267,11 @@ class StreamingSession:
             encoder_state.pending_mel = encoder_state.pending_mel[:0]
             return None
         return self._take_block(usable, dropped_frames=pending - usable)
+
+    @property
+    def whole_blocks_buffered(self) -> int:
+        """Whole blocks waiting to be encoded (a stream keeping up has at most one)."""
+        return self.segment.encoder.pending_mel.shape[0] // self.options.block_frames
 
     def hold_block(self, block: CausalBlock, embeddings: Tensor) -> list[TranscriptEvent]:
         """Keep an encoded block whose decoder update comes later (`block.decode` is False)."""
@@ -324,7 +333,7 @@ class StreamingSession:
         encoder_state = self.segment.encoder
         encoder_state.pending_mel = torch.cat([encoder_state.pending_mel, mel.to(encoder_state.pending_mel)])
 
-    def _take_block(self, frames: int, dropped_frames: int = 0) -> CausalBlock:
+    def _take_block(self, frames: int, dropped_frames: int = 0, more_to_come: bool = False) -> CausalBlock:
         """Roll if the block would pass the cap, then take the first `frames` pending frames as the next block.
 
         The block leaves the pending mel only now that its segment is decided, so a checkpoint taken at the
@@ -342,19 +351,21 @@ class StreamingSession:
             encoder=encoder_state,
             decoder=self.segment.decoder,
             roll_events=roll_events,
-            decode=self._update_due(steps),
+            decode=self._update_due(more_to_come),
         )
 
-    def _update_due(self, steps: int) -> bool:
-        """Decode after this block? Every `blocks_per_update` blocks, at the end of the stream, and before any
-        roll, so that no encoded audio is dropped undecoded: a roll comes before a whole block that would pass
-        the cap."""
-        if self.final_update or len(self.segment.embeddings) + 1 >= self.options.blocks_per_update:
+    def _update_due(self, more_to_come: bool) -> bool:
+        """Decode after this block? Every `blocks_per_update` blocks unless the caller takes the next block with
+        it, and always at the end of the stream and before any roll, so that no encoded audio is dropped
+        undecoded: a roll comes before a whole block that would pass the cap."""
+        if self.final_update:
             return True
         if self.finishing and self.segment.encoder.pending_mel.shape[0] < STEP_FRAMES:
             return True  # no block comes after this one
         next_block_steps = self.options.block_frames // STEP_FRAMES
-        return self.policy.should_roll_before(self.segment.steps, next_block_steps) is not None
+        if self.policy.should_roll_before(self.segment.steps, next_block_steps) is not None:
+            return True
+        return not more_to_come and len(self.segment.embeddings) + 1 >= self.options.blocks_per_update
 
     def _flush_features(self) -> Tensor:
         # A session restored from a checkpoint taken during `finish` has already flushed its front-end.

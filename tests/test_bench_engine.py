@@ -15,6 +15,7 @@ from pipeline.bench_engine import (
     run_live_engine_bench,
 )
 from pipeline.checkpoint import load_model
+from pipeline.engine import EngineOptions
 from pipeline.decoding import DecodeControls, DecodeOptions
 from pipeline.session import SessionOptions
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
@@ -40,7 +41,9 @@ def test_engine_bench_runs_the_real_engine_with_the_budget(tiny_checkpoint: Path
     results = [
         result
         for decode_step in ("dynamic", "static")
-        for result in run_engine_bench(model, [1, 3], 6, SessionOptions(language="English"), decode_step)
+        for result in run_engine_bench(
+            model, [1, 3], 6, SessionOptions(language="English"), EngineOptions(decode_step=decode_step)
+        )
     ]
     assert [r.decode_step for r in results] == ["dynamic", "dynamic", "static", "static"]
     for result in results:
@@ -75,4 +78,4 @@ def test_live_bench_batches_only_the_streams_whose_blocks_have_arrived(tiny_chec
     assert 0.0 <= result.latency_p50_sec <= result.latency_p95_sec <= result.latency_max_sec < 1.0
     assert 0.0 < result.busy_fraction < 0.5
     table = format_live_table([result], "cpu")
-    assert "| 4 | dynamic |" in table and "simulated real-time clock" in table
+    assert "| 4 | dynamic | 1 |" in table and "simulated real-time clock" in table

@@ -343,3 +343,45 @@ def test_bf16_engine_with_static_steps_matches_bf16_sessions(tiny_checkpoint: Pa
     events = _engine_events(engine, plans)
     for index, plan in enumerate(plans):
         assert _comparable(events[str(index)]) == _comparable(_single_stream_events(model, plan.audio, CAUSAL))
+
+
+def _drain(engine: StreamingEngine, audio: dict[str, np.ndarray]) -> dict[str, list[TranscriptEvent]]:
+    """Open every stream with all its audio buffered and its end signalled, then step until all are final."""
+    events: dict[str, list[TranscriptEvent]] = {}
+    for stream_id, samples in audio.items():
+        engine.open_stream(stream_id)
+        engine.push_audio(stream_id, samples)
+        engine.finish_stream(stream_id)
+        events[stream_id] = []
+    while engine.has_work:
+        for stream_id, new_events in engine.step().items():
+            events[stream_id] += new_events
+    return events
+
+
+def test_lagging_streams_catch_up_with_one_update_per_step(model: ASRModel) -> None:
+    """A stream with its whole audio buffered is as far behind as can be: with catch_up_blocks = 3 each step
+    encodes up to three of its blocks and decodes once, which is the session's `blocks_per_update = 3` schedule
+    (rolls and the end still force their updates), with every block's audio decoded. (Whole blocks of audio: a
+    short last block is decoded on its own, where the session would hold the block before it.)"""
+    block = CAUSAL.block_frames * SAMPLE_RATE // 100
+    audio = {str(i): plan.audio[: plan.audio.size // block * block] for i, plan in enumerate(_plans(3))}
+    engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=3, catch_up_blocks=3))
+    events = _drain(engine, audio)
+    every_third = SessionOptions(**{**CAUSAL.__dict__, "blocks_per_update": 3})
+    for stream_id, samples in audio.items():
+        expected = _single_stream_events(model, samples, every_third)
+        assert _comparable(events[stream_id]) == _comparable(expected), f"stream {stream_id}"
+        every_block = _single_stream_events(model, samples, CAUSAL)
+        updates = [e for e in events[stream_id] if e.kind == "update"]
+        assert len(updates) < sum(e.kind == "update" for e in every_block)
+        assert updates[-1].audio_sec == every_block[-2].audio_sec  # the last update heard the whole stream
+
+
+def test_streams_that_keep_up_are_not_affected_by_catch_up(model: ASRModel) -> None:
+    """Streams that never have two blocks waiting get exactly the single-session events, catch-up or not."""
+    plans = [plan for plan in _plans(8) if plan.samples_per_step < 1.92 * SAMPLE_RATE][:4]
+    engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=len(plans), catch_up_blocks=4))
+    events = _engine_events(engine, plans)
+    for index, plan in enumerate(plans):
+        assert _comparable(events[str(index)]) == _comparable(_single_stream_events(model, plan.audio, CAUSAL))
