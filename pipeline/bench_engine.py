@@ -54,11 +54,14 @@ class SyntheticDecodeBudget(DecodeControls):
     def __init__(self, base: DecodeControls, words: tuple[int, int, int], blocks_per_update: int = 1) -> None:
         super().__init__(base.options)
         self.words = words
-        # An update over k blocks hears k blocks of new speech: it re-decodes k times as many tokens, and the
-        # steady hypothesis stays DRAFT_TOKENS long.
-        self.new_tokens = min(NEW_TOKENS_PER_UPDATE * blocks_per_update, DRAFT_TOKENS)
-        self.accepted = DRAFT_TOKENS - self.new_tokens
         self.stop = base.options.stop_token_ids[0]
+        self.hear(blocks_per_update)
+
+    def hear(self, blocks: int) -> None:
+        """Budget the coming updates for `blocks` blocks of new speech each: k blocks re-decode k times as many
+        tokens (capped by the draft: the steady hypothesis stays DRAFT_TOKENS long)."""
+        self.new_tokens = min(NEW_TOKENS_PER_UPDATE * blocks, DRAFT_TOKENS)
+        self.accepted = DRAFT_TOKENS - self.new_tokens
 
     def pick(self, logits: Tensor, histories: Sequence[Sequence[int]]) -> list[int]:
         super().pick(logits, histories)  # the real cost of the filter chain; the choice is scripted
@@ -153,7 +156,7 @@ def run_engine_bench(
     results = []
     for count in stream_counts:
         engine = StreamingEngine(model, options, replace(engine_options, max_streams=count))
-        for stream_id, audio in _budgeted_streams(engine, count, blocks_per_stream).items():
+        for stream_id, audio in _budgeted_streams(engine, count, blocks_per_stream)[0].items():
             engine.push_audio(stream_id, audio)
             engine.finish_stream(stream_id)
         timings: list[StepTiming] = []
@@ -186,21 +189,24 @@ def run_engine_bench(
     return results
 
 
-def _budgeted_streams(engine: StreamingEngine, count: int, blocks_per_stream: int) -> dict[str, np.ndarray]:
-    """Open `count` streams on the synthetic decode budget; returns each one's audio (noise, whole blocks)."""
+def _budgeted_streams(
+    engine: StreamingEngine, count: int, blocks_per_stream: int
+) -> tuple[dict[str, np.ndarray], SyntheticDecodeBudget]:
+    """Open `count` streams on one shared synthetic decode budget (a batched update runs its first stream's
+    controls for all); returns each stream's audio (noise, whole blocks) and the budget."""
     options = engine.options
     words = tuple(engine.model.tokenizer.encode(word)[0] for word in (" the", " a", " one"))
     rng = np.random.default_rng(count)
     samples = blocks_per_stream * options.block_frames * SAMPLE_RATE // 100
-    streams = {}
+    streams, budget = {}, None
     for index in range(count):
         stream_id = f"stream-{index}"
         engine.open_stream(stream_id)
         session = engine.session(stream_id)
-        budget = SyntheticDecodeBudget(session.controls, words, options.blocks_per_update)
+        budget = budget or SyntheticDecodeBudget(session.controls, words, options.blocks_per_update)
         session.rolling.controls = session.controls = budget
         streams[stream_id] = (0.1 * rng.standard_normal(samples)).astype(np.float32)
-    return streams
+    return streams, budget
 
 
 #: Live streams send audio in chunks of this many seconds (a block completes at most one chunk after its end).
@@ -243,10 +249,11 @@ def run_live_engine_bench(
     options = options or SessionOptions(language="English")
     block_sec = options.block_frames / 100
     chunk_samples = round(LIVE_CHUNK_SEC * SAMPLE_RATE)
+    catch_up = engine_options.catch_up_blocks
     results = []
     for count in stream_counts:
         engine = StreamingEngine(model, options, replace(engine_options, max_streams=count))
-        audio = _budgeted_streams(engine, count, blocks_per_stream)
+        audio, budget = _budgeted_streams(engine, count, blocks_per_stream)
         phase = {stream_id: index * block_sec / count for index, stream_id in enumerate(audio)}
         chunks = {stream_id: -(-samples.size // chunk_samples) for stream_id, samples in audio.items()}
         delivered = dict.fromkeys(audio, 0)  # chunks delivered per stream
@@ -267,6 +274,10 @@ def run_live_engine_bench(
             if not engine.has_work:
                 clock = min(arrival(s, sent) for s, sent in delivered.items() if sent < chunks[s])
                 continue
+            # A caught-up update hears several blocks and re-decodes as many times the tokens: budget the step for
+            # the most any stream advances in it (pessimistic for the streams that advance less).
+            lag = max(min(catch_up, engine.session(s).whole_blocks_buffered) for s in engine.active_streams)
+            budget.hear(max(options.blocks_per_update, lag))
             events = engine.step()
             timing = engine.last_step_timing
             clock += timing.total_sec

@@ -8,7 +8,7 @@ the pool; only a batch of scattered slots gathers a padded copy, and activations
 CUDA caching allocator recycles them; the decode steps run in fixed buffers). A segment roll reuses the stream's
 slot and the end of the stream frees it. Audio is buffered per stream (only the cheap log-mel front-end runs on
 arrival); `step()` then advances every stream that has a whole block buffered, or whose end was signalled, by
-exactly one block:
+one block (a stream that has fallen behind by up to `EngineOptions.catch_up_blocks`, see below):
 
 1. scheduling: each session's `next_block` rolls its segment if the block would pass the cap and hands out the
    block (the same code the single-stream session runs);
@@ -22,8 +22,16 @@ exactly one block:
 `AsyncStreamingEngine` is the asyncio front: client coroutines submit audio and read their stream's events;
 one driver task owns the engine, applying submissions between steps and running each step in a worker thread.
 
+Catch-up: when a stream has several whole blocks waiting (the engine fell behind it), steps 1-2 repeat up to
+`catch_up_blocks` times in one step, each round one batched encoder forward over the streams still catching up,
+and the stream's blocks are held (`next_block(more_to_come=True)`) for ONE decoder update over all of them. The
+decoder dominates the cost, so a lagging stream then pays about one update per step whatever its backlog,
+which is what lets it catch up instead of falling further behind (the reference's pacing coalesces the same way).
+Rolls and the end of a stream still force their updates, so no audio goes undecoded.
+
 Because every phase is the session's own code and the batched forwards give each stream what it gets alone,
-each stream's events equal those of a `StreamingSession` fed the same audio, whatever the other streams do.
+each stream's events equal those of a `StreamingSession` fed the same audio, whatever the other streams do
+(with catch-up, as long as the stream never has two whole blocks waiting; a caught-up stream decodes less often).
 Streams whose options change the model inputs (block size; prompt or decode controls) cannot share a forward;
 they are batched in groups of equal settings, one forward per group.
 """
