@@ -13,9 +13,9 @@ the same numbers (the tests hold them together):
   step or has no stream) writes to the pool's scratch column, which no stream owns and no span reaches. Query
   positions and the mask derive from that write column, so shapes and tensor addresses never change: inputs
   are copied into persistent buffers and the logits land in one. That is what a CUDA graph needs: with
-  `cuda_graphs=True` each (rows, span) shape is captured once (on first use) and every later step is one
-  graph replay. Padding rows cost little in a bandwidth-bound
-  step; the engine hands out the lowest free slot first, so the live slots stay packed at the start of the pool.
+  `cuda_graphs=True` every (rows, span) shape is captured when the step is built, and each step is one graph
+  replay. Padding rows cost little in a bandwidth-bound step; the engine hands out the lowest free slot first,
+  so the live slots stay packed at the start of the pool.
 
 Both advance each stepped cache by one position and return logits [streams, vocab] in the callers' order.
 """
@@ -68,6 +68,8 @@ class StaticDecodeStep:
     Both sizes are bucketed: `rows` covers the highest stepping slot, `span` the longest stepping stream (+1).
     Bounding the span matters at scale: a step reads every attended key of every row, and reading whole slots
     (capacity 475) instead of the ~300 live positions would make K/V, not weights, most of a GPU step's bytes.
+    With `cuda_graphs=True` every (rows, span) shape is captured here, at construction, so serving never pays
+    for a capture; all graphs share one memory pool and write one logits buffer.
     """
 
     def __init__(
@@ -78,39 +80,41 @@ class StaticDecodeStep:
             raise ValueError(f"cuda_graphs=True needs the decoder pool on a CUDA device; it is on {device}")
         self.decoder = decoder
         self.pool = pool
-        self.cuda_graphs = cuda_graphs
         slots = pool.keys.shape[1]
         self.row_buckets = bucket_sizes(slots)
         self.span_buckets = bucket_sizes(pool.capacity, smallest_span)
         # Persistent inputs: what each row forwards and the column it writes its K/V to (rows without a stepping
-        # stream write to the scratch column, outside every span).
+        # stream write to the scratch column, outside every span); and the output.
         self._token_ids = torch.zeros(slots, dtype=torch.long, device=device)
         self._write_columns = torch.full((slots,), pool.scratch_column, dtype=torch.long, device=device)
         self._key_columns = torch.arange(pool.capacity, device=device)
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}  # (rows, span) -> graph, logits
-        self._graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        weight = decoder.embed_tokens.weight
+        self._logits = weight.new_empty(slots, weight.shape[0])
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        if cuda_graphs:
+            self._capture_all()
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return bool(self._graphs)
 
     def __call__(self, caches: Sequence[DecoderKVCache], token_ids: Sequence[int]) -> Tensor:
         slots = [self._slot_of(cache) for cache in caches]
-        shape = (
-            next(size for size in self.row_buckets if size > max(slots)),
-            next(size for size in self.span_buckets if size > max(cache.length for cache in caches)),
-        )
-        if self.cuda_graphs and shape not in self._graphs:
-            self._graphs[shape] = self._capture(*shape)  # before the inputs are set: capturing resets them
+        rows = next(size for size in self.row_buckets if size > max(slots))
+        span = next(size for size in self.span_buckets if size > max(cache.length for cache in caches))
         device = self._token_ids.device
         index = torch.tensor(slots, device=device)
-        self._write_columns[: shape[0]] = self.pool.scratch_column
+        self._write_columns[:rows] = self.pool.scratch_column
         self._write_columns[index] = torch.tensor([cache.length for cache in caches], device=device)
         self._token_ids[index] = torch.tensor(list(token_ids), device=device)
-        if self.cuda_graphs:
-            graph, logits = self._graphs[shape]
-            graph.replay()
+        if self._graphs:
+            with torch.cuda.device(device):  # replay from any thread, on the pool's device
+                self._graphs[rows, span].replay()
         else:
-            logits = self._forward(*shape)
+            self._forward(rows, span)
         for cache in caches:
             cache.advance(1)
-        return logits[index]  # a copy: the graph's buffer is overwritten by the next replay
+        return self._logits[index]  # a copy: the buffer is overwritten by the next step
 
     def _slot_of(self, cache: DecoderKVCache) -> int:
         slot = cache.pool_slot
@@ -120,13 +124,13 @@ class StaticDecodeStep:
             raise ValueError(f"slot {slot.index} is full ({cache.length} of {slot.capacity} positions)")
         return slot.index
 
-    def _forward(self, rows: int, span: int) -> Tensor:
-        """Rows [0, rows): embed, one decoder forward writing K/V in place, logits [rows, vocab]. No host syncs."""
+    def _forward(self, rows: int, span: int) -> None:
+        """Rows [0, rows): embed, one decoder forward writing K/V in place, logits into the buffer. No host syncs."""
         columns = self._write_columns[:rows]
         embeds = self.decoder.embed(self._token_ids[:rows])[:, None]
         mask = self._key_columns[None, None, :span] <= columns[:, None, None]  # [rows, 1, span]
         output = self.decoder(embeds, columns[:, None], mask, kv_store=partial(self._write, rows, span))
-        return self.decoder.logits(output.hidden[:, 0])
+        self.decoder.logits(output.hidden[:, 0], out=self._logits[:rows])
 
     def _write(self, rows: int, span: int, layer: int, key: Tensor, value: Tensor) -> LayerKV:
         """Scatter each row's new K/V [rows, kv_heads, 1, d] to its write column; attend over columns [0, span)."""
@@ -136,18 +140,26 @@ class StaticDecodeStep:
         values.scatter_(2, index, value)
         return keys[:, :, :span], values[:, :, :span]
 
-    def _capture(self, rows: int, span: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-        """Record the step of shape (rows, span) into a CUDA graph; returns it with the logits buffer it fills."""
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        """Record every (rows, span) step into a CUDA graph, largest first (smaller ones reuse its memory)."""
+        device = self._token_ids.device
+        memory_pool = torch.cuda.graph_pool_handle()
         # Warm-up and capture run with every row on the scratch column, so they write no stream's K/V.
-        self._write_columns[:rows] = self.pool.scratch_column
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # lazy kernel/workspace initialisation must happen outside the capture
-            for _ in range(2):
-                self._forward(rows, span)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            logits = self._forward(rows, span)
-        log.info("captured the decode step for %d rows over %d columns as a CUDA graph", rows, span)
-        return graph, logits
+        self._write_columns.fill_(self.pool.scratch_column)
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # lazy kernel/workspace initialisation must happen outside a capture
+                self._forward(self.row_buckets[-1], self.span_buckets[-1])
+            torch.cuda.current_stream().wait_stream(side)
+            for rows in reversed(self.row_buckets):
+                for span in reversed(self.span_buckets):
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=memory_pool):
+                        self._forward(rows, span)
+                    self._graphs[rows, span] = graph
+        log.info(
+            "captured the decode step as %d CUDA graphs (rows %s x span %s)",
+            len(self._graphs), self.row_buckets, self.span_buckets,
+        )

@@ -48,17 +48,23 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables of 1-D RoPE for arbitrary (per-row) positions."""
+    """cos/sin tables of 1-D RoPE for arbitrary (per-row) positions, in fp32 whatever the model's dtype.
+
+    The inverse frequencies are recomputed per call (64 values) rather than kept in a buffer: `Module.to(bf16)`,
+    the CUDA default, would round a floating buffer to bf16 (0.4 % off: half a radian by position 480), while the
+    reference keeps them in fp32.
+    """
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-        # Derived from the config, so not part of the checkpoint.
-        self.register_buffer("inv_freq", 1.0 / theta**exponents, persistent=False)
+        self.head_dim = head_dim
+        self.theta = theta
 
     def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         """position_ids [B, S] -> (cos, sin), each [B, S, head_dim] in fp32."""
-        angles = position_ids.float()[..., None] * self.inv_freq
+        device = position_ids.device
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
+        angles = position_ids.float()[..., None] * (1.0 / self.theta**exponents)
         angles = torch.cat([angles, angles], dim=-1)
         return angles.cos(), angles.sin()
 
@@ -74,27 +80,41 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotate_half(x) * sin
 
 
+def _fold_query_groups(query: Tensor, kv_heads: int, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Grouped-query attention as plain attention over the kv heads, without repeating K/V.
+
+    query [B, heads, S, d] -> [B, kv_heads, groups * S, d]: query head h reads kv head h // groups (transformers'
+    `repeat_kv`), so each kv head's group of query heads becomes extra query rows. mask [B, S, T] -> [B, 1,
+    groups * S, T] to match.
+    """
+    batch, heads, length, head_dim = query.shape
+    groups = heads // kv_heads
+    folded = query.reshape(batch, kv_heads, groups * length, head_dim)
+    visible = mask[:, None, None].expand(batch, 1, groups, length, mask.shape[-1])
+    return folded, visible.reshape(batch, 1, groups * length, mask.shape[-1])
+
+
 def eager_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> Tensor:
     """Grouped-query attention with an explicit fp32 softmax.
 
     query [B, heads, S, d]; key/value [B, kv_heads, T, d]; mask [B, S, T] bool, True = may attend.
-    Query head h reads kv head h // (heads / kv_heads), as in transformers' `repeat_kv`.
     """
-    batch, heads, length, head_dim = query.shape
-    kv_heads = key.shape[1]
-    groups = heads // kv_heads
-    # Fold each kv head's query group into its rows instead of repeating K/V `groups` times (no K/V copy).
-    grouped = query.reshape(batch, kv_heads, groups * length, head_dim)
-    scores = torch.matmul(grouped.float(), key.float().transpose(-1, -2)) * head_dim**-0.5
-    visible = mask[:, None, None].expand(batch, 1, groups, length, mask.shape[-1]).reshape(batch, 1, groups * length, -1)
+    grouped, visible = _fold_query_groups(query, key.shape[1], mask)
+    scores = torch.matmul(grouped.float(), key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5
     scores = scores.masked_fill(~visible, float("-inf"))
     attended = torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)
-    return attended.reshape(batch, heads, length, head_dim)
+    return attended.reshape(query.shape)
 
 
 def sdpa_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> Tensor:
-    """The same attention through PyTorch's fused kernel (same argument conventions)."""
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], enable_gqa=True)
+    """The same attention through PyTorch's fused kernel (same argument conventions).
+
+    The groups are folded into query rows rather than passed as `enable_gqa`: with a boolean mask, SDPA's
+    memory-efficient kernel does not take GQA and the call would fall back to the math kernel, which repeats K/V
+    and materialises fp32 scores.
+    """
+    grouped, visible = _fold_query_groups(query, key.shape[1], mask)
+    return F.scaled_dot_product_attention(grouped, key, value, attn_mask=visible).reshape(query.shape)
 
 
 def attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> Tensor:
@@ -213,9 +233,9 @@ class TextDecoder(nn.Module):
             new_kv.append(layer_kv)
         return DecoderOutput(hidden=self.norm(h), new_kv=new_kv)
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        """Vocabulary logits through the tied output matrix (`embed_tokens.weight`)."""
-        return F.linear(hidden, self.embed_tokens.weight)
+    def logits(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:
+        """Vocabulary logits through the tied output matrix (`embed_tokens.weight`); `out`: a buffer to fill."""
+        return torch.matmul(hidden, self.embed_tokens.weight.T, out=out)
 
 
 def _concatenate_past(past: Sequence[LayerKV] | None, index: int, key: Tensor, value: Tensor) -> LayerKV:

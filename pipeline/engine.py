@@ -399,12 +399,12 @@ class _PhaseClock:
     """Successive phase durations; waits for queued CUDA work so each phase is charged its own kernels."""
 
     def __init__(self, device: torch.device) -> None:
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else None
+        self.device = device if device.type == "cuda" else None
         self.last = time.perf_counter()
 
     def lap(self) -> float:
-        if self.sync is not None:
-            self.sync()
+        if self.device is not None:
+            torch.cuda.synchronize(self.device)  # this device, whichever the calling thread's current one is
         now = time.perf_counter()
         elapsed, self.last = now - self.last, now
         return elapsed

@@ -182,3 +182,29 @@ def test_cache_growth_keeps_contents_and_crop_checks_bounds() -> None:
     assert cache.length == 10 and torch.equal(cache.layer(0)[0], chunks[0][:, :10])
     with pytest.raises(ValueError, match="cannot crop"):
         cache.crop(11)
+
+
+def test_rotary_angles_stay_fp32_in_a_bf16_model() -> None:
+    """`.to(bfloat16)` (the CUDA default) must not round the RoPE frequencies: cos/sin equal the fp32 model's."""
+    decoder = random_decoder(seed=0)
+    positions = torch.arange(0, 480, 7)[None]
+    cos32, sin32 = decoder.rotary(positions)
+    cos16, sin16 = decoder.to(torch.bfloat16).rotary(positions)
+    assert cos16.dtype == torch.float32
+    assert torch.equal(cos16, cos32) and torch.equal(sin16, sin32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels need a GPU")
+def test_grouped_attention_runs_on_the_memory_efficient_kernel() -> None:
+    """With the query groups folded into rows, SDPA's memory-efficient kernel takes the boolean mask (restricted
+    to that kernel, a fallback to the math kernel would raise instead of silently slowing down)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    generator = torch.Generator(device="cuda").manual_seed(6)
+    query = torch.randn(3, 16, 5, 128, generator=generator, device="cuda", dtype=torch.bfloat16)
+    key = torch.randn(3, 8, 45, 128, generator=generator, device="cuda", dtype=torch.bfloat16)
+    value = torch.randn(3, 8, 45, 128, generator=generator, device="cuda", dtype=torch.bfloat16)
+    mask = ragged_causal_mask(torch.tensor([40, 7, 0], device="cuda"), torch.tensor([5, 2, 5], device="cuda"), 40, 5)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        fused = sdpa_attention(query, key, value, mask)
+    assert relative_error(fused.float(), eager_attention(query, key, value, mask).float()) < 2e-2
