@@ -94,10 +94,6 @@ class StaticDecodeStep:
         if cuda_graphs:
             self._capture_all()
 
-    @property
-    def cuda_graphs(self) -> bool:
-        return bool(self._graphs)
-
     def __call__(self, caches: Sequence[DecoderKVCache], token_ids: Sequence[int]) -> Tensor:
         slots = [self._slot_of(cache) for cache in caches]
         rows = next(size for size in self.row_buckets if size > max(slots))
