@@ -30,10 +30,10 @@ def _session_options(args: argparse.Namespace):
 
 
 def _load(args: argparse.Namespace):
-    from pipeline.checkpoint import load_model
+    from pipeline.checkpoint import dtype_from_name, load_model
 
     tower = None if args.backend == "windowed" or args.tower.lower() == "none" else args.tower
-    return load_model(args.model, tower=tower, device=args.device)
+    return load_model(args.model, tower=tower, device=args.device, dtype=dtype_from_name(args.dtype))
 
 
 def _transcribe(args: argparse.Namespace) -> int:
@@ -73,6 +73,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-frames", type=int, choices=[192, 96], default=192)
     parser.add_argument("--language", default="en", help="forced output language (name or ISO code)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="weights dtype (auto: bf16 on CUDA, fp32 on CPU; bf16 pays on CPUs with AVX512-BF16/AMX)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.checkpoint import ASRModel, default_dtype
+from pipeline.checkpoint import ASRModel, default_dtype, dtype_from_name
 from pipeline.config import QWEN3_ASR_0_6B, Qwen3ASRConfig
 from pipeline.decoder import TextDecoder
 from pipeline.decoding import DecodeControls
@@ -369,6 +369,9 @@ def add_bench_engine_parser(benches) -> None:
     parser.add_argument("--blocks", type=int, default=9, help="blocks per stream (9 x 1.92 s spans a segment roll)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--dtypes", default="auto", help="comma-separated: auto (per device), float32, bfloat16; each measured in turn"
+    )
     parser.add_argument("--blocks-per-update", type=int, default=1, help="decoder update every k blocks")
     parser.add_argument(
         "--arrivals",
@@ -398,30 +401,34 @@ def run_bench_engine_command(args) -> int:
     unknown = set(arrivals) - {"aligned", "staggered"}
     if unknown:
         raise SystemExit(f"--arrivals {sorted(unknown)}: expected aligned and/or staggered")
-    started = time.perf_counter()
-    model = random_full_size_model(device=args.device)
-    log.info("random full-size model ready in %.1f s", time.perf_counter() - started)
+    dtypes = [dtype_from_name(name.strip()) for name in args.dtypes.split(",")]
     options = SessionOptions(language="English", blocks_per_update=args.blocks_per_update)
-    if "aligned" in arrivals:
-        # Aligned runs buffer every stream's whole audio, so catch-up would only re-create blocks_per_update.
-        aligned = [
-            result
-            for kind in decode_steps
-            for result in run_engine_bench(model, counts, args.blocks, options, EngineOptions(decode_step=kind))
-        ]
-        print(format_engine_table(aligned, _describe(args.device), blocks_per_update=args.blocks_per_update))
-    if "staggered" in arrivals:
-        live_options = [
-            EngineOptions(decode_step=kind, catch_up_blocks=int(blocks))
-            for kind in decode_steps
-            for blocks in args.catch_up_blocks.split(",")
-        ]
-        live = [r for e in live_options for r in run_live_engine_bench(model, counts, args.blocks, options, e)]
-        print(format_live_table(live, _describe(args.device)))
+    for dtype in dtypes:  # one model per dtype, measured one after the other in this process
+        started = time.perf_counter()
+        model = random_full_size_model(device=args.device, dtype=dtype)
+        log.info("random full-size model (%s) ready in %.1f s", model.dtype, time.perf_counter() - started)
+        device = _describe(model)
+        if "aligned" in arrivals:
+            # Aligned runs buffer every stream's whole audio, so catch-up would only re-create blocks_per_update.
+            aligned = [
+                result
+                for kind in decode_steps
+                for result in run_engine_bench(model, counts, args.blocks, options, EngineOptions(decode_step=kind))
+            ]
+            print(format_engine_table(aligned, device, blocks_per_update=args.blocks_per_update), end="\n\n")
+        if "staggered" in arrivals:
+            live_options = [
+                EngineOptions(decode_step=kind, catch_up_blocks=int(blocks))
+                for kind in decode_steps
+                for blocks in args.catch_up_blocks.split(",")
+            ]
+            live = [r for e in live_options for r in run_live_engine_bench(model, counts, args.blocks, options, e)]
+            print(format_live_table(live, device), end="\n\n")
     return 0
 
 
-def _describe(device: str) -> str:
-    if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name(0)} (bf16)"
-    return f"CPU, {torch.get_num_threads()} threads (fp32)"
+def _describe(model: ASRModel) -> str:
+    dtype = str(model.dtype).removeprefix("torch.")
+    if model.device.type == "cuda":
+        return f"{torch.cuda.get_device_name(model.device)} ({dtype})"
+    return f"CPU, {torch.get_num_threads()} threads ({dtype})"

@@ -69,9 +69,26 @@ class ASRModel:
         return self.text_decoder.embed_tokens.weight.dtype
 
 
+#: Working dtypes by name (the `--dtype` choices besides "auto").
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on CUDA (what the model was trained and published in), fp32 elsewhere (CPU bf16 matmuls are slow)."""
+    """bf16 on CUDA (what the model was trained and published in); fp32 elsewhere, the exact and portable choice.
+
+    On CPUs with native bf16 arithmetic (AVX512-BF16, AMX) bf16 is much faster (2.4x engine throughput measured
+    in BENCHMARKS.md) and worth choosing explicitly; without it, bf16 matmuls are emulated and slow.
+    """
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def dtype_from_name(name: str | None) -> torch.dtype | None:
+    """A `--dtype` value as a torch dtype; "auto" or None: the device's default (None)."""
+    if name is None or name == "auto":
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}; expected 'auto' or one of {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 def resolve_model_dir(model: str | os.PathLike) -> Path:

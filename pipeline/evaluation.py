@@ -33,7 +33,14 @@ import numpy as np
 import torch
 
 from pipeline.audio_io import AudioFileError, read_audio
-from pipeline.checkpoint import DEFAULT_MODEL_ID, DEFAULT_TOWER_ID, ASRModel, CheckpointError, load_model
+from pipeline.checkpoint import (
+    DEFAULT_MODEL_ID,
+    DEFAULT_TOWER_ID,
+    ASRModel,
+    CheckpointError,
+    dtype_from_name,
+    load_model,
+)
 from pipeline.commit import CommittedWord
 from pipeline.features import SAMPLE_RATE
 from pipeline.prompt import canonical_language
@@ -349,6 +356,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
         "--max-new-tokens", type=int, default=SessionOptions.max_new_tokens, help="decoder token budget per update"
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="weights dtype (auto: per device)"
+    )
     parser.add_argument("--json", type=Path, dest="json_out", metavar="OUT", help="also write the full results as JSON")
     parser.set_defaults(run=run_eval)
     return parser
@@ -375,7 +385,8 @@ def run_eval(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         read_checked_manifest(args.manifest)  # fail on a bad manifest before the (slow) model load
         tower = args.tower or (DEFAULT_TOWER_ID if args.backend == "causal" else None)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        evaluation = evaluate_manifest(load_model(args.model, tower, device=device), args.manifest, options)
+        model = load_model(args.model, tower, device=device, dtype=dtype_from_name(args.dtype))
+        evaluation = evaluate_manifest(model, args.manifest, options)
     except (ManifestError, AudioFileError, FileNotFoundError, CheckpointError) as error:
         log.error("%s", error)
         return 2

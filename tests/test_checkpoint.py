@@ -177,3 +177,12 @@ def test_cli_make_tiny_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert OFFICIAL_FILES <= {p.name for p in (tmp_path / "cli").iterdir()}
     assert (tmp_path / "cli" / TOWER_OVERLAY_DIR / "model.safetensors").is_file()
     assert "written to" in capsys.readouterr().out
+
+
+def test_dtype_names() -> None:
+    from pipeline.checkpoint import dtype_from_name
+
+    assert dtype_from_name("auto") is None and dtype_from_name(None) is None
+    assert dtype_from_name("bfloat16") is torch.bfloat16 and dtype_from_name("float32") is torch.float32
+    with pytest.raises(ValueError, match="dtype 'fp8'; expected 'auto' or one of"):
+        dtype_from_name("fp8")

@@ -6,8 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from cli import main as cli_main
+from pipeline.audio_io import read_audio
+from pipeline.checkpoint import load_model
+from pipeline.session import SessionOptions, StreamingSession
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
 from tests.speech import speak
 
@@ -36,6 +40,17 @@ def test_transcribe_text_mode_prints_the_transcript(tiny_checkpoint: Path, tmp_p
     captured = capsys.readouterr()
     assert "s]" in captured.err  # the progress line
     assert captured.out.endswith("\n")
+
+
+def test_transcribe_in_bf16_gives_the_bf16_session_transcript(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    wav = speak("Brief words in bf16.", tmp_path / "bf16.wav", seed=3).path
+    assert _transcribe(tiny_checkpoint, wav, "--json", "--dtype", "bfloat16") == 0
+    final = json.loads(capsys.readouterr().out.splitlines()[-1])
+    model = load_model(tiny_checkpoint, tower=tiny_checkpoint / TOWER_OVERLAY_DIR, dtype=torch.bfloat16)
+    session = StreamingSession(model, SessionOptions(language="en"))
+    session.push_audio(read_audio(wav))
+    session.finish()
+    assert final["token_ids"] == session.token_ids
 
 
 def test_offline_without_the_published_model_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
