@@ -76,7 +76,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """bf16 on CUDA (what the model was trained and published in); fp32 elsewhere, the exact and portable choice.
 
-    On CPUs with native bf16 arithmetic (AVX512-BF16, AMX) bf16 is much faster (2.4x engine throughput measured
+    On CPUs with native bf16 arithmetic (AVX512-BF16, AMX) bf16 is much faster (2.3-2.7x engine throughput measured
     in BENCHMARKS.md) and worth choosing explicitly; without it, bf16 matmuls are emulated and slow.
     """
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
