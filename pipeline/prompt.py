@@ -15,6 +15,8 @@ Output: without a forced language the model writes `language English<asr_text>te
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -232,7 +234,22 @@ def detect_and_fix_repetitions(text: str, threshold: int = 20, max_pattern_lengt
        that leave at least 2 x `threshold` characters to the end of the (remaining) text.
     Normal text is never that repetitive, so it passes unchanged.
     """
+    if not _may_repeat(text, threshold, max_pattern_length):
+        return text
     return _collapse_pattern_runs(_collapse_char_runs(text, threshold), threshold, max_pattern_length)
+
+
+def _may_repeat(text: str, threshold: int, max_pattern_length: int) -> bool:
+    """Whether some pattern of <= max_pattern_length characters may repeat `threshold` times back to back.
+
+    Every transcript update of every stream runs the fixer, and normal text should not pay for its scans. Each
+    test is a necessary condition, cheapest first: every character of such a run occurs >= threshold times in
+    the text; the run is a stretch of >= threshold such characters; and the search finds it (in C).
+    """
+    frequent = "".join(char for char, count in Counter(text).items() if count >= threshold)
+    if not frequent or re.search(f"[{re.escape(frequent)}]{{{threshold}}}", text) is None:
+        return False
+    return re.search(f"(.{{1,{max_pattern_length}}}?)\\1{{{threshold - 1}}}", text, flags=re.DOTALL) is not None
 
 
 def _collapse_char_runs(text: str, threshold: int) -> str:

@@ -198,3 +198,21 @@ def test_decode_ids_splits_on_the_asr_text_id(asr_text_is_special: bool) -> None
 )
 def test_detect_and_fix_repetitions(text: str, fixed: str) -> None:
     assert detect_and_fix_repetitions(text) == fixed
+
+
+def test_repetition_fixer_fast_path_changes_nothing() -> None:
+    """Texts the C search clears are exactly those the reference scans leave alone (random texts, many with
+    planted runs of every pattern length around the threshold)."""
+    import random
+
+    from pipeline.prompt import _collapse_char_runs, _collapse_pattern_runs
+
+    rng = random.Random(0)
+    for _ in range(400):
+        alphabet = rng.choice(["ab", "abc ", "the quick brown fox. ", "\n x"])
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 120)))
+        if rng.random() < 0.6:
+            pattern = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 23)))
+            at = rng.randrange(0, len(text) + 1)
+            text = text[:at] + pattern * rng.randrange(15, 24) + text[at:]
+        assert detect_and_fix_repetitions(text) == _collapse_pattern_runs(_collapse_char_runs(text, 20), 20, 20)
