@@ -37,13 +37,15 @@ def _load(args: argparse.Namespace):
 
 
 def _transcribe(args: argparse.Namespace) -> int:
+    if len(args.audio) > 1:
+        return _transcribe_many(args)
     import json
 
     from pipeline.audio_io import read_audio
     from pipeline.session import StreamingSession
     from pipeline.transcribe import stream_recording
 
-    audio = read_audio(args.audio)
+    audio = read_audio(args.audio[0])
     session = StreamingSession(_load(args), _session_options(args))
     duration = audio.size / 16000
     committed = ""
@@ -61,6 +63,24 @@ def _transcribe(args: argparse.Namespace) -> int:
     else:
         print(file=sys.stderr)
         print(session.transcript)
+    return 0
+
+
+def _transcribe_many(args: argparse.Namespace) -> int:
+    """Several files: all through one multi-stream engine; each file's output equals a run on it alone."""
+    import json
+
+    from pipeline.audio_io import read_audio
+    from pipeline.transcribe import transcribe_recordings
+
+    if args.realtime or args.backend != "causal":
+        raise SystemExit("several files run through the multi-stream engine: causal backend, no --realtime")
+    recordings = {path: read_audio(path) for path in dict.fromkeys(args.audio)}
+    for path, event in transcribe_recordings(_load(args), _session_options(args), recordings, args.max_streams):
+        if args.json:
+            print(json.dumps({"file": path, **event.to_dict()}), flush=True)
+        elif event.kind == "final":
+            print(f"{path}\t{event.transcript}", flush=True)
     return 0
 
 
@@ -94,11 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--with-tower", action="store_true", help="also write a causal tower overlay in OUT/causal_tower")
     tiny.set_defaults(run=_make_tiny_checkpoint)
 
-    transcribe = commands.add_parser("transcribe", help="stream an audio file (WAV/FLAC/OGG) through a session")
-    transcribe.add_argument("audio", help="audio file; resampled to 16 kHz mono")
+    transcribe = commands.add_parser(
+        "transcribe", help="stream audio files (WAV/FLAC/OGG): one through a session, several through the engine"
+    )
+    transcribe.add_argument("audio", nargs="+", help="audio files; resampled to 16 kHz mono")
     _add_model_arguments(transcribe)
     transcribe.add_argument("--realtime", action="store_true", help="pace the audio like a live source")
-    transcribe.add_argument("--json", action="store_true", help="one JSON object per event, then {text, token_ids}")
+    transcribe.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per event, then {text, token_ids}; with several files every event names its file",
+    )
+    transcribe.add_argument(
+        "--max-streams", type=int, default=16, help="several files: how many the engine transcribes at once"
+    )
     transcribe.set_defaults(run=_transcribe)
 
     from pipeline.evaluation import add_eval_parser

@@ -1,4 +1,5 @@
-"""Stream a whole recording through a session, as fast as possible or paced like a live source."""
+"""Stream recordings through the runtime: one through a session (as fast as possible or paced like a live source),
+or many at once through the multi-stream engine."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from pipeline.checkpoint import ASRModel
+from pipeline.engine import EngineOptions, StreamingEngine
 from pipeline.features import SAMPLE_RATE
-from pipeline.session import StreamingSession, TranscriptEvent
+from pipeline.session import SessionOptions, StreamingSession, TranscriptEvent
 
 
 def stream_recording(
@@ -30,3 +33,26 @@ def stream_recording(
             time.sleep(max(0.0, due - (time.monotonic() - started)))
         yield from session.push_audio(piece)
     yield from session.finish()
+
+
+def transcribe_recordings(
+    model: ASRModel, options: SessionOptions, recordings: dict[str, np.ndarray], max_streams: int = 16
+) -> Iterator[tuple[str, TranscriptEvent]]:
+    """Transcribe many recordings together, as fast as possible: up to `max_streams` at a time in one
+    `StreamingEngine` (one batched encoder forward and decoder update per step), the rest admitted as slots free.
+
+    Yields (name, event) in step order; each recording's events are exactly those of its own session.
+    """
+    if max_streams < 1:
+        raise ValueError(f"max_streams is {max_streams}; expected at least 1")
+    engine = StreamingEngine(model, options, EngineOptions(max_streams=min(max_streams, len(recordings))))
+    waiting = list(recordings)
+    while waiting or engine.active_streams:
+        while waiting and engine.free_slots:
+            name = waiting.pop(0)
+            engine.open_stream(name)
+            engine.push_audio(name, recordings[name])
+            engine.finish_stream(name)
+        for name, events in engine.step().items():
+            for event in events:
+                yield name, event

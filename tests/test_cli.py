@@ -16,10 +16,10 @@ from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
 from tests.speech import speak
 
 
-def _transcribe(tiny_checkpoint: Path, wav: Path, *extra: str) -> int:
-    return cli_main(
-        ["transcribe", str(wav), "--model", str(tiny_checkpoint), "--tower", str(tiny_checkpoint / TOWER_OVERLAY_DIR), *extra]
-    )
+def _transcribe(tiny_checkpoint: Path, *args: Path | str) -> int:
+    """`transcribe` with the tiny checkpoint; args are audio paths and extra flags."""
+    model = ["--model", str(tiny_checkpoint), "--tower", str(tiny_checkpoint / TOWER_OVERLAY_DIR)]
+    return cli_main(["transcribe", *map(str, args), *model])
 
 
 def test_transcribe_json_streams_events_then_the_whole_transcript(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
@@ -51,6 +51,23 @@ def test_transcribe_in_bf16_gives_the_bf16_session_transcript(tiny_checkpoint: P
     session.push_audio(read_audio(wav))
     session.finish()
     assert final["token_ids"] == session.token_ids
+
+
+def test_several_files_go_through_the_engine_and_match_single_runs(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    texts = ["First file, a short one.", "The second file says a little more than the first.", "Third."]
+    wavs = [str(speak(text, tmp_path / f"{index}.wav", seed=10 + index).path) for index, text in enumerate(texts)]
+    alone = []
+    for wav in wavs:
+        assert _transcribe(tiny_checkpoint, Path(wav), "--json") == 0
+        alone.append([json.loads(line) for line in capsys.readouterr().out.splitlines()][:-1])
+    assert _transcribe(tiny_checkpoint, *map(Path, wavs), "--json", "--max-streams", "2") == 0
+    together = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for wav, expected in zip(wavs, alone):
+        events = [{key: value for key, value in e.items() if key != "file"} for e in together if e["file"] == wav]
+        assert events == expected
+    assert _transcribe(tiny_checkpoint, *map(Path, wavs)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sorted(line.split("\t")[0] for line in lines) == sorted(wavs)
 
 
 def test_offline_without_the_published_model_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
