@@ -385,3 +385,18 @@ def test_streams_that_keep_up_are_not_affected_by_catch_up(model: ASRModel) -> N
     events = _engine_events(engine, plans)
     for index, plan in enumerate(plans):
         assert _comparable(events[str(index)]) == _comparable(_single_stream_events(model, plan.audio, CAUSAL))
+
+
+def test_catch_up_with_held_blocks_decodes_every_block(model: ASRModel) -> None:
+    """Catch-up on streams that also decode every 2 blocks: fewer updates than either alone, and the last update of
+    each stream still hears its whole audio (no block is dropped between held blocks and catch-up rounds)."""
+    every_other = SessionOptions(**{**CAUSAL.__dict__, "blocks_per_update": 2})
+    audio = {str(i): plan.audio for i, plan in enumerate(_plans(3))}
+    engine = StreamingEngine(model, every_other, EngineOptions(max_streams=3, catch_up_blocks=3, decode_step="static"))
+    events = _drain(engine, audio)
+    for stream_id, samples in audio.items():
+        alone = _single_stream_events(model, samples, every_other)
+        updates = [e for e in events[stream_id] if e.kind == "update"]
+        assert len(updates) <= sum(e.kind == "update" for e in alone)
+        assert updates[-1].audio_sec == alone[-2].audio_sec
+        assert events[stream_id][-1].kind == "final" and events[stream_id][-1].audio_sec == alone[-1].audio_sec
