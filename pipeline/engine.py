@@ -5,8 +5,10 @@ preallocated slot pools (`pipeline.kv_pool`), one slot per stream, so admission 
 `EngineAtCapacity` otherwise) and no cache memory is allocated per update: streams in neighbouring slots (the
 common case: slots are handed out lowest first) write their new K/V into their slots and attend over views of
 the pool; only a batch of scattered slots gathers a padded copy, and activations are per-step tensors (the
-CUDA caching allocator recycles them; the decode steps run in fixed buffers). A segment roll reuses the stream's
-slot and the end of the stream frees it. Audio is buffered per stream (only the cheap log-mel front-end runs on
+CUDA caching allocator recycles them; the decode steps run in fixed buffers). The end of a stream frees its slot;
+at a segment roll, when its K/V starts empty, a stream moves down into the lowest free slot if there is a lower
+one (`KVSlotPool.move_down`), so the live streams stay packed at the low slots that batches and fixed-shape
+steps cover. Audio is buffered per stream (only the cheap log-mel front-end runs on
 arrival); `step()` then advances every stream that has a whole block buffered, or whose end was signalled, by
 one block (a stream that has fallen behind by up to `EngineOptions.catch_up_blocks`, see below):
 
@@ -154,7 +156,9 @@ class StreamingEngine:
     def open_stream(self, stream_id: str, options: SessionOptions | None = None) -> None:
         """Admit a new stream, with the engine's options unless given; raises `EngineAtCapacity` when full."""
         slot = self._admit(stream_id, options or self.options)
-        self._sessions[stream_id] = StreamingSession(self.model, options or self.options, kv_slot=slot)
+        self._sessions[stream_id] = StreamingSession(
+            self.model, options or self.options, kv_slot=slot, reslot=self.pool.move_down
+        )
 
     def restore_stream(self, stream_id: str, checkpoint: bytes) -> int:
         """Admit a stream that continues from a segment-roll checkpoint (e.g. taken on another replica).
@@ -162,7 +166,9 @@ class StreamingEngine:
         Returns the stream sample offset to resume from: push the audio from there on. The events that follow
         equal those the original stream produced after the checkpoint."""
         slot = self._admit(stream_id, checkpoint_options(checkpoint))
-        self._sessions[stream_id] = StreamingSession.restore(self.model, checkpoint, kv_slot=slot)
+        self._sessions[stream_id] = StreamingSession.restore(
+            self.model, checkpoint, kv_slot=slot, reslot=self.pool.move_down
+        )
         return checkpoint_offset(checkpoint)
 
     def _admit(self, stream_id: str, options: SessionOptions) -> KVSlot:

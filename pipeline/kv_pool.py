@@ -19,6 +19,7 @@ stay plain `CausalEncoderState` / `DecoderKVCache` objects whose tensors are vie
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -264,7 +265,7 @@ class KVSlotPool:
         self.slots = slots
         self.encoder = EncoderKVPool(tower, slots)
         self.decoder = DecoderKVPool(decoder, slots, decoder_capacity)
-        self._free = list(range(slots - 1, -1, -1))  # popped from the end: lowest index first
+        self._free = list(range(slots))  # a min-heap: the lowest free slot is handed out first
 
     @property
     def free(self) -> int:
@@ -279,9 +280,18 @@ class KVSlotPool:
     def acquire(self) -> KVSlot | None:
         if not self._free:
             return None
-        return KVSlot(self._free.pop(), self.encoder, self.decoder)
+        return KVSlot(heapq.heappop(self._free), self.encoder, self.decoder)
+
+    def move_down(self, slot: KVSlot) -> KVSlot:
+        """The lowest free slot if it is below `slot` (which is released), else `slot`: for a stream whose K/V is
+        empty (a segment start), so that live streams stay packed at the low slots a batch covers."""
+        if not self._free or self._free[0] > slot.index:
+            return slot
+        lower = self.acquire()
+        self.release(slot)
+        return lower
 
     def release(self, slot: KVSlot) -> None:
         if slot.encoder_pool is not self.encoder or slot.index in self._free or not 0 <= slot.index < self.slots:
             raise ValueError(f"slot {slot.index} is not an acquired slot of this pool")
-        self._free.append(slot.index)
+        heapq.heappush(self._free, slot.index)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -147,15 +148,22 @@ class StreamingSession:
     """Transcribe one stream: `push_audio` chunks of any size, then `finish`."""
 
     def __init__(
-        self, model: ASRModel, options: SessionOptions | None = None, kv_slot: KVSlot | None = None
+        self,
+        model: ASRModel,
+        options: SessionOptions | None = None,
+        kv_slot: KVSlot | None = None,
+        reslot: Callable[[KVSlot], KVSlot] | None = None,
     ) -> None:
         """`kv_slot`: causal backend only, keep the encoder and decoder K/V in a preallocated pool slot
-        (`pipeline.kv_pool`) instead of per-segment tensors; the engine gives one to each stream."""
+        (`pipeline.kv_pool`) instead of per-segment tensors; the engine gives one to each stream. `reslot`: at
+        each segment roll, when the K/V starts empty and moving it costs nothing, the slot to continue in (the
+        engine's pool moves streams down into free lower slots, keeping the live slots packed)."""
         self.model = model
         self.options = options or SessionOptions()
         if kv_slot is not None:
             self._check_causal()
         self.kv_slot = kv_slot
+        self.reslot = reslot
         opts = self.options
         self.prompt = build_causal_prompt(model.tokenizer, language=opts.language, context=opts.context)
         self.controls = DecodeControls(
@@ -447,6 +455,8 @@ class StreamingSession:
         self.completed_tokens += self.segment.tokens
         pending = self.segment.encoder.pending_mel if self.segment.encoder is not None else None
         self.segment_index += 1
+        if self.kv_slot is not None and self.reslot is not None:
+            self.kv_slot = self.reslot(self.kv_slot)
         self.segment = self._new_segment(pending)
         event = self._event("segment", new_words, tentative="", transcript=self.committer.transcript)
         return [replace(event, checkpoint=self.checkpoint())]
@@ -486,11 +496,17 @@ class StreamingSession:
         return json.dumps(payload).encode()
 
     @classmethod
-    def restore(cls, model: ASRModel, checkpoint: bytes, kv_slot: KVSlot | None = None) -> "StreamingSession":
+    def restore(
+        cls,
+        model: ASRModel,
+        checkpoint: bytes,
+        kv_slot: KVSlot | None = None,
+        reslot: Callable[[KVSlot], KVSlot] | None = None,
+    ) -> "StreamingSession":
         """A session that continues from a checkpoint; feed it the audio from `checkpoint_offset(checkpoint)` on.
 
-        `kv_slot` as in the constructor: an engine restores a stream into one of its slots."""
-        session = cls(model, checkpoint_options(checkpoint), kv_slot=kv_slot)
+        `kv_slot`, `reslot` as in the constructor: an engine restores a stream into one of its slots."""
+        session = cls(model, checkpoint_options(checkpoint), kv_slot=kv_slot, reslot=reslot)
         payload = json.loads(checkpoint)
         features = payload["features"]
         session.features = StreamingLogMel.from_state(

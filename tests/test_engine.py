@@ -400,3 +400,26 @@ def test_catch_up_with_held_blocks_decodes_every_block(model: ASRModel) -> None:
         assert len(updates) <= sum(e.kind == "update" for e in alone)
         assert updates[-1].audio_sec == alone[-2].audio_sec
         assert events[stream_id][-1].kind == "final" and events[stream_id][-1].audio_sec == alone[-1].audio_sec
+
+
+def test_streams_move_down_to_free_slots_at_segment_rolls(model: ASRModel) -> None:
+    """Once the streams below it end, a stream moves into the lowest free slot at its next roll (its K/V is empty
+    then), with its events unchanged."""
+    plans = _plans(3)
+    engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=3))
+    for stream_id in "abc":
+        engine.open_stream(stream_id)
+    assert engine.session("c").kv_slot.index == 2
+    engine.close_stream("a")
+    engine.close_stream("b")
+    engine.push_audio("c", plans[0].audio)
+    engine.finish_stream("c")
+    events: list[TranscriptEvent] = []
+    slots = []
+    while engine.has_work:
+        events += engine.step().get("c", [])
+        if "c" in engine.active_streams:
+            slots.append(engine.session("c").kv_slot.index)
+    assert slots[0] == 2 and slots[-1] == 0 and "segment" in [event.kind for event in events]
+    assert _comparable(events) == _comparable(_single_stream_events(model, plans[0].audio, CAUSAL))
+    assert engine.free_slots == 3

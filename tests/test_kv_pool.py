@@ -9,7 +9,7 @@ from torch.overrides import TorchFunctionMode
 from pipeline.causal_encoder import CausalAudioEncoder, CausalEncoderOptions
 from pipeline.config import TINY_AUDIO
 from pipeline.decoder import DecoderKVCache, forward_streams
-from pipeline.kv_pool import EncoderKVPool, KVSlotPool
+from pipeline.kv_pool import EncoderKVPool, KVSlot, KVSlotPool
 from tests.test_decoder import random_decoder
 from tests.test_encoder import random_tower, relative_error
 
@@ -205,3 +205,15 @@ def test_slots_are_admitted_while_free_and_reused_after_release() -> None:
     assert pool.acquire().index == 0
     with pytest.raises(ValueError, match="not an acquired slot"):
         pool.release(KVSlotPool(random_tower(seed=1), random_decoder(seed=0), 1, 8).acquire())
+
+
+def test_the_lowest_free_slot_is_handed_out_and_streams_move_down_into_it() -> None:
+    pool = KVSlotPool(random_tower(seed=1), random_decoder(seed=0), slots=4, decoder_capacity=8)
+    slots = [pool.acquire() for _ in range(4)]
+    pool.release(slots[1])
+    pool.release(slots[3])
+    pool.release(slots[0])
+    assert pool.acquire().index == 0  # the lowest, whatever the order of release
+    assert pool.move_down(slots[2]).index == 1  # a lower slot is free: move there, free 2
+    assert pool.free == 2 and pool.move_down(KVSlot(1, pool.encoder, pool.decoder)).index == 1  # none lower
+    assert sorted(pool.acquire().index for _ in range(2)) == [2, 3]
