@@ -136,9 +136,8 @@ class StreamingEngine:
         self.options = options or SessionOptions()
         _check_backend(self.options)
         self.engine_options = engine_options or EngineOptions()
-        self.max_streams = self.engine_options.max_streams
         decoder_capacity = self.engine_options.decoder_capacity or self._decoder_positions(self.options)
-        self.pool = KVSlotPool(model.audio_tower, model.text_decoder, self.max_streams, decoder_capacity)
+        self.pool = KVSlotPool(model.audio_tower, model.text_decoder, self.engine_options.max_streams, decoder_capacity)
         self.decode_step = self._make_decode_step(self.engine_options.decode_step_on(model.device))
         self._sessions: dict[str, StreamingSession] = {}
         self.last_step_timing: StepTiming | None = None  # for metrics and benchmarks
@@ -155,10 +154,9 @@ class StreamingEngine:
 
     def open_stream(self, stream_id: str, options: SessionOptions | None = None) -> None:
         """Admit a new stream, with the engine's options unless given; raises `EngineAtCapacity` when full."""
-        slot = self._admit(stream_id, options or self.options)
-        self._sessions[stream_id] = StreamingSession(
-            self.model, options or self.options, kv_slot=slot, reslot=self.pool.move_down
-        )
+        options = options or self.options
+        slot = self._admit(stream_id, options)
+        self._sessions[stream_id] = StreamingSession(self.model, options, kv_slot=slot, reslot=self.pool.move_down)
 
     def restore_stream(self, stream_id: str, checkpoint: bytes) -> int:
         """Admit a stream that continues from a segment-roll checkpoint (e.g. taken on another replica).
@@ -184,7 +182,7 @@ class StreamingEngine:
         slot = self.pool.acquire()
         if slot is None:
             raise EngineAtCapacity(
-                f"all {self.max_streams} stream slots are taken; stream {stream_id!r} was not admitted"
+                f"all {self.pool.slots} stream slots are taken; stream {stream_id!r} was not admitted"
             )
         return slot
 
