@@ -1,0 +1,352 @@
+"""Client library for the public ``qwen3stream.v1.Recognizer`` gRPC API.
+
+Vendorable on purpose: it imports only the standard library, numpy, grpcio and the generated modules
+under ``protos/`` (no torch, no Ray, nothing from ``pipeline``), so users can copy this file and
+``protos/`` into their own code.
+
+One call is one stream: config first, then audio chunks, then half-close; the server answers with
+Started, Results (append-only committed words + an interim tail) and, after the half-close, Final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, TypeVar
+
+import grpc
+import numpy as np
+
+from protos.qwen3stream.v1 import asr_pb2, asr_pb2_grpc
+
+__all__ = [
+    "CommittedWord",
+    "RecognizerClient",
+    "StreamOptions",
+    "StreamOutcome",
+    "TimedResult",
+    "encode_pcm",
+    "recognize",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+EncodingName = Literal["pcm_s16le", "f32le"]
+
+_ENCODINGS: dict[str, tuple[int, int]] = {
+    # name -> (proto enum value, bytes per sample)
+    "pcm_s16le": (asr_pb2.PCM_S16LE, 2),
+    "f32le": (asr_pb2.F32LE, 4),
+}
+
+# Large enough for any single chunk or Final of a long stream; gRPC's default receive limit is 4 MiB.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """What the client sends in StreamConfig, plus how it chunks and paces the audio."""
+
+    language: str = "English"
+    sample_rate_hz: int = 16000
+    encoding: EncodingName = "pcm_s16le"
+    # Mel frames per encoder block (server-side latency/throughput trade-off).
+    block_frames: int = 192
+    interim_results: bool = True
+    # Audio per AudioChunk message.
+    chunk_ms: int = 100
+    # Send chunks at the pace of the audio (like a microphone) instead of as fast as possible.
+    realtime: bool = False
+
+    def __post_init__(self) -> None:
+        if self.encoding not in _ENCODINGS:
+            raise ValueError(f"encoding must be one of {sorted(_ENCODINGS)}, got {self.encoding!r}")
+        if self.sample_rate_hz <= 0:
+            raise ValueError(f"sample_rate_hz must be positive, got {self.sample_rate_hz}")
+        if self.chunk_ms <= 0 or self.chunk_samples == 0:
+            raise ValueError(f"chunk_ms={self.chunk_ms} holds no whole sample at {self.sample_rate_hz} Hz")
+
+    @property
+    def chunk_samples(self) -> int:
+        """Samples per AudioChunk (the last chunk of a stream may be shorter)."""
+        return self.sample_rate_hz * self.chunk_ms // 1000
+
+    def to_proto(self) -> asr_pb2.StreamConfig:
+        return asr_pb2.StreamConfig(
+            language=self.language,
+            sample_rate_hz=self.sample_rate_hz,
+            encoding=_ENCODINGS[self.encoding][0],
+            block_frames=self.block_frames,
+            interim_results=self.interim_results,
+        )
+
+
+def encode_pcm(samples: np.ndarray, encoding: EncodingName) -> bytes:
+    """Mono float samples in [-1, 1] -> the raw little-endian bytes AudioChunk.data carries.
+
+    ``pcm_s16le`` clips to [-1, 1] and rounds ``x * 32767`` to the nearest integer (so +1.0 does not
+    overflow); ``f32le`` passes the values through unchanged.
+    """
+    x = np.asarray(samples, dtype=np.float32)
+    if x.ndim != 1:
+        raise ValueError(f"expected mono samples of shape (n,), got shape {x.shape}")
+    if encoding == "pcm_s16le":
+        return np.rint(np.clip(x, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    if encoding == "f32le":
+        return x.astype("<f4").tobytes()
+    raise ValueError(f"encoding must be one of {sorted(_ENCODINGS)}, got {encoding!r}")
+
+
+class CommittedWord(NamedTuple):
+    index: int
+    text: str
+    start_ms: int
+    end_ms: int
+
+
+class TimedResult(NamedTuple):
+    """A Result with the client's ``time.monotonic()`` when it arrived (for latency measurements)."""
+
+    received_at: float
+    result: asr_pb2.Result
+
+
+@dataclass
+class StreamOutcome:
+    """Everything one stream returned."""
+
+    session_id: str = ""
+    # The effective config the server echoed in Started.
+    config: asr_pb2.StreamConfig | None = None
+    committed: list[CommittedWord] = field(default_factory=list)
+    # The interim tail of the latest Result.
+    interim: str = ""
+    results: list[TimedResult] = field(default_factory=list)
+    # None when the server closed without sending Final.
+    final: asr_pb2.Final | None = None
+
+    @property
+    def text(self) -> str:
+        """The transcript per the API contract: committed words joined by single spaces."""
+        return " ".join(w.text for w in self.committed)
+
+    def check_append_only(self) -> None:
+        """Raise ValueError unless committed word indices are exactly 0, 1, 2, ... in order."""
+        for expected, word in enumerate(self.committed):
+            if word.index != expected:
+                raise ValueError(
+                    f"committed word #{expected} ({word.text!r}) has index {word.index}, expected {expected}"
+                )
+
+    def add(self, response: asr_pb2.RecognizeResponse, received_at: float) -> asr_pb2.Result | None:
+        """Fold one response in; returns the Result if it was one."""
+        kind = response.WhichOneof("response")
+        if kind == "started":
+            self.session_id = response.started.session_id
+            self.config = response.started.config
+        elif kind == "result":
+            result = response.result
+            self.committed.extend(CommittedWord(w.index, w.text, w.start_ms, w.end_ms) for w in result.committed)
+            self.interim = result.interim
+            self.results.append(TimedResult(received_at, result))
+            return result
+        elif kind == "final":
+            self.final = response.final
+        else:  # a newer server's message kind: ignore, per proto3 forward compatibility
+            log.debug("ignoring unknown response kind %r", kind)
+        return None
+
+
+async def _send(call: grpc.aio.StreamStreamCall, options: StreamOptions, audio: bytes) -> None:
+    """Config, then the chunks (paced on a fixed schedule when realtime), then half-close."""
+    await call.write(asr_pb2.RecognizeRequest(config=options.to_proto()))
+    step = options.chunk_samples * _ENCODINGS[options.encoding][1]
+    chunk_s = options.chunk_ms / 1000.0
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    for k, start in enumerate(range(0, len(audio), step)):
+        if options.realtime:
+            # Chunk k at t0 + k * chunk: an absolute schedule, so write/sleep overheads never accumulate.
+            delay = t0 + k * chunk_s - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        await call.write(asr_pb2.RecognizeRequest(audio=asr_pb2.AudioChunk(data=audio[start : start + step])))
+    await call.done_writing()
+
+
+async def recognize(
+    channel: grpc.aio.Channel,
+    samples: np.ndarray,
+    options: StreamOptions = StreamOptions(),
+    on_result: Callable[[asr_pb2.Result], None] | None = None,
+    metadata: Sequence[tuple[str, str]] | None = None,
+) -> StreamOutcome:
+    """Stream ``samples`` (mono float in [-1, 1] at ``options.sample_rate_hz``) through one Recognize call.
+
+    Writing and reading run concurrently, so Results arrive (and ``on_result`` fires) while audio is
+    still being sent. Returns when the server closes the call. A gRPC error status raises the
+    ``grpc.aio.AioRpcError`` carrying the server's code and details.
+    """
+    audio = encode_pcm(samples, options.encoding)  # before the call: a bad input never opens a stream
+    call = asr_pb2_grpc.RecognizerStub(channel).Recognize(metadata=metadata)
+    first_status = _FirstStatus(call)
+    outcome = StreamOutcome()
+
+    writer = asyncio.create_task(_send(call, options, audio))
+
+    def _on_writer_done(task: asyncio.Task[None]) -> None:
+        # A failed writer would leave the reader waiting for a server that waits for audio: end the call.
+        if _unexpected_writer_error(task) is not None:
+            call.cancel()
+
+    writer.add_done_callback(_on_writer_done)
+    try:
+        async for response in call:
+            result = outcome.add(response, time.monotonic())
+            if result is not None and on_result is not None:
+                on_result(result)
+    except grpc.aio.AioRpcError as error:
+        real = await first_status.unmask(error)
+        if real is not None:
+            raise real from None
+        # The server had closed the call with OK; only a late write failed. The stream ended normally.
+    except asyncio.CancelledError as cancelled:
+        # The writer's own failure cancelled the call: report that, not the resulting cancellation.
+        writer_error = _unexpected_writer_error(writer)
+        if writer_error is not None:
+            raise writer_error from cancelled
+        raise
+    finally:
+        if not writer.done():
+            writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+        if not call.done():
+            call.cancel()
+    writer_error = _unexpected_writer_error(writer)
+    if writer_error is not None:
+        raise writer_error
+    return outcome
+
+
+def _unexpected_writer_error(writer: asyncio.Task[None]) -> BaseException | None:
+    """The writer's exception unless it only says the call had ended (the reader reports the status)."""
+    if not writer.done() or writer.cancelled():
+        return None
+    error = writer.exception()
+    if isinstance(error, (grpc.aio.AioRpcError, asyncio.InvalidStateError)):
+        return None
+    return error
+
+
+# What grpc.aio reports when a write fails because the call has just ended (grpc/grpc#36066).
+_CORE_WRITE_FAILURE = (grpc.StatusCode.INTERNAL, "Internal error from Core")
+
+
+def _is_core_write_failure(error: grpc.aio.AioRpcError) -> bool:
+    return (error.code(), error.details()) == _CORE_WRITE_FAILURE
+
+
+def _resolved(awaitable: Coroutine[Any, Any, T]) -> T | None:
+    """The value of a status getter of a finished call, without awaiting (it never suspends then)."""
+    try:
+        awaitable.send(None)
+    except StopIteration as stop:
+        return stop.value
+    awaitable.close()
+    return None
+
+
+def _status_now(call: grpc.aio.Call) -> grpc.aio.AioRpcError | None:
+    """A finished call's status: None for OK, else the AioRpcError a reader would raise."""
+    code = _resolved(call.code())
+    if code is None or code == grpc.StatusCode.OK:
+        return None
+    return grpc.aio.AioRpcError(
+        code,
+        _resolved(call.initial_metadata()),
+        _resolved(call.trailing_metadata()),
+        _resolved(call.details()),
+        _resolved(call.debug_error_string()),
+    )
+
+
+class _FirstStatus:
+    """Keeps the first status a call reports, to recover the server's status when a write masks it.
+
+    grpc.aio bug grpc/grpc#36066: when the server ends the call (abort, or early OK) while a client
+    write is in flight, the failed write overwrites the server's status with INTERNAL "Internal error
+    from Core". The server's status usually arrives first (kept here); when the write failure wins,
+    the server's status overwrites it shortly after (read from the call again).
+    """
+
+    def __init__(self, call: grpc.aio.Call) -> None:
+        self._call = call
+        self._seen = False
+        self._first: grpc.aio.AioRpcError | None = None
+        call.add_done_callback(self._on_done)
+
+    def _on_done(self, call: grpc.aio.Call) -> None:
+        if not self._seen:
+            self._seen = True
+            self._first = _status_now(call)
+
+    async def unmask(self, error: grpc.aio.AioRpcError, grace_s: float = 0.1) -> grpc.aio.AioRpcError | None:
+        """The call's real status for the reader's ``error``: an AioRpcError, or None for OK."""
+        if not _is_core_write_failure(error):
+            return error
+        if self._seen and (self._first is None or not _is_core_write_failure(self._first)):
+            return self._first
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while True:
+            current = _status_now(self._call) if self._call.done() else error
+            if current is None or not _is_core_write_failure(current):
+                return current
+            if loop.time() >= deadline:
+                return error  # a genuine internal failure
+            await asyncio.sleep(0.005)
+
+
+class RecognizerClient:
+    """An insecure channel to one Recognizer endpoint; ``async with RecognizerClient(target) as c``."""
+
+    def __init__(self, target: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.target = target
+        self.max_message_bytes = max_message_bytes
+        self._channel: grpc.aio.Channel | None = None
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            raise RuntimeError("RecognizerClient is not open: use `async with RecognizerClient(target) as client`")
+        return self._channel
+
+    async def __aenter__(self) -> RecognizerClient:
+        self._channel = grpc.aio.insecure_channel(
+            self.target,
+            options=[
+                ("grpc.max_send_message_length", self.max_message_bytes),
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+            ],
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    async def recognize(
+        self,
+        samples: np.ndarray,
+        options: StreamOptions = StreamOptions(),
+        on_result: Callable[[asr_pb2.Result], None] | None = None,
+        metadata: Sequence[tuple[str, str]] | None = None,
+    ) -> StreamOutcome:
+        """One stream over this client's channel; see :func:`recognize`."""
+        return await recognize(self.channel, samples, options, on_result=on_result, metadata=metadata)

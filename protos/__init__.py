@@ -1,0 +1,1 @@
+"""Public gRPC API definitions (``.proto``) and their checked-in generated Python modules."""

@@ -1,0 +1,121 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENCODING_UNSPECIFIED: _ClassVar[Encoding]
+    PCM_S16LE: _ClassVar[Encoding]
+    F32LE: _ClassVar[Encoding]
+ENCODING_UNSPECIFIED: Encoding
+PCM_S16LE: Encoding
+F32LE: Encoding
+
+class RecognizeRequest(_message.Message):
+    __slots__ = ("config", "audio", "control")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
+    config: StreamConfig
+    audio: AudioChunk
+    control: Control
+    def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., control: _Optional[_Union[Control, _Mapping]] = ...) -> None: ...
+
+class StreamConfig(_message.Message):
+    __slots__ = ("language", "sample_rate_hz", "encoding", "block_frames", "interim_results")
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    INTERIM_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    language: str
+    sample_rate_hz: int
+    encoding: Encoding
+    block_frames: int
+    interim_results: bool
+    def __init__(self, language: _Optional[str] = ..., sample_rate_hz: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., block_frames: _Optional[int] = ..., interim_results: _Optional[bool] = ...) -> None: ...
+
+class AudioChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class Control(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RecognizeResponse(_message.Message):
+    __slots__ = ("started", "result", "final")
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    started: Started
+    result: Result
+    final: Final
+    def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., final: _Optional[_Union[Final, _Mapping]] = ...) -> None: ...
+
+class Started(_message.Message):
+    __slots__ = ("session_id", "config")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    config: StreamConfig
+    def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[StreamConfig, _Mapping]] = ...) -> None: ...
+
+class Word(_message.Message):
+    __slots__ = ("index", "text", "start_ms", "end_ms")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    START_MS_FIELD_NUMBER: _ClassVar[int]
+    END_MS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    text: str
+    start_ms: int
+    end_ms: int
+    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., start_ms: _Optional[int] = ..., end_ms: _Optional[int] = ...) -> None: ...
+
+class Result(_message.Message):
+    __slots__ = ("committed", "interim", "segment_index", "audio_processed_ms", "segment_final")
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    INTERIM_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_PROCESSED_MS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FINAL_FIELD_NUMBER: _ClassVar[int]
+    committed: _containers.RepeatedCompositeFieldContainer[Word]
+    interim: str
+    segment_index: int
+    audio_processed_ms: int
+    segment_final: bool
+    def __init__(self, committed: _Optional[_Iterable[_Union[Word, _Mapping]]] = ..., interim: _Optional[str] = ..., segment_index: _Optional[int] = ..., audio_processed_ms: _Optional[int] = ..., segment_final: _Optional[bool] = ...) -> None: ...
+
+class Final(_message.Message):
+    __slots__ = ("text", "token_ids", "stats", "final_hypothesis_text")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_HYPOTHESIS_TEXT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    stats: FinalStats
+    final_hypothesis_text: str
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., stats: _Optional[_Union[FinalStats, _Mapping]] = ..., final_hypothesis_text: _Optional[str] = ...) -> None: ...
+
+class FinalStats(_message.Message):
+    __slots__ = ("audio_ms", "segments", "updates", "words", "replays")
+    AUDIO_MS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    WORDS_FIELD_NUMBER: _ClassVar[int]
+    REPLAYS_FIELD_NUMBER: _ClassVar[int]
+    audio_ms: int
+    segments: int
+    updates: int
+    words: int
+    replays: int
+    def __init__(self, audio_ms: _Optional[int] = ..., segments: _Optional[int] = ..., updates: _Optional[int] = ..., words: _Optional[int] = ..., replays: _Optional[int] = ...) -> None: ...
