@@ -22,11 +22,10 @@ about a second; use a forced aligner where exact timing matters.
 
 from __future__ import annotations
 
-import enum
 import logging
 import string
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -336,11 +335,6 @@ def ends_with_sentence_punctuation(text: str) -> bool:
     return text.rstrip(_TRAILING_CLOSERS + string.whitespace).endswith(tuple(_SENTENCE_END_MARKS))
 
 
-class RollReason(enum.Enum):
-    PUNCTUATION = "punctuation"
-    CAP = "cap"
-
-
 @dataclass(frozen=True)
 class SegmentOptions:
     """When a segment rolls (steps are 80 ms audio steps; reference causal defaults)."""
@@ -365,8 +359,8 @@ class SegmentPolicy:
     def __init__(self, options: SegmentOptions | None = None) -> None:
         self.options = options or SegmentOptions()
 
-    def should_roll_before(self, segment_steps: int, incoming_steps: int) -> RollReason | None:
-        """Roll before an update whose incoming steps would push the segment past the cap.
+    def should_roll_before(self, segment_steps: int, incoming_steps: int) -> Literal[True] | None:
+        """Roll (True) before an update whose incoming steps would push the segment past the cap, else None.
 
         An empty segment never rolls: the caller must keep single appends within the cap.
         """
@@ -376,18 +370,18 @@ class SegmentPolicy:
             and segment_steps > 0
             and segment_steps + incoming_steps > self.options.segment_max_steps
         ):
-            return RollReason.CAP
+            return True
         return None
 
-    def should_roll_after(self, segment_steps: int, hypothesis_text: str) -> RollReason | None:
-        """Roll after an update: at a sentence end once long enough, or when past the cap."""
+    def should_roll_after(self, segment_steps: int, hypothesis_text: str) -> Literal[True] | None:
+        """Roll (True) after an update at a sentence end once long enough, or when past the cap; else None."""
         _check_steps(segment_steps=segment_steps)
         if segment_steps > self.options.segment_max_steps:
-            return RollReason.CAP
+            return True
         if segment_steps >= self.options.segment_punct_min_steps and ends_with_sentence_punctuation(
             hypothesis_text
         ):
-            return RollReason.PUNCTUATION
+            return True
         return None
 
 

@@ -11,7 +11,6 @@ import pytest
 
 from pipeline.commit import (
     CommitOptions,
-    RollReason,
     SegmentCommitState,
     SegmentOptions,
     SegmentPolicy,
@@ -283,16 +282,16 @@ def test_ends_with_sentence_punctuation(text: str, expected: bool) -> None:
 def test_punctuation_roll_needs_150_steps() -> None:
     policy = SegmentPolicy()
     assert policy.should_roll_after(149, "Hello.") is None
-    assert policy.should_roll_after(150, "Hello.") is RollReason.PUNCTUATION
+    assert policy.should_roll_after(150, "Hello.") is True
     assert policy.should_roll_after(150, "etc") is None
     assert policy.should_roll_after(200, "etc") is None
-    assert policy.should_roll_after(201, "etc") is RollReason.CAP
+    assert policy.should_roll_after(201, "etc") is True
 
 
 def test_roll_before_an_update_that_would_pass_200_steps() -> None:
     policy = SegmentPolicy()
     assert policy.should_roll_before(176, 24) is None  # exactly 200: allowed
-    assert policy.should_roll_before(177, 24) is RollReason.CAP
+    assert policy.should_roll_before(177, 24) is True
     assert policy.should_roll_before(0, 250) is None  # an empty segment cannot roll
     assert SegmentPolicy(SegmentOptions(roll_before_generate=False)).should_roll_before(177, 24) is None
     with pytest.raises(ValueError, match="incoming_steps is -1"):
