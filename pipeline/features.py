@@ -18,13 +18,13 @@ are not known yet (or were already emitted) are zero and their results dropped. 
 computed from the same row, at the same position, in the same call shape, however the audio arrived.
 
 Dynamic-range floor. The reference floors every value at (max over the whole clip) - 8, which a stream
-cannot know. Here frame t is floored at (running max of the log-mel over all frames since the clamp
-was last restarted, frame t included) - 8. This is causal, depends only on frame indices (never on
-chunking), and equals the reference on any clip where the reference floor is inactive (then no value
-is below (global max - 8), hence none below (running max - 8) either). It differs where the clip has
-values more than 80 dB below its loudest point: early quiet frames keep their own dynamic range
-instead of being lifted to the level of a later loud part. `reset_clamp(at_frame)` restarts the
-running max at an absolute frame index (e.g. at a segment start); `reset()` starts a new stream.
+cannot know. Here frame t is floored at (running max of the log-mel over all frames of the stream so
+far, frame t included) - 8. This is causal, depends only on frame indices (never on chunking), and
+equals the reference on any clip where the reference floor is inactive (then no value is below
+(global max - 8), hence none below (running max - 8) either). It differs where the clip has values
+more than 80 dB below its loudest point: early quiet frames keep their own dynamic range instead of
+being lifted to the level of a later loud part. The running max lasts for the whole stream (never
+restarted at segment rolls); `reset()` starts a new stream.
 
 Short streams. With n <= 200 samples a single reflection cannot pad 200 samples; the padding then
 repeats the reflection (numpy's `np.pad(mode="reflect")`), which gives one frame for 160 <= n <= 200
@@ -108,15 +108,13 @@ class LogMelState:
     """Everything a `StreamingLogMel` needs to continue a stream.
 
     `pending` holds samples [first needed sample, samples_received) as float32; `running_max` is the
-    running log10-mel max (None: no frame since the clamp restarted); `clamp_restart_frame` is a
-    scheduled restart of it (None: none scheduled).
+    running log10-mel max of the stream (None: no frame yet).
     """
 
     samples_received: int
     frames_emitted: int
     pending: np.ndarray
     running_max: float | None
-    clamp_restart_frame: int | None
     flushed: bool
 
 
@@ -132,7 +130,6 @@ class StreamingLogMel:
         self._frames_emitted = 0
         self._pending = np.zeros(0, dtype=np.float32)
         self._running_max: float | None = None
-        self._clamp_restart_frame: int | None = None
         self._flushed = False
 
     @property
@@ -146,20 +143,6 @@ class StreamingLogMel:
     @property
     def frames_emitted(self) -> int:
         return self._frames_emitted
-
-    def reset_clamp(self, at_frame: int | None = None) -> None:
-        """Restart the running max of the floor at absolute frame `at_frame` (default: the next frame).
-
-        Pass the frame index of a segment start to make the restart independent of how far the
-        extractor has already run; frames already emitted cannot be changed.
-        """
-        at_frame = self._frames_emitted if at_frame is None else at_frame
-        if at_frame < self._frames_emitted:
-            raise ValueError(
-                f"cannot restart the clamp at frame {at_frame}: frames 0..{self._frames_emitted - 1} "
-                "were already emitted"
-            )
-        self._clamp_restart_frame = at_frame
 
     def push(self, chunk: np.ndarray) -> torch.Tensor:
         """Append 16 kHz float32 samples; return the frames completed by them, [n, N_MELS] float32."""
@@ -187,7 +170,6 @@ class StreamingLogMel:
             frames_emitted=self._frames_emitted,
             pending=self._pending.copy(),
             running_max=self._running_max,
-            clamp_restart_frame=self._clamp_restart_frame,
             flushed=self._flushed,
         )
 
@@ -205,7 +187,6 @@ class StreamingLogMel:
         extractor._frames_emitted = state.frames_emitted
         extractor._pending = state.pending.copy()
         extractor._running_max = state.running_max
-        extractor._clamp_restart_frame = state.clamp_restart_frame
         extractor._flushed = state.flushed
         return extractor
 
@@ -233,7 +214,7 @@ class StreamingLogMel:
             group_start = first - first % FRAMES_PER_GROUP
             end = min(stop, group_start + FRAMES_PER_GROUP)
             log_mel = self._group_rows(group_start, first, end)
-            emitted.append(self._floor(log_mel, first))
+            emitted.append(self._floor(log_mel))
             self._frames_emitted = end
         self._pending = self._pending[_first_needed_sample(self._frames_emitted) - self._pending_start() :].copy()
         if not emitted:
@@ -252,19 +233,8 @@ class StreamingLogMel:
         group[rows] = self._pending[_reflect(sample_index, self._samples_received) - self._pending_start()]
         return _group_log_mel(group)[rows]
 
-    def _floor(self, log_mel: np.ndarray, first: int) -> np.ndarray:
-        """Apply the running-max floor and the (x + 4) / 4 scaling to frames starting at `first`."""
-        restart = self._clamp_restart_frame
-        if restart is not None and restart < first + len(log_mel):
-            before = self._floor_with_running_max(log_mel[: restart - first])
-            self._running_max = None
-            self._clamp_restart_frame = None
-            return np.concatenate([before, self._floor_with_running_max(log_mel[restart - first :])])
-        return self._floor_with_running_max(log_mel)
-
-    def _floor_with_running_max(self, log_mel: np.ndarray) -> np.ndarray:
-        if len(log_mel) == 0:
-            return log_mel
+    def _floor(self, log_mel: np.ndarray) -> np.ndarray:
+        """Apply the running-max floor and the (x + 4) / 4 scaling to the next frames of the stream."""
         previous = -math.inf if self._running_max is None else self._running_max
         running_max = np.maximum(np.maximum.accumulate(log_mel.max(axis=1)), np.float32(previous))
         self._running_max = float(running_max[-1])

@@ -73,17 +73,6 @@ def test_frames_are_bit_identical_for_any_chunking():
     assert torch.equal(log_mel(clip), whole)
 
 
-def test_scheduled_clamp_restart_is_chunking_invariant():
-    clip = speech_like_noise(6_000, seed=1)
-    clip[3000:] *= 1e-5
-    results = []
-    for chunking in ([6_000], [1], [333]):
-        extractor = StreamingLogMel()
-        extractor.reset_clamp(at_frame=21)  # mid-group, beyond what any first push emits
-        results.append(stream(clip, chunking, extractor))
-    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
-
-
 def test_each_frame_is_emitted_once_its_window_is_complete():
     clip = speech_like_noise(1_000, seed=2)
     extractor = StreamingLogMel()
@@ -158,24 +147,6 @@ def test_floor_follows_running_max_of_the_stream():
     assert torch.allclose(offline[:49], lifted[:1].expand(49, -1), atol=1e-5)
     assert (offline[:49] - ours[:49]).abs().min() > 0.9  # (burst max + 2) / 4, burst max ~ 1.9
     assert (offline[52:] - ours[52:]).abs().max() < 1e-4
-
-
-def test_reset_clamp_restarts_the_running_max_at_a_frame():
-    clip = burst_between_silences()
-    extractor = StreamingLogMel()
-    extractor.reset_clamp(at_frame=120)
-    restarted = stream(clip, [1_000], extractor)
-    plain = log_mel(clip)
-    assert torch.equal(restarted[:120], plain[:120])
-    assert torch.equal(restarted[120:], torch.full((30, N_MELS), SILENCE))
-
-
-def test_reset_clamp_cannot_rewrite_emitted_frames():
-    extractor = StreamingLogMel()
-    extractor.push(speech_like_noise(1_000, seed=4))
-    with pytest.raises(ValueError, match="cannot restart the clamp at frame 3: frames 0..5 were already emitted"):
-        extractor.reset_clamp(at_frame=3)
-    extractor.reset_clamp()  # the next frame is fine
 
 
 def test_reset_starts_a_new_stream():
@@ -267,16 +238,13 @@ def test_restored_state_continues_bit_identically(cut):
     clip[2000:2500] *= 40.0
     clip[4000:] *= 1e-5
     first = StreamingLogMel()
-    first.reset_clamp(at_frame=35)
     head = push_all(first, clip[:cut], [97])
     saved = pickle.loads(pickle.dumps(first.state()))  # plain data: survives serialisation
     assert isinstance(saved, LogMelState) and len(saved.pending) < 400  # bounded tail
     resumed = StreamingLogMel.from_state(saved)
     assert dataclasses.asdict(resumed.state()).keys() == dataclasses.asdict(saved).keys()
     tail = stream(clip[cut:], [211], resumed)
-    reference = StreamingLogMel()
-    reference.reset_clamp(at_frame=35)
-    assert torch.equal(torch.cat([head, tail]), stream(clip, [len(clip)], reference))
+    assert torch.equal(torch.cat([head, tail]), log_mel(clip))
 
 
 def test_from_state_rejects_inconsistent_pending_samples():
