@@ -180,7 +180,7 @@ def run_engine_bench(
                 encoder_mean_sec=statistics.fmean(t.encoder_sec for t in timings),
                 decoder_mean_sec=statistics.fmean(t.decoder_sec for t in timings),
                 audio_per_step_sec=options.block_frames / 100,
-                kv_bytes_per_stream=engine.pool.bytes_per_slot,
+                kv_bytes_per_stream=engine.kv_bytes_per_stream,
                 mean_draft=statistics.fmean(s.draft_tokens for s in stats),
                 mean_accepted=statistics.fmean(s.draft_accepted for s in stats),
                 mean_decode_steps=statistics.fmean(s.decode_steps for s in stats),
@@ -205,7 +205,8 @@ def _budgeted_streams(
         engine.open_stream(stream_id)
         session = engine.session(stream_id)
         budget = budget or SyntheticDecodeBudget(session.controls, words, options.blocks_per_update)
-        session.rolling.controls = session.controls = budget
+        session.decoder_settings = replace(session.decoder_settings, controls=budget)
+        session.controls = budget
         streams[stream_id] = (0.1 * rng.standard_normal(samples)).astype(np.float32)
     return streams, budget
 

@@ -1,21 +1,22 @@
 """Many causal streams advanced together: one batched encoder forward and one batched decoder update per step.
 
-A `StreamingEngine` owns up to `max_streams` `StreamingSession`s. Their encoder and decoder K/V live in
-preallocated slot pools (`pipeline.kv_pool`), one slot per stream, so admission is a free-slot check (a clear
-`EngineAtCapacity` otherwise) and no cache memory is allocated per update: streams in neighbouring slots (the
+A `StreamingEngine` owns up to `max_streams` `StreamingSession`s (state and policy) and one of each stage
+(`pipeline.stages`: features, encoder, decoder), the same stage objects the served pipeline's deployments host.
+The encoder and decoder stages keep the streams' K/V in preallocated slot pools (`pipeline.kv_pool`), one slot
+per stream, so admission is a free-slot check (a clear `EngineAtCapacity` otherwise) and no cache memory is allocated per update: streams in neighbouring slots (the
 common case: slots are handed out lowest first) write their new K/V into their slots and attend over views of
 the pool; only a batch of scattered slots gathers a padded copy, and activations are per-step tensors (the
 CUDA caching allocator recycles them; the decode steps run in fixed buffers). The end of a stream frees its slot;
-at a segment roll, when its K/V starts empty, a stream moves down into the lowest free slot if there is a lower
-one (`KVSlotPool.move_down`), so the live streams stay packed at the low slots that batches and fixed-shape
+at a segment roll, when its K/V starts empty, a stream's next segment starts in the lowest free slot, so the
+live streams stay packed at the low slots that batches and fixed-shape
 steps cover. Audio is buffered per stream (only the cheap log-mel front-end runs on
 arrival); `step()` then advances every stream that has a whole block buffered, or whose end was signalled, by
 one block (a stream that has fallen behind by up to `EngineOptions.catch_up_blocks`, see below):
 
 1. scheduling: each session's `next_block` rolls its segment if the block would pass the cap and hands out the
    block (the same code the single-stream session runs);
-2. one encoder forward over all those blocks, on their slots' K/V (`EncoderKVPool.encode_blocks`);
-3. one `RollingDecoder.update` over all those streams (one parallel pass, batched verification, batched
+2. one `EncoderStage.encode`: one forward over all those blocks, on their slots' K/V;
+3. one `DecoderStage.update`: one `RollingDecoder.update` over all those streams (one parallel pass, batched verification, batched
    greedy steps with streams leaving as they stop, run by the engine's `DecodeStep`: a dynamic batch on CPU,
    fixed-shape steps over the pool replayed as CUDA graphs on a GPU; `EngineOptions.decode_step`);
 4. per stream, `complete_block` applies the commit and segment policy and makes the events; a stream whose end
@@ -44,7 +45,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Hashable, Iterable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,8 +53,6 @@ import torch
 from torch import Tensor
 
 from pipeline.checkpoint import ASRModel
-from pipeline.decode_step import DecodeStep, DynamicDecodeStep, StaticDecodeStep
-from pipeline.kv_pool import KVSlot, KVSlotPool
 from pipeline.prompt import build_causal_prompt
 from pipeline.session import (
     CausalBlock,
@@ -64,6 +63,7 @@ from pipeline.session import (
     checkpoint_options,
     decoder_positions_needed,
 )
+from pipeline.stages import DECODE_STEP_KINDS, DecodeRequest, DecoderStage, EncoderStage, FeatureStage, answer_of
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,6 @@ class StepTiming:
     @property
     def total_sec(self) -> float:
         return self.schedule_sec + self.encoder_sec + self.decoder_sec + self.policy_sec
-
-
-#: How the sequential greedy steps run (see `pipeline.decode_step`).
-DECODE_STEP_KINDS = ("dynamic", "static", "cuda_graph")
 
 
 @dataclass(frozen=True)
@@ -126,7 +122,11 @@ class EngineFailed(RuntimeError):
 
 
 class StreamingEngine:
-    """Advance many causal streams in lock-step batches. Not thread-safe: drive it from one task or thread."""
+    """Advance many causal streams in lock-step batches. Not thread-safe: drive it from one task or thread.
+
+    The composition of the three stages in one process: each stream's `StreamingSession` (state and policy)
+    sends its requests to one shared `FeatureStage`, `EncoderStage` and `DecoderStage` (`pipeline.stages`),
+    which the served pipeline's deployments host as they are."""
 
     def __init__(
         self, model: ASRModel, options: SessionOptions | None = None, engine_options: EngineOptions | None = None
@@ -136,9 +136,13 @@ class StreamingEngine:
         self.options = options or SessionOptions()
         _check_backend(self.options)
         self.engine_options = engine_options or EngineOptions()
+        slots = self.engine_options.max_streams
         decoder_capacity = self.engine_options.decoder_capacity or self._decoder_positions(self.options)
-        self.pool = KVSlotPool(model.audio_tower, model.text_decoder, self.engine_options.max_streams, decoder_capacity)
-        self.decode_step = self._make_decode_step(self.engine_options.decode_step_on(model.device))
+        self.features = FeatureStage()
+        self.encoder = EncoderStage(model.audio_tower, slots)
+        self.decoder = DecoderStage(
+            model.text_decoder, slots, decoder_capacity, self.engine_options.decode_step_on(model.device)
+        )
         self._sessions: dict[str, StreamingSession] = {}
         self.last_step_timing: StepTiming | None = None  # for metrics and benchmarks
 
@@ -150,55 +154,59 @@ class StreamingEngine:
 
     @property
     def free_slots(self) -> int:
-        return self.pool.free
+        return self.engine_options.max_streams - len(self._sessions)
+
+    @property
+    def kv_bytes_per_stream(self) -> int:
+        """Encoder + decoder K/V memory one stream's slots hold, whatever its segment's fill."""
+        pools = (self.encoder.pool.keys, self.encoder.pool.values, self.decoder.pool.keys, self.decoder.pool.values)
+        return sum(t.numel() * t.element_size() for t in pools) // self.engine_options.max_streams
 
     def open_stream(self, stream_id: str, options: SessionOptions | None = None) -> None:
         """Admit a new stream, with the engine's options unless given; raises `EngineAtCapacity` when full."""
         options = options or self.options
-        slot = self._admit(stream_id, options)
-        self._sessions[stream_id] = StreamingSession(self.model, options, kv_slot=slot, reslot=self.pool.move_down)
+        self._admit(stream_id, options)
+        self._sessions[stream_id] = StreamingSession(self.model, options, stream_id=stream_id)
 
     def restore_stream(self, stream_id: str, checkpoint: bytes) -> int:
         """Admit a stream that continues from a segment-roll checkpoint (e.g. taken on another replica).
 
         Returns the stream sample offset to resume from: push the audio from there on. The events that follow
         equal those the original stream produced after the checkpoint."""
-        slot = self._admit(stream_id, checkpoint_options(checkpoint))
-        self._sessions[stream_id] = StreamingSession.restore(
-            self.model, checkpoint, kv_slot=slot, reslot=self.pool.move_down
-        )
+        self._admit(stream_id, checkpoint_options(checkpoint))
+        self._sessions[stream_id] = StreamingSession.restore(self.model, checkpoint, stream_id=stream_id)
         return checkpoint_offset(checkpoint)
 
-    def _admit(self, stream_id: str, options: SessionOptions) -> KVSlot:
+    def _admit(self, stream_id: str, options: SessionOptions) -> None:
         if stream_id in self._sessions:
             raise ValueError(f"stream {stream_id!r} is already open")
         _check_backend(options)
         needed = self._decoder_positions(options)
-        if needed > self.pool.decoder.capacity:
+        if needed > self.decoder.capacity:
             raise ValueError(
                 f"stream {stream_id!r} needs {needed} decoder positions per segment; the engine's slots hold "
-                f"{self.pool.decoder.capacity} (shorter segments or token budget, or a larger decoder_capacity)"
+                f"{self.decoder.capacity} (shorter segments or token budget, or a larger decoder_capacity)"
             )
-        slot = self.pool.acquire()
-        if slot is None:
+        if not self.free_slots:
             raise EngineAtCapacity(
-                f"all {self.pool.slots} stream slots are taken; stream {stream_id!r} was not admitted"
+                f"all {self.engine_options.max_streams} stream slots are taken; stream {stream_id!r} was not admitted"
             )
-        return slot
 
     def close_stream(self, stream_id: str) -> None:
-        """Drop a stream without finalizing it (e.g. its client went away) and free its slot."""
+        """Drop a stream without finalizing it (e.g. its client went away) and free its slots."""
         self._close(stream_id)
 
     # ------------------------------------------------------------------ input
 
     def push_audio(self, stream_id: str, pcm: np.ndarray) -> None:
         """Buffer 16 kHz mono float32 PCM for a stream; it is encoded by later `step` calls."""
-        self.session(stream_id).buffer_audio(pcm)
+        session = self.session(stream_id)
+        session.accept_features(self.features.extract([session.feature_request(pcm)])[0])
 
     def finish_stream(self, stream_id: str) -> None:
         """Signal the end of a stream's audio; later steps decode what is left, then finalize it."""
-        self.session(stream_id).begin_finish()
+        session = self.session(stream_id)
+        session.accept_features(self.features.extract([session.feature_request(end=True)])[0], end=True)
 
     @property
     def has_work(self) -> bool:
@@ -211,7 +219,7 @@ class StreamingEngine:
         """Advance every ready stream (by up to `catch_up_blocks` blocks); returns the new events per stream."""
         clock = _PhaseClock(self.model.device)
         events: dict[str, list[TranscriptEvent]] = defaultdict(list)
-        updates: dict[str, tuple[CausalBlock, Tensor]] = {}  # per stream: the block its update follows, its audio
+        updates: dict[str, tuple[CausalBlock, DecodeRequest]] = {}  # per stream: the block its update follows
         advanced, schedule_sec, encoder_sec = 0, 0.0, 0.0
         takers = list(self._sessions)
         rounds = self.engine_options.catch_up_blocks
@@ -220,26 +228,21 @@ class StreamingEngine:
             schedule_sec += clock.lap()
             if not blocks:
                 break
-            embeddings = self._encode(blocks)
+            answers = self.encoder.encode([self._sessions[s].encode_request(block) for s, block in blocks.items()])
             encoder_sec += clock.lap()
             advanced += len(blocks)
-            for stream_id, block in blocks.items():
-                session = self._sessions[stream_id]
+            for (stream_id, block), answer in zip(blocks.items(), answers):
+                session, embeddings = self._sessions[stream_id], answer_of(answer)
                 if block.decode:
-                    updates[stream_id] = block, session.decoder_input(block, embeddings[stream_id])
+                    updates[stream_id] = block, session.decode_request(block, embeddings)
                 else:  # its update comes after a later block (catching up, or blocks_per_update > 1)
-                    events[stream_id] += session.hold_block(block, embeddings[stream_id])
+                    events[stream_id] += session.hold_block(block, embeddings)
             takers = [stream_id for stream_id, block in blocks.items() if not block.decode]
 
-        results_by_stream = {}
-        for group in _grouped(updates, lambda stream_id: _decoder_settings(self._sessions[stream_id])):
-            rolling = self._sessions[group[0]].rolling
-            decoders = [updates[s][0].decoder for s in group]
-            results = rolling.update(decoders, [updates[s][1] for s in group], self.decode_step)
-            results_by_stream.update(zip(group, results))
+        results = self.decoder.update([request for _, request in updates.values()])
         decoder_sec = clock.lap()
-        for stream_id, result in results_by_stream.items():
-            events[stream_id] += self._sessions[stream_id].complete_block(updates[stream_id][0], result)
+        for (stream_id, (block, _)), result in zip(updates.items(), results):
+            events[stream_id] += self._sessions[stream_id].complete_block(block, answer_of(result))
 
         for stream_id, session in list(self._sessions.items()):
             if session.done_encoding:
@@ -261,33 +264,11 @@ class StreamingEngine:
                 blocks[stream_id] = block
         return blocks
 
-    def _encode(self, blocks: dict[str, CausalBlock]) -> dict[str, Tensor]:
-        """One encoder forward per group of streams with equal encoder options, on their slots' K/V."""
-        embeddings = {}
-        for group in _grouped(blocks, lambda stream_id: self._sessions[stream_id].encoder.options):
-            encoded = self.pool.encoder.encode_blocks(
-                self._sessions[group[0]].encoder,
-                [self._slot(s).index for s in group],
-                [blocks[s].encoder for s in group],
-                [blocks[s].mel for s in group],
-            )
-            embeddings.update(zip(group, encoded))
-        return embeddings
-
-    def _make_decode_step(self, kind: str) -> DecodeStep:
-        if kind == "dynamic":
-            return DynamicDecodeStep(self.model.text_decoder)
-        return StaticDecodeStep(self.model.text_decoder, self.pool.decoder, cuda_graphs=kind == "cuda_graph")
-
     def _close(self, stream_id: str) -> None:
-        slot = self._slot(stream_id)
+        self.session(stream_id)
         del self._sessions[stream_id]
-        self.pool.release(slot)
-
-    def _slot(self, stream_id: str) -> KVSlot:
-        slot = self.session(stream_id).kv_slot
-        assert slot is not None, "engine sessions are always made with a slot"
-        return slot
+        self.encoder.release(stream_id)
+        self.decoder.release(stream_id)
 
     def _decoder_positions(self, options: SessionOptions) -> int:
         prompt = build_causal_prompt(self.model.tokenizer, language=options.language, context=options.context)
@@ -299,7 +280,6 @@ class StreamingEngine:
         if session is None:
             raise KeyError(f"no open stream {stream_id!r}; open it first (finished streams are closed)")
         return session
-
 
 
 class AsyncStreamingEngine:
@@ -417,15 +397,3 @@ class _PhaseClock:
 def _check_backend(options: SessionOptions) -> None:
     if options.backend != "causal":
         raise ValueError(f"backend is {options.backend!r}; the engine batches only the 'causal' backend")
-
-
-def _decoder_settings(session: StreamingSession) -> Hashable:
-    """What must agree for streams to share a decoder update: the prompt, the decode controls, speculation."""
-    return session.prompt, session.controls.options, session.rolling.speculative
-
-
-def _grouped(stream_ids: Iterable[str], key: Callable[[str], Hashable]) -> list[list[str]]:
-    groups: dict[Hashable, list[str]] = defaultdict(list)
-    for stream_id in stream_ids:
-        groups[key(stream_id)].append(stream_id)
-    return list(groups.values())

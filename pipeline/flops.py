@@ -625,8 +625,8 @@ def probe_session_memory(
                 stream_min=mark,
                 rss_mib=rss,
                 peak_rss_mib=peak,
-                encoder_cached_steps=session.segment.encoder.cached_steps,
-                decoder_cached_positions=session.segment.decoder.cache.length,
+                encoder_cached_steps=session.own_stages[0].cached_steps(session.stream_id),
+                decoder_cached_positions=session.own_stages[1].cached_positions(session.stream_id),
                 transcript_chars=len(session.transcript),
             )
         )

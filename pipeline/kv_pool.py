@@ -1,7 +1,8 @@
 """Preallocated K/V slot pools: the key/value memory of up to `slots` streams on one device, allocated once.
 
 An engine serving many streams should not allocate cache memory per update, and should know up front how many
-streams fit. A `KVSlotPool` holds two pools and hands out one slot per stream:
+streams fit. The encoder and decoder stages (`pipeline.stages`) each own one pool and hand out one slot per
+stream, lowest free slot first:
 
 * `EncoderKVPool`: keys and values [layers, slots, heads, window + slack, head_dim] with window = the causal
   tower's left context (195 steps) and slack = spare columns (2 blocks of 24 steps by default). A stream's
@@ -12,14 +13,14 @@ streams fit. A `KVSlotPool` holds two pools and hands out one slot per stream:
   `DecoderKVCache` that writes in place and never reallocates. The extra column is scratch: a static-shape
   decode step (`pipeline.decode_step`) runs every slot of a range and lets the idle ones write there.
 
-A stream keeps its slot for its whole life: a segment roll starts new, empty states over the same storage;
-the slot is released when the stream ends. The engine keeps the slot index beside the states, and the states
-stay plain `CausalEncoderState` / `DecoderKVCache` objects whose tensors are views of the pool.
+A stream holds a slot for one segment at a time: its next segment starts new, empty states in the lowest free
+slot (so live streams stay packed at the low slots), and the slot is released when the stream ends or moves.
+The stage keeps the slot index beside the states, and the states stay plain `CausalEncoderState` /
+`DecoderKVCache` objects whose tensors are views of the pool.
 """
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 
 import torch
@@ -239,59 +240,3 @@ class DecoderKVPool:
     def scratch_column(self) -> int:
         """The column no stream owns: rows without a stream write there."""
         return self.capacity
-
-
-@dataclass(frozen=True)
-class KVSlot:
-    """One stream's place in the pools."""
-
-    index: int
-    encoder_pool: EncoderKVPool
-    decoder_pool: DecoderKVPool
-
-    def new_encoder_state(self, encoder: CausalAudioEncoder) -> CausalEncoderState:
-        return self.encoder_pool.new_state(encoder, self.index)
-
-    def new_decoder_cache(self) -> DecoderKVCache:
-        return self.decoder_pool.new_cache(self.index)
-
-
-class KVSlotPool:
-    """Admission: `acquire` a slot per new stream (None when all are taken), `release` it when the stream ends."""
-
-    def __init__(self, tower: AudioTower, decoder: TextDecoder, slots: int, decoder_capacity: int) -> None:
-        if slots < 1:
-            raise ValueError(f"slots is {slots}; expected at least 1")
-        self.slots = slots
-        self.encoder = EncoderKVPool(tower, slots)
-        self.decoder = DecoderKVPool(decoder, slots, decoder_capacity)
-        self._free = list(range(slots))  # a min-heap: the lowest free slot is handed out first
-
-    @property
-    def free(self) -> int:
-        return len(self._free)
-
-    @property
-    def bytes_per_slot(self) -> int:
-        """Encoder + decoder K/V memory one stream holds, whatever its segment's fill."""
-        tensors = (self.encoder.keys, self.encoder.values, self.decoder.keys, self.decoder.values)
-        return sum(t.numel() * t.element_size() for t in tensors) // self.slots
-
-    def acquire(self) -> KVSlot | None:
-        if not self._free:
-            return None
-        return KVSlot(heapq.heappop(self._free), self.encoder, self.decoder)
-
-    def move_down(self, slot: KVSlot) -> KVSlot:
-        """The lowest free slot if it is below `slot` (which is released), else `slot`: for a stream whose K/V is
-        empty (a segment start), so that live streams stay packed at the low slots a batch covers."""
-        if not self._free or self._free[0] > slot.index:
-            return slot
-        lower = self.acquire()
-        self.release(slot)
-        return lower
-
-    def release(self, slot: KVSlot) -> None:
-        if slot.encoder_pool is not self.encoder or slot.index in self._free or not 0 <= slot.index < self.slots:
-            raise ValueError(f"slot {slot.index} is not an acquired slot of this pool")
-        heapq.heappush(self._free, slot.index)

@@ -18,8 +18,11 @@ from `checkpoint.sample_offset` on, emits exactly the events the uninterrupted s
 The dynamic-range clamp of the front-end keeps one running maximum for the whole stream (never reset at a
 segment roll): a reset would have to happen at a frame index that depends on how audio arrived.
 
-The causal path is split into halves (`next_block`, then the forwards, then `complete_block`) so that
-`pipeline.engine.StreamingEngine` can run many sessions' blocks through one batched forward each.
+The session is request state plus policy; the model work runs in stages (`pipeline.stages`) that own the
+K/V. The causal path is split into halves (`next_block`, then the stage requests, then `complete_block`) so that
+`pipeline.engine.StreamingEngine` runs many sessions' blocks through one batched stage call each, and the
+served pipeline's ingress runs the same halves against stage replicas. A session on its own runs its blocks
+through private one-slot stages.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -35,15 +37,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.causal_encoder import CausalAudioEncoder, CausalEncoderOptions, CausalEncoderState
+from pipeline.causal_encoder import CausalEncoderOptions
 from pipeline.checkpoint import ASRModel
 from pipeline.commit import CommitOptions, CommittedWord, SegmentOptions, SegmentPolicy, TranscriptCommitState, TranscriptCommitter
 from pipeline.decoding import DecodeControls, DecodeOptions
 from pipeline.encoder import STEP_FRAMES, offline_output_steps
-from pipeline.features import LogMelState, StreamingLogMel
-from pipeline.kv_pool import KVSlot
+from pipeline.features import N_MELS, LogMelState, StreamingLogMel
 from pipeline.prompt import CausalPrompt, build_causal_prompt, decode_asr_output
-from pipeline.rolling import RollingDecoder, RollingDecoderState, UpdateResult, UpdateStats, decode_from_scratch
+from pipeline.rolling import UpdateResult, UpdateStats, decode_from_scratch
+from pipeline.stages import (
+    DecoderSettings,
+    DecoderStage,
+    DecodeRequest,
+    EncoderStage,
+    EncodeRequest,
+    FeatureRequest,
+    FeatureResult,
+    FeatureStage,
+    answer_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +101,7 @@ class SessionOptions:
         return cls(**(settings | overrides))
 
     def __post_init__(self) -> None:
+        CausalEncoderOptions(block_frames=self.block_frames)  # checks the block size
         if self.backend not in ("causal", "windowed"):
             raise ValueError(f"backend is {self.backend!r}; expected 'causal' or 'windowed'")
         if self.blocks_per_update < 1:
@@ -123,25 +136,29 @@ class TranscriptEvent:
 
 @dataclass(frozen=True)
 class CausalBlock:
-    """One block a causal stream is ready to encode: the inputs of the encoder and decoder forwards."""
+    """One block a causal stream is ready to encode, and where it falls in its segment."""
 
+    segment_index: int
+    block_index: int  # blocks of the segment before this one
     mel: Tensor  # [frames, mel_bins], frames a multiple of 8 up to block_frames
-    encoder: CausalEncoderState
-    decoder: RollingDecoderState
     roll_events: list[TranscriptEvent]  # the segment roll that had to happen before this block
     decode: bool  # whether the decoder updates after this block (else its embeddings wait: `hold_block`)
 
 
 @dataclass
 class SegmentState:
-    """Soft state of the current segment: everything a roll drops."""
+    """The session's view of its current segment (the K/V lives in the stages): everything a roll drops."""
 
-    decoder: RollingDecoderState | None  # None: the windowed backend re-decodes from scratch
-    encoder: CausalEncoderState | None
     steps: int = 0
+    blocks: int = 0  # causal: blocks handed out for encoding
+    updates: int = 0  # causal: decoder updates requested
     # windowed: the segment's audio steps; causal: encoded blocks waiting for the next decoder update
     embeddings: list[Tensor] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    # causal, when the owner may have to rebuild a stage's state (`keep_replay`): the segment's blocks and the
+    # audio of each of its updates, at most one segment (16 s) of each
+    mel_blocks: list[Tensor] = field(default_factory=list)
+    update_audio: list[Tensor] = field(default_factory=list)
 
 
 class StreamingSession:
@@ -151,19 +168,16 @@ class StreamingSession:
         self,
         model: ASRModel,
         options: SessionOptions | None = None,
-        kv_slot: KVSlot | None = None,
-        reslot: Callable[[KVSlot], KVSlot] | None = None,
+        stream_id: str = "stream",
+        keep_replay: bool = False,
     ) -> None:
-        """`kv_slot`: causal backend only, keep the encoder and decoder K/V in a preallocated pool slot
-        (`pipeline.kv_pool`) instead of per-segment tensors; the engine gives one to each stream. `reslot`: at
-        each segment roll, when the K/V starts empty and moving it costs nothing, the slot to continue in (the
-        engine's pool moves streams down into free lower slots, keeping the live slots packed)."""
+        """`stream_id`: the name its stage requests carry. `keep_replay`: keep the current segment's blocks and
+        update audio, so that a stage that lost this stream's state can be sent a replay (an owner whose
+        stages run elsewhere needs it; an in-process engine does not)."""
         self.model = model
         self.options = options or SessionOptions()
-        if kv_slot is not None:
-            self._check_causal()
-        self.kv_slot = kv_slot
-        self.reslot = reslot
+        self.stream_id = stream_id
+        self.keep_replay = keep_replay
         opts = self.options
         self.prompt = build_causal_prompt(model.tokenizer, language=opts.language, context=opts.context)
         self.controls = DecodeControls(
@@ -180,18 +194,19 @@ class StreamingSession:
         self.committer = TranscriptCommitter(
             CommitOptions(hold_back_words=opts.hold_back_words, stable_iterations=opts.stable_iterations)
         )
+        self.decoder_settings = DecoderSettings(self.prompt, self.controls, opts.speculative)
         self.features = StreamingLogMel()
-        self.rolling = RollingDecoder(model.text_decoder, self.prompt, self.controls, speculative=opts.speculative)
-        self.encoder = CausalAudioEncoder(model.audio_tower, CausalEncoderOptions(block_frames=opts.block_frames))
+        self._own_stages: tuple[EncoderStage, DecoderStage] | None = None  # made on first use (`push_audio`)
         # Stream-level state that survives segment rolls.
         self.segment_index = 0
         self.frames_encoded = 0  # mel frames consumed by the audio backend (stream time)
         self.completed_tokens: list[int] = []
-        self.pending_mel = torch.zeros(0, model.config.audio.num_mel_bins)  # causal: kept inside the encoder state
+        self.pending_mel = torch.zeros(0, model.config.audio.num_mel_bins)  # mel not yet encoded (causal: < 1 block
+        # unless a driver is behind; windowed: < 1 update)
         self.window_mel = torch.zeros(0, model.config.audio.num_mel_bins)  # windowed: mel history window
         self.window_start_frame = 0  # absolute frame index of window_mel[0]
         self.last_emitted_end_frame = -1  # windowed: last frame covered by an emitted step
-        self.segment = self._new_segment()
+        self.segment = SegmentState()
         self.finishing = False  # causal: the end of audio was signalled; the last blocks may still be pending
         self.final_update = False  # the end-of-stream update: no roll after it, `finish` finalizes anyway
         self.finished = False
@@ -230,26 +245,32 @@ class StreamingSession:
     # ------------------------------------------------------------------ causal blocks, in halves
     #
     # A causal block runs in three phases: `next_block` (scheduling, segment roll, taking the block out of the
-    # pending mel), then the encoder and decoder forwards, then `complete_block` (commit and segment policy).
-    # The session runs the forwards for itself, one stream at a time; `pipeline.engine.StreamingEngine` runs
-    # the same halves for many sessions around one batched encoder forward and one batched decoder update.
+    # pending mel), then the encoder and decoder stage requests, then `complete_block` (commit and segment
+    # policy). A session on its own sends its requests to private stages, one stream at a time;
+    # `pipeline.engine.StreamingEngine` sends many sessions' requests to shared stages in one batch each.
 
-    def buffer_audio(self, samples: np.ndarray) -> None:
-        """Causal backend: run the front-end on new PCM and buffer its mel; no block is encoded yet."""
+    def feature_request(self, samples: np.ndarray | None = None, *, end: bool = False) -> FeatureRequest:
+        """Causal backend: the front-end request for new PCM, or (`end`) for the end of audio."""
         self._check_open()
         self._check_causal()
         if self.finishing:
             raise RuntimeError("the end of the stream was signalled; no more audio is accepted")
-        self._buffer_mel(self.features.push(samples))
+        pcm = np.zeros(0, dtype=np.float32) if samples is None else samples
+        return FeatureRequest(self.features, pcm, flush=end and not self.features.flushed)
+
+    def accept_features(self, result: FeatureResult, *, end: bool = False) -> None:
+        """Buffer a front-end result (its mel waits for `next_block`); `end`: it was the end-of-audio request."""
+        self.features = result.frontend
+        self._buffer_mel(result.mel)
+        self.finishing = end
+
+    def buffer_audio(self, samples: np.ndarray) -> None:
+        """Causal backend: run the front-end on new PCM and buffer its mel; no block is encoded yet."""
+        self.accept_features(_FEATURES.extract([self.feature_request(samples)])[0])
 
     def begin_finish(self) -> None:
         """Causal backend: end of audio. The remaining blocks, then the partial one, come out of `next_block`."""
-        self._check_open()
-        self._check_causal()
-        if self.finishing:
-            raise RuntimeError("the end of the stream was already signalled")
-        self._buffer_mel(self._flush_features())
-        self.finishing = True
+        self.accept_features(_FEATURES.extract([self.feature_request(end=True)])[0], end=True)
 
     def next_block(self, more_to_come: bool = False) -> CausalBlock | None:
         """The next block to encode (rolling the segment first if the block would pass the cap), or None.
@@ -264,32 +285,56 @@ class StreamingSession:
         """
         if not self.block_ready:
             return None
-        encoder_state = self.segment.encoder
-        pending = encoder_state.pending_mel.shape[0]
+        pending = self.pending_mel.shape[0]
         if pending >= self.options.block_frames:
             return self._take_block(self.options.block_frames, more_to_come=more_to_come)
         self.final_update = True
         usable = pending // STEP_FRAMES * STEP_FRAMES
         if usable == 0:
             self.frames_encoded += pending
-            encoder_state.pending_mel = encoder_state.pending_mel[:0]
+            self.pending_mel = self.pending_mel[:0]
             return None
         return self._take_block(usable, dropped_frames=pending - usable)
 
     @property
     def whole_blocks_buffered(self) -> int:
         """Whole blocks waiting to be encoded (a stream keeping up has at most one)."""
-        return self.segment.encoder.pending_mel.shape[0] // self.options.block_frames
+        return self.pending_mel.shape[0] // self.options.block_frames
+
+    def encode_request(self, block: CausalBlock) -> EncodeRequest:
+        """The encoder stage request for `block`."""
+        return EncodeRequest(self.stream_id, block.segment_index, block.block_index, block.mel, self.options.block_frames)
+
+    def encoder_replay(self, request: EncodeRequest) -> EncodeRequest:
+        """`request` again with the segment's earlier blocks, for a stage that lost this stream's state."""
+        self._check_replay(request.segment_index)
+        return request.with_replay(self.segment.mel_blocks[: request.block_index])
 
     def hold_block(self, block: CausalBlock, embeddings: Tensor) -> list[TranscriptEvent]:
         """Keep an encoded block whose decoder update comes later (`block.decode` is False)."""
         self.segment.embeddings.append(embeddings)
         return block.roll_events
 
-    def decoder_input(self, block: CausalBlock, embeddings: Tensor) -> Tensor:
-        """The audio of the decoder update after `block`: every block encoded since the last update."""
+    def decode_request(self, block: CausalBlock, embeddings: Tensor) -> DecodeRequest:
+        """The decoder stage request after `block`: its audio is every block encoded since the last update."""
         held, self.segment.embeddings = self.segment.embeddings, []
-        return torch.cat([*held, embeddings]) if held else embeddings
+        audio = torch.cat([*held, embeddings]) if held else embeddings
+        request = DecodeRequest(self.stream_id, block.segment_index, self.segment.updates, audio, self.decoder_settings)
+        self.segment.updates += 1
+        if self.keep_replay:
+            self.segment.update_audio.append(audio)
+        return request
+
+    def decoder_replay(self, request: DecodeRequest) -> DecodeRequest:
+        """`request` again with the audio of the segment's earlier updates, for a stage that lost its state."""
+        self._check_replay(request.segment_index)
+        return request.with_replay(self.segment.update_audio[: request.update_index])
+
+    def _check_replay(self, segment_index: int) -> None:
+        if not self.keep_replay:
+            raise RuntimeError("this session keeps no replay (made with keep_replay=False)")
+        if segment_index != self.segment_index:
+            raise ValueError(f"replay asked for segment {segment_index}; the session is in {self.segment_index}")
 
     def complete_block(self, block: CausalBlock, result: UpdateResult) -> list[TranscriptEvent]:
         """Commit and segment policy after the decoder update of `block`; returns its events."""
@@ -298,13 +343,13 @@ class StreamingSession:
     @property
     def block_ready(self) -> bool:
         """Whether `next_block` has something to do: a whole block buffered, or the end of audio to process."""
-        pending = self.segment.encoder.pending_mel.shape[0]
+        pending = self.pending_mel.shape[0]
         return pending >= self.options.block_frames or (self.finishing and not self.final_update)
 
     @property
     def done_encoding(self) -> bool:
         """Whether `finalize` may run: the end of audio was signalled and every block has been decoded."""
-        return self.finishing and self.final_update and self.segment.encoder.pending_mel.shape[0] == 0
+        return self.finishing and self.final_update and self.pending_mel.shape[0] == 0
 
     def finalize(self) -> list[TranscriptEvent]:
         """Finalize the transcript after the last update; the session is finished afterwards."""
@@ -326,20 +371,32 @@ class StreamingSession:
     # ------------------------------------------------------------------ blocks and updates
 
     def _run_ready_blocks(self) -> list[TranscriptEvent]:
-        """Encode and decode every ready block of this stream, one at a time (a batch of one)."""
+        """Encode and decode every ready block of this stream through its own stages, one at a time."""
+        encoder, decoder = self.own_stages
         events = []
         while (block := self.next_block()) is not None:
-            embeddings = self.encoder.encode_blocks([block.encoder], [block.mel])[0]
+            embeddings = answer_of(encoder.encode([self.encode_request(block)])[0])
             if not block.decode:
                 events += self.hold_block(block, embeddings)
                 continue
-            result = self.rolling.update([block.decoder], [self.decoder_input(block, embeddings)])[0]
+            result = answer_of(decoder.update([self.decode_request(block, embeddings)])[0])
             events += self.complete_block(block, result)
         return events
 
+    @property
+    def own_stages(self) -> tuple[EncoderStage, DecoderStage]:
+        """The one-slot stages a session on its own runs its blocks through (an engine's sessions use the
+        engine's)."""
+        if self._own_stages is None:
+            capacity = decoder_positions_needed(self.prompt, self.options)
+            self._own_stages = (
+                EncoderStage(self.model.audio_tower, slots=1),
+                DecoderStage(self.model.text_decoder, slots=1, capacity=capacity),
+            )
+        return self._own_stages
+
     def _buffer_mel(self, mel: Tensor) -> None:
-        encoder_state = self.segment.encoder
-        encoder_state.pending_mel = torch.cat([encoder_state.pending_mel, mel.to(encoder_state.pending_mel)])
+        self.pending_mel = torch.cat([self.pending_mel, mel.to(self.pending_mel)])
 
     def _take_block(self, frames: int, dropped_frames: int = 0, more_to_come: bool = False) -> CausalBlock:
         """Roll if the block would pass the cap, then take the first `frames` pending frames as the next block.
@@ -349,18 +406,22 @@ class StreamingSession:
         """
         steps = frames // STEP_FRAMES
         roll_events = self._roll_if(self.policy.should_roll_before(self.segment.steps, steps) is not None)
-        encoder_state = self.segment.encoder
-        mel = encoder_state.pending_mel[:frames]
-        encoder_state.pending_mel = encoder_state.pending_mel[frames + dropped_frames :]
+        mel = self.pending_mel[:frames]
+        self.pending_mel = self.pending_mel[frames + dropped_frames :]
         self.frames_encoded += frames + dropped_frames
-        self.segment.steps += steps
-        return CausalBlock(
+        segment = self.segment
+        segment.steps += steps
+        block = CausalBlock(
+            segment_index=self.segment_index,
+            block_index=segment.blocks,
             mel=mel,
-            encoder=encoder_state,
-            decoder=self.segment.decoder,
             roll_events=roll_events,
             decode=self._update_due(more_to_come),
         )
+        segment.blocks += 1
+        if self.keep_replay:
+            segment.mel_blocks.append(mel)
+        return block
 
     def _update_due(self, more_to_come: bool) -> bool:
         """Decode after this block? Every `blocks_per_update` blocks unless the caller takes the next block with
@@ -368,7 +429,7 @@ class StreamingSession:
         undecoded: a roll comes before a whole block that would pass the cap."""
         if self.final_update:
             return True
-        if self.finishing and self.segment.encoder.pending_mel.shape[0] < STEP_FRAMES:
+        if self.finishing and self.pending_mel.shape[0] < STEP_FRAMES:
             return True  # no block comes after this one
         next_block_steps = self.options.block_frames // STEP_FRAMES
         if self.policy.should_roll_before(self.segment.steps, next_block_steps) is not None:
@@ -378,7 +439,7 @@ class StreamingSession:
     def _flush_features(self) -> Tensor:
         # A session restored from a checkpoint taken during `finish` has already flushed its front-end.
         if self.features.flushed:
-            return torch.zeros(0, self.model.config.audio.num_mel_bins)
+            return torch.zeros(0, N_MELS)
         return self.features.flush()
 
     def _consume_windowed(self, mel: Tensor) -> list[TranscriptEvent]:
@@ -453,32 +514,17 @@ class StreamingSession:
             raise RuntimeError("segment roll with encoded blocks not yet decoded; `_update_due` must prevent this")
         new_words = self.committer.finalize_segment(self.audio_sec)
         self.completed_tokens += self.segment.tokens
-        pending = self.segment.encoder.pending_mel if self.segment.encoder is not None else None
         self.segment_index += 1
-        if self.kv_slot is not None and self.reslot is not None:
-            self.kv_slot = self.reslot(self.kv_slot)
-        self.segment = self._new_segment(pending)
+        self.segment = SegmentState()
         event = self._event("segment", new_words, tentative="", transcript=self.committer.transcript)
         return [replace(event, checkpoint=self.checkpoint())]
-
-    def _new_segment(self, pending_mel: Tensor | None = None) -> SegmentState:
-        if self.options.backend == "windowed":
-            return SegmentState(decoder=None, encoder=None)
-        if self.kv_slot is None:
-            encoder_state, decoder_state = self.encoder.new_state(), self.rolling.new_state()
-        else:  # a roll reuses the stream's slot: new, empty states over the same storage
-            encoder_state = self.kv_slot.new_encoder_state(self.encoder)
-            decoder_state = RollingDecoderState(cache=self.kv_slot.new_decoder_cache())
-        if pending_mel is not None:
-            encoder_state.pending_mel = pending_mel
-        return SegmentState(decoder=decoder_state, encoder=encoder_state)
 
     def checkpoint(self) -> bytes:
         """Plain-data restore point; valid only at a segment boundary (no segment audio encoded yet)."""
         if self.segment.steps != 0:
             raise ValueError(f"checkpoint taken {self.segment.steps} steps into a segment; expected a segment boundary")
         mel_state = self.features.state()
-        pending = self.segment.encoder.pending_mel if self.segment.encoder is not None else self.pending_mel
+        pending = self.pending_mel
         payload = {
             "version": CHECKPOINT_VERSION,
             "options": asdict(self.options),
@@ -497,16 +543,12 @@ class StreamingSession:
 
     @classmethod
     def restore(
-        cls,
-        model: ASRModel,
-        checkpoint: bytes,
-        kv_slot: KVSlot | None = None,
-        reslot: Callable[[KVSlot], KVSlot] | None = None,
+        cls, model: ASRModel, checkpoint: bytes, stream_id: str = "stream", keep_replay: bool = False
     ) -> "StreamingSession":
         """A session that continues from a checkpoint; feed it the audio from `checkpoint_offset(checkpoint)` on.
 
-        `kv_slot`, `reslot` as in the constructor: an engine restores a stream into one of its slots."""
-        session = cls(model, checkpoint_options(checkpoint), kv_slot=kv_slot, reslot=reslot)
+        `stream_id`, `keep_replay` as in the constructor."""
+        session = cls(model, checkpoint_options(checkpoint), stream_id=stream_id, keep_replay=keep_replay)
         payload = json.loads(checkpoint)
         features = payload["features"]
         session.features = StreamingLogMel.from_state(
@@ -516,11 +558,7 @@ class StreamingSession:
         session.frames_encoded = payload["frames_encoded"]
         session.completed_tokens = list(payload["completed_tokens"])
         session.committer.state = TranscriptCommitState.from_dict(payload["commit"])
-        pending = torch.from_numpy(_decode_array(payload["pending_mel"]))
-        if session.segment.encoder is not None:
-            session.segment.encoder.pending_mel = pending.to(session.segment.encoder.pending_mel)
-        else:
-            session.pending_mel = pending
+        session.pending_mel = torch.from_numpy(_decode_array(payload["pending_mel"]))
         session.window_mel = torch.from_numpy(_decode_array(payload["window_mel"]))
         session.window_start_frame = payload["window_start_frame"]
         session.last_emitted_end_frame = payload["last_emitted_end_frame"]
@@ -556,6 +594,10 @@ class StreamingSession:
     def _check_causal(self) -> None:
         if self.options.backend != "causal":
             raise ValueError(f"backend is {self.options.backend!r}; block-wise calls need the 'causal' backend")
+
+
+#: The front-end stage of every session on its own (it holds no state: the front-end travels in the request).
+_FEATURES = FeatureStage()
 
 
 def decoder_positions_needed(prompt: CausalPrompt, options: SessionOptions) -> int:

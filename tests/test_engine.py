@@ -182,15 +182,13 @@ def test_streams_queued_for_slots_reuse_them_and_stay_exact(model: ASRModel) -> 
             engine.push_audio(stream_id, plan.audio)
             engine.finish_stream(stream_id)
             events[stream_id] = []
-            slots_used[stream_id] = engine.session(stream_id).kv_slot.index
         for stream_id, new_events in engine.step().items():
             events[stream_id] += new_events
         for stream_id in engine.active_streams:  # the caches write into their slots; nothing was reallocated
-            session = engine.session(stream_id)
-            slot = session.kv_slot.index
-            if session.segment.decoder.cache.length:
-                cache_keys = session.segment.decoder.cache.layer(0)[0]
-                assert cache_keys.data_ptr() == engine.pool.decoder.keys[0, slot].data_ptr()
+            slot, state = engine.decoder.slot_of(stream_id), engine.decoder.state_of(stream_id)
+            slots_used.setdefault(stream_id, slot)
+            if state is not None and state.cache.length:
+                assert state.cache.layer(0)[0].data_ptr() == engine.decoder.pool.keys[0, slot].data_ptr()
     assert sorted(set(slots_used.values())) == [0, 1, 2]  # six streams, three slots: each slot reused
     for index, plan in enumerate(plans):
         assert _comparable(events[str(index)]) == _comparable(_single_stream_events(model, plan.audio, CAUSAL))
@@ -203,7 +201,7 @@ def test_a_stream_that_needs_longer_slots_is_refused(model: ASRModel) -> None:
         engine.open_stream("long", longer)
     assert engine.free_slots == 2
     roomy = StreamingEngine(
-        model, CAUSAL, EngineOptions(max_streams=1, decoder_capacity=engine.pool.decoder.capacity + 52)
+        model, CAUSAL, EngineOptions(max_streams=1, decoder_capacity=engine.decoder.capacity + 52)
     )
     roomy.open_stream("long", longer)
 
@@ -339,7 +337,7 @@ def test_bf16_engine_with_static_steps_matches_bf16_sessions(tiny_checkpoint: Pa
     model = load_model(tiny_checkpoint, tower=tiny_checkpoint / TOWER_OVERLAY_DIR, dtype=torch.bfloat16)
     plans = _plans(4)
     engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=4, decode_step="static"))
-    assert engine.pool.decoder.keys.dtype == torch.bfloat16
+    assert engine.decoder.pool.keys.dtype == torch.bfloat16
     events = _engine_events(engine, plans)
     for index, plan in enumerate(plans):
         assert _comparable(events[str(index)]) == _comparable(_single_stream_events(model, plan.audio, CAUSAL))
@@ -409,17 +407,18 @@ def test_streams_move_down_to_free_slots_at_segment_rolls(model: ASRModel) -> No
     engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=3))
     for stream_id in "abc":
         engine.open_stream(stream_id)
-    assert engine.session("c").kv_slot.index == 2
-    engine.close_stream("a")
-    engine.close_stream("b")
+    engine.push_audio("a", _audio(2.0))
+    engine.push_audio("b", _audio(2.0))
     engine.push_audio("c", plans[0].audio)
     engine.finish_stream("c")
-    events: list[TranscriptEvent] = []
-    slots = []
+    events: list[TranscriptEvent] = engine.step().get("c", [])  # one block each: slots 0, 1, 2 in order
+    slots = [engine.decoder.slot_of("c")]
+    engine.close_stream("a")
+    engine.close_stream("b")
     while engine.has_work:
         events += engine.step().get("c", [])
         if "c" in engine.active_streams:
-            slots.append(engine.session("c").kv_slot.index)
+            slots.append(engine.decoder.slot_of("c"))
     assert slots[0] == 2 and slots[-1] == 0 and "segment" in [event.kind for event in events]
     assert _comparable(events) == _comparable(_single_stream_events(model, plans[0].audio, CAUSAL))
     assert engine.free_slots == 3

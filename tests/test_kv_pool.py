@@ -9,7 +9,7 @@ from torch.overrides import TorchFunctionMode
 from pipeline.causal_encoder import CausalAudioEncoder, CausalEncoderOptions
 from pipeline.config import TINY_AUDIO
 from pipeline.decoder import DecoderKVCache, forward_streams
-from pipeline.kv_pool import EncoderKVPool, KVSlot, KVSlotPool
+from pipeline.kv_pool import DecoderKVPool, EncoderKVPool
 from tests.test_decoder import random_decoder
 from tests.test_encoder import random_tower, relative_error
 
@@ -151,8 +151,8 @@ def test_pooled_encoder_refuses_a_state_from_elsewhere() -> None:
 
 def test_decoder_cache_on_fixed_storage_matches_growing_cache_and_never_reallocates() -> None:
     decoder = random_decoder(seed=0)
-    pool = KVSlotPool(random_tower(seed=1), decoder, slots=3, decoder_capacity=50)
-    pooled = [pool.decoder.new_cache(2), pool.decoder.new_cache(0)]
+    pool = DecoderKVPool(decoder, slots=3, capacity=50)
+    pooled = [pool.new_cache(2), pool.new_cache(0)]
     growing = [DecoderKVCache(len(decoder.layers)) for _ in pooled]
     torch.manual_seed(0)
     with torch.no_grad():
@@ -165,8 +165,8 @@ def test_decoder_cache_on_fixed_storage_matches_growing_cache_and_never_realloca
             for cache in growing + pooled:
                 cache.crop(cache.length - 1)
     # After every append and crop the caches still write into their slots.
-    assert pooled[0].layer(0)[0].data_ptr() == pool.decoder.keys[0, 2].data_ptr()
-    assert pooled[1].layer(1)[1].data_ptr() == pool.decoder.values[1, 0].data_ptr()
+    assert pooled[0].layer(0)[0].data_ptr() == pool.keys[0, 2].data_ptr()
+    assert pooled[1].layer(1)[1].data_ptr() == pool.values[1, 0].data_ptr()
     with pytest.raises(ValueError, match="fixed storage holds 50"):
         with torch.no_grad():
             forward_streams(decoder, [pooled[1]], [torch.randn(50 - pooled[1].length + 1, decoder.config.hidden_size)])
@@ -177,8 +177,8 @@ def test_neighbouring_slots_run_in_place_and_match_growing_caches() -> None:
     from pipeline.decoder import _pool_rows
 
     decoder = random_decoder(seed=0)
-    pool = KVSlotPool(random_tower(seed=1), decoder, slots=3, decoder_capacity=80)
-    pooled = [pool.decoder.new_cache(1), pool.decoder.new_cache(2), pool.decoder.new_cache(0)]
+    pool = DecoderKVPool(decoder, slots=3, capacity=80)
+    pooled = [pool.new_cache(1), pool.new_cache(2), pool.new_cache(0)]
     growing = [DecoderKVCache(len(decoder.layers)) for _ in pooled]
     assert _pool_rows(pooled, needed=10) is not None and _pool_rows(pooled[:2] + growing[:1], needed=10) is None
     generator = torch.Generator().manual_seed(3)
@@ -194,26 +194,3 @@ def test_neighbouring_slots_run_in_place_and_match_growing_caches() -> None:
                 torch.testing.assert_close(cache.layer(1)[0], other.layer(1)[0], rtol=0, atol=1e-5)
                 cache.crop(cache.length - 2)
                 other.crop(other.length - 2)
-
-
-def test_slots_are_admitted_while_free_and_reused_after_release() -> None:
-    pool = KVSlotPool(random_tower(seed=1), random_decoder(seed=0), slots=2, decoder_capacity=8)
-    first, second = pool.acquire(), pool.acquire()
-    assert (first.index, second.index) == (0, 1) and pool.free == 0
-    assert pool.acquire() is None
-    pool.release(first)
-    assert pool.acquire().index == 0
-    with pytest.raises(ValueError, match="not an acquired slot"):
-        pool.release(KVSlotPool(random_tower(seed=1), random_decoder(seed=0), 1, 8).acquire())
-
-
-def test_the_lowest_free_slot_is_handed_out_and_streams_move_down_into_it() -> None:
-    pool = KVSlotPool(random_tower(seed=1), random_decoder(seed=0), slots=4, decoder_capacity=8)
-    slots = [pool.acquire() for _ in range(4)]
-    pool.release(slots[1])
-    pool.release(slots[3])
-    pool.release(slots[0])
-    assert pool.acquire().index == 0  # the lowest, whatever the order of release
-    assert pool.move_down(slots[2]).index == 1  # a lower slot is free: move there, free 2
-    assert pool.free == 2 and pool.move_down(KVSlot(1, pool.encoder, pool.decoder)).index == 1  # none lower
-    assert sorted(pool.acquire().index for _ in range(2)) == [2, 3]

@@ -27,11 +27,12 @@ def test_memory_bound_phase_is_flat_until_compute_takes_over() -> None:
 def test_slot_bytes_equal_the_pool_slot() -> None:
     from pipeline.decoder import TextDecoder
     from pipeline.encoder import AudioTower
-    from pipeline.kv_pool import KVSlotPool
+    from pipeline.kv_pool import DecoderKVPool, EncoderKVPool
 
     model = step_model(TINY, bytes_per_value=4, slot_positions=300)
-    pool = KVSlotPool(AudioTower(TINY_AUDIO), TextDecoder(TINY_TEXT), slots=2, decoder_capacity=300)
-    assert model.slot_bytes == pool.bytes_per_slot
+    encoder, decoder = EncoderKVPool(AudioTower(TINY_AUDIO), slots=2), DecoderKVPool(TextDecoder(TINY_TEXT), 2, 300)
+    pools = (encoder.keys, encoder.values, decoder.keys, decoder.values)
+    assert model.slot_bytes == sum(t.numel() * t.element_size() for t in pools) // 2
 
 
 def test_report_is_labelled_an_estimate() -> None:
