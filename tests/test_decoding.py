@@ -148,14 +148,14 @@ def rows_favouring(tokens: Sequence[int], vocab: int = 6, runner_up: int = 3) ->
         ([1], [], (0, 1)),  # empty draft: one plain greedy step
     ],
 )
-def test_verify_draft(row_picks: list[int], draft: list[int], expected: tuple[int, int]) -> None:
+def test_verify_a_single_draft(row_picks: list[int], draft: list[int], expected: tuple[int, int]) -> None:
     controls = DecodeControls(NO_FILTERS)
-    assert controls.verify_draft(rows_favouring(row_picks), draft) == expected
+    assert controls.verify_drafts(rows_favouring(row_picks), [draft]) == [expected]
 
 
 def test_verify_stops_at_a_stop_even_when_the_draft_agrees() -> None:
     controls = DecodeControls(DecodeOptions(stop_token_ids=(0,), repetition_penalty=1.0, no_repeat_ngram_size=0))
-    assert controls.verify_draft(rows_favouring([2, 0, 4, 5]), [2, 0, 4]) == (1, 0)
+    assert controls.verify_drafts(rows_favouring([2, 0, 4, 5]), [[2, 0, 4]]) == [(1, 0)]
 
 
 def test_verify_row_j_sees_history_plus_draft_prefix() -> None:
@@ -163,12 +163,12 @@ def test_verify_row_j_sees_history_plus_draft_prefix() -> None:
     # History [4], draft [1, 2, 1, 2]: rows 0-2 agree; row 3 continues [4, 1, 2, 1], where the
     # bigram (1, 2) already occurred, so 2 is banned and the runner-up 3 is the correction.
     logits = rows_favouring([1, 2, 1, 2, 5])
-    assert controls.verify_draft(logits, [1, 2, 1, 2], history=[4]) == (3, 3)
+    assert controls.verify_drafts(logits, [[1, 2, 1, 2]], [[4]]) == [(3, 3)]
     with pytest.raises(ValueError, match="expected sum\\(len\\(draft\\) \\+ 1\\) = 5"):
-        controls.verify_draft(logits[:4], [1, 2, 1, 2])
+        controls.verify_drafts(logits[:4], [[1, 2, 1, 2]])
     small_budget = DecodeControls(DecodeOptions(max_new_tokens=3))
     with pytest.raises(ValueError, match="trim the draft"):
-        small_budget.verify_draft(logits, [1, 2, 1, 2])
+        small_budget.verify_drafts(logits, [[1, 2, 1, 2]])
 
 
 def test_batched_verification_equals_one_stream_at_a_time() -> None:
@@ -181,7 +181,7 @@ def test_batched_verification_equals_one_stream_at_a_time() -> None:
     for logits, draft in zip(per_stream, drafts):  # make most of each draft the favourite, so verdicts vary
         for j, token in enumerate(draft[:-1]):
             logits[j, token] += 4.0
-    expected = [controls.verify_draft(l, d, h) for l, d, h in zip(per_stream, drafts, histories)]
+    expected = [controls.verify_drafts(l, [d], [h])[0] for l, d, h in zip(per_stream, drafts, histories)]
     assert controls.verify_drafts(torch.cat(per_stream), drafts, histories) == expected
     assert len({verdict[0] for verdict in expected}) > 1
     with pytest.raises(ValueError, match="expected sum\\(len\\(draft\\) \\+ 1\\) = 14"):
@@ -225,7 +225,7 @@ def speculative_greedy(model: Callable, controls: DecodeControls, draft: Sequenc
     """Verify the draft against one 'parallel pass', then continue greedily from the correction."""
     draft = controls.trim_draft(draft)
     logits = torch.stack([model(draft[:j]) for j in range(len(draft) + 1)])
-    accepted, token = controls.verify_draft(logits, draft)
+    [(accepted, token)] = controls.verify_drafts(logits, [draft])
     hypothesis = list(draft[:accepted])
     while controls.continues(len(hypothesis), token):
         hypothesis.append(token)
