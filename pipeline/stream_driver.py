@@ -1,0 +1,147 @@
+"""The owner of one stream, driving its session against asynchronous stages (possibly in other processes).
+
+A `StreamDriver` is what a served pipeline's ingress runs per stream: the stream's `StreamingSession` (state and
+policy) stays here, and every piece of model work is a request to a stage behind the `AsyncStages` interface
+(Ray Serve deployment handles in `deployments/`, or the in-process stages in `LocalStages`). The blocks go
+through the very same session halves as in `pipeline.engine.StreamingEngine`, so the events are the same.
+
+Stage state is soft. A stage that answers with a `StageMiss` (it restarted, or routing moved the stream) gets
+the request again with a replay of the current segment, which the session keeps (`keep_replay`), and the answer
+is the one it would have given. At a segment roll the stream's state on the old segment's replicas is released:
+the next segment starts fresh and may run anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from torch import Tensor
+
+from pipeline.rolling import UpdateResult
+from pipeline.session import CausalBlock, StreamingSession, TranscriptEvent
+from pipeline.stages import (
+    DecoderStage,
+    DecodeRequest,
+    EncoderStage,
+    EncodeRequest,
+    FeatureRequest,
+    FeatureResult,
+    FeatureStage,
+    StageAtCapacity,
+    StageMiss,
+    answer_of,
+)
+
+log = logging.getLogger(__name__)
+
+
+class AsyncStages(Protocol):
+    """The stages as one stream's owner sees them: one request at a time, answered asynchronously."""
+
+    async def extract(self, request: FeatureRequest) -> FeatureResult: ...
+
+    async def encode(self, request: EncodeRequest) -> Tensor | StageMiss | StageAtCapacity: ...
+
+    async def update(self, request: DecodeRequest) -> UpdateResult | StageMiss | StageAtCapacity: ...
+
+    async def release(self, stream_id: str, segment_index: int) -> None:
+        """Forget the stream's state for that segment on whichever replica holds it."""
+
+
+class LocalStages:
+    """`AsyncStages` over stage objects in this process (tests, and a single-process server)."""
+
+    def __init__(self, features: FeatureStage, encoder: EncoderStage, decoder: DecoderStage) -> None:
+        self.features, self.encoder, self.decoder = features, encoder, decoder
+
+    async def extract(self, request: FeatureRequest) -> FeatureResult:
+        return self.features.extract([request])[0]
+
+    async def encode(self, request: EncodeRequest) -> Tensor | StageMiss | StageAtCapacity:
+        return self.encoder.encode([request])[0]
+
+    async def update(self, request: DecodeRequest) -> UpdateResult | StageMiss | StageAtCapacity:
+        return self.decoder.update([request])[0]
+
+    async def release(self, stream_id: str, segment_index: int) -> None:
+        self.encoder.release(stream_id)
+        self.decoder.release(stream_id)
+
+
+@dataclass
+class DriverStats:
+    """What one stream cost its owner beyond the model work."""
+
+    encoder_replays: int = 0
+    decoder_replays: int = 0
+    updates: int = 0
+
+
+class StreamDriver:
+    """Drive one stream's session through `AsyncStages`: `push_audio` any chunks, then `finish`."""
+
+    def __init__(self, session: StreamingSession, stages: AsyncStages) -> None:
+        if not session.keep_replay:
+            raise ValueError("the session must keep its replay (keep_replay=True): remote stages may lose state")
+        self.session = session
+        self.stages = stages
+        self.stats = DriverStats()
+        self._segment_on_stages: int | None = None  # the segment whose state the stages hold for this stream
+
+    async def push_audio(self, pcm: np.ndarray) -> list[TranscriptEvent]:
+        """Feed 16 kHz mono float32 PCM; returns the events of the blocks it completed."""
+        self.session.accept_features(await self.stages.extract(self.session.feature_request(pcm)))
+        return await self._run_ready_blocks()
+
+    async def finish(self) -> list[TranscriptEvent]:
+        """End of audio: decode what is left, finalize, and release the stream's stage state."""
+        self.session.accept_features(await self.stages.extract(self.session.feature_request(end=True)), end=True)
+        events = await self._run_ready_blocks()
+        events += self.session.finalize()
+        await self.close()
+        return events
+
+    async def close(self) -> None:
+        """Release the stream's state on the stages (also when the stream is abandoned)."""
+        if self._segment_on_stages is not None:
+            segment, self._segment_on_stages = self._segment_on_stages, None
+            await self.stages.release(self.session.stream_id, segment)
+
+    async def _run_ready_blocks(self) -> list[TranscriptEvent]:
+        session, events = self.session, []
+        while (block := session.next_block()) is not None:
+            await self._enter_segment(block)
+            embeddings = await self._encode(block)
+            if not block.decode:
+                events += session.hold_block(block, embeddings)
+                continue
+            result = await self._update(session.decode_request(block, embeddings))
+            self.stats.updates += 1
+            events += session.complete_block(block, result)
+        return events
+
+    async def _enter_segment(self, block: CausalBlock) -> None:
+        """A block of a new segment: the old segment's stage state is of no further use."""
+        if self._segment_on_stages not in (None, block.segment_index):
+            await self.stages.release(self.session.stream_id, self._segment_on_stages)
+        self._segment_on_stages = block.segment_index
+
+    async def _encode(self, block: CausalBlock) -> Tensor:
+        request = self.session.encode_request(block)
+        answer = await self.stages.encode(request)
+        if isinstance(answer, StageMiss):
+            log.info("encoder miss for %s (%s): replaying %d blocks", request.stream_id, answer.reason, request.block_index)
+            self.stats.encoder_replays += 1
+            answer = await self.stages.encode(self.session.encoder_replay(request))
+        return answer_of(answer)
+
+    async def _update(self, request: DecodeRequest) -> UpdateResult:
+        answer = await self.stages.update(request)
+        if isinstance(answer, StageMiss):
+            log.info("decoder miss for %s (%s): replaying %d updates", request.stream_id, answer.reason, request.update_index)
+            self.stats.decoder_replays += 1
+            answer = await self.stages.update(self.session.decoder_replay(request))
+        return answer_of(answer)
