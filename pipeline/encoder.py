@@ -62,6 +62,26 @@ def offline_output_steps(frames: int, chunk_frames: int = 100) -> int:
     return whole * conv_output_length(chunk_frames) + conv_output_length(rest)
 
 
+def stem_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) for a (kernel 3, stride 2, padding 1) stem conv, x [N, C, freq, time].
+
+    oneDNN's bf16 convolution on CPU (brg_conv_fwd with AMX / AVX512-BF16, oneDNN 3.x as shipped with torch 2.x)
+    computes an output time width of 1, i.e. an input of at most 2 time columns, with garbage where the left
+    zero padding should be: it reads uninitialised scratch memory, so the result is wrong, varies from call to call
+    and can be inf/NaN. Every causal step hits it (its 8-frame piece reaches the third conv 2 columns wide). That
+    single output column is exactly a 1-D conv over frequency: the left padding column contributes nothing, and the
+    input columns 0..width-1 meet kernel columns 1..width, so they are folded into channels (index c * width + w)
+    and the kernel likewise. Only bf16 on CPU takes this route; everything else runs the conv as it is.
+    """
+    width = x.shape[-1]
+    if width > 2 or x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return conv(x)
+    batch, channels, freq, _ = x.shape
+    folded = x.transpose(2, 3).reshape(batch, channels * width, freq)
+    weight = conv.weight[..., 1 : 1 + width].transpose(2, 3).reshape(conv.out_channels, channels * width, 3)
+    return F.conv1d(folded, weight, conv.bias, stride=conv.stride[0], padding=conv.padding[0])[..., None]
+
+
 def sinusoidal_positions(positions: torch.Tensor, channels: int) -> torch.Tensor:
     """Whisper sinusoids `[sin(p·inv), cos(p·inv)]` for any absolute positions, in fp32.
 
@@ -178,9 +198,9 @@ class AudioTower(nn.Module):
         The pieces are the conv batch, so nothing crosses a piece border (zero padding at each edge).
         """
         x = pieces.to(self.conv_out.weight.dtype).unsqueeze(1)
-        x = F.gelu(self.conv2d1(x))
-        x = F.gelu(self.conv2d2(x))
-        x = F.gelu(self.conv2d3(x))
+        x = F.gelu(stem_conv(self.conv2d1, x))
+        x = F.gelu(stem_conv(self.conv2d2, x))
+        x = F.gelu(stem_conv(self.conv2d3, x))
         # [N, C, F, S] -> [N, S, C·F]: channel-major flatten (index c·F + f), as the checkpoint expects.
         return self.conv_out(x.permute(0, 3, 1, 2).flatten(2))
 
