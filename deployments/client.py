@@ -185,6 +185,7 @@ async def recognize(
     options: StreamOptions = StreamOptions(),
     on_result: Callable[[asr_pb2.Result], None] | None = None,
     metadata: Sequence[tuple[str, str]] | None = None,
+    on_started: Callable[[str], None] | None = None,
 ) -> StreamOutcome:
     """Stream ``samples`` (mono float in [-1, 1] at ``options.sample_rate_hz``) through one Recognize call.
 
@@ -210,6 +211,8 @@ async def recognize(
             result = outcome.add(response, time.monotonic())
             if result is not None and on_result is not None:
                 on_result(result)
+            if on_started is not None and response.WhichOneof("response") == "started":
+                on_started(response.started.session_id)
     except grpc.aio.AioRpcError as error:
         real = await first_status.unmask(error)
         if real is not None:
@@ -347,6 +350,9 @@ class RecognizerClient:
         options: StreamOptions = StreamOptions(),
         on_result: Callable[[asr_pb2.Result], None] | None = None,
         metadata: Sequence[tuple[str, str]] | None = None,
+        on_started: Callable[[str], None] | None = None,
     ) -> StreamOutcome:
         """One stream over this client's channel; see :func:`recognize`."""
-        return await recognize(self.channel, samples, options, on_result=on_result, metadata=metadata)
+        return await recognize(
+            self.channel, samples, options, on_result=on_result, metadata=metadata, on_started=on_started
+        )

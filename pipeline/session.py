@@ -60,7 +60,7 @@ from pipeline.stages import (
 log = logging.getLogger(__name__)
 
 FRAMES_PER_SECOND = 100
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: per-segment final tokens; front-end state without a clamp restart
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ class StreamingSession:
         # Stream-level state that survives segment rolls.
         self.segment_index = 0
         self.frames_encoded = 0  # mel frames consumed by the audio backend (stream time)
-        self.completed_tokens: list[int] = []
+        self.completed_segments: list[list[int]] = []  # each finalized segment's final hypothesis tokens
         self.pending_mel = torch.zeros(0, model.config.audio.num_mel_bins)  # mel not yet encoded (causal: < 1 block
         # unless a driver is behind; windowed: < 1 update)
         self.window_mel = torch.zeros(0, model.config.audio.num_mel_bins)  # windowed: mel history window
@@ -356,7 +356,7 @@ class StreamingSession:
         self._check_open()
         self.finished = True
         new_words = self.committer.finish(self.audio_sec)
-        self.completed_tokens += self.segment.tokens
+        self.completed_segments.append(list(self.segment.tokens))
         return [self._event("final", new_words, tentative="", transcript=self.committer.transcript)]
 
     @property
@@ -366,7 +366,14 @@ class StreamingSession:
     @property
     def token_ids(self) -> list[int]:
         """Token ids of the finalized segments (the whole transcript after `finish`)."""
-        return list(self.completed_tokens)
+        return [token for tokens in self.completed_segments for token in tokens]
+
+    @property
+    def final_hypothesis_text(self) -> str:
+        """The finalized segments' final hypotheses, decoded per segment and joined: the model's own final text
+        (the published runtime's), which may disagree with the transcript of record where words were already
+        committed."""
+        return " ".join(text for text in map(self._text, self.completed_segments) if text)
 
     # ------------------------------------------------------------------ blocks and updates
 
@@ -513,7 +520,7 @@ class StreamingSession:
         if self.options.backend == "causal" and self.segment.embeddings:
             raise RuntimeError("segment roll with encoded blocks not yet decoded; `_update_due` must prevent this")
         new_words = self.committer.finalize_segment(self.audio_sec)
-        self.completed_tokens += self.segment.tokens
+        self.completed_segments.append(list(self.segment.tokens))
         self.segment_index += 1
         self.segment = SegmentState()
         event = self._event("segment", new_words, tentative="", transcript=self.committer.transcript)
@@ -531,7 +538,7 @@ class StreamingSession:
             "sample_offset": self.sample_offset,
             "segment_index": self.segment_index,
             "frames_encoded": self.frames_encoded,
-            "completed_tokens": self.completed_tokens,
+            "completed_segments": self.completed_segments,
             "commit": self.committer.state.to_dict(),
             "features": asdict(mel_state) | {"pending": _encode_array(mel_state.pending)},
             "pending_mel": _encode_array(pending.float().cpu().numpy()),
@@ -556,7 +563,7 @@ class StreamingSession:
         )
         session.segment_index = payload["segment_index"]
         session.frames_encoded = payload["frames_encoded"]
-        session.completed_tokens = list(payload["completed_tokens"])
+        session.completed_segments = [list(tokens) for tokens in payload["completed_segments"]]
         session.committer.state = TranscriptCommitState.from_dict(payload["commit"])
         session.pending_mel = torch.from_numpy(_decode_array(payload["pending_mel"]))
         session.window_mel = torch.from_numpy(_decode_array(payload["window_mel"]))

@@ -172,9 +172,11 @@ class _SegmentStates:
             )
         return entry
 
-    def release(self, stream_id: str) -> None:
-        entry = self.entries.pop(stream_id, None)
-        if entry is not None:
+    def release(self, stream_id: str, segment_index: int | None = None) -> None:
+        """Forget the stream (only its `segment_index` state, if given: a later segment's stays)."""
+        entry = self.entries.get(stream_id)
+        if entry is not None and segment_index in (None, entry.segment_index):
+            del self.entries[stream_id]
             self.slots.release(entry.slot)
 
 
@@ -209,9 +211,10 @@ class EncoderStage:
     def free_slots(self) -> int:
         return self.streams.slots.free
 
-    def release(self, stream_id: str) -> None:
-        """Forget a stream (it ended, or its next segment runs elsewhere) and free its slot."""
-        self.streams.release(stream_id)
+    def release(self, stream_id: str, segment_index: int | None = None) -> None:
+        """Forget a stream (it ended, or its next segment runs elsewhere) and free its slot; with
+        `segment_index`, only that segment's state."""
+        self.streams.release(stream_id, segment_index)
 
     def slot_of(self, stream_id: str) -> int | None:
         entry = self.streams.entries.get(stream_id)
@@ -324,8 +327,8 @@ class DecoderStage:
     def free_slots(self) -> int:
         return self.streams.slots.free
 
-    def release(self, stream_id: str) -> None:
-        self.streams.release(stream_id)
+    def release(self, stream_id: str, segment_index: int | None = None) -> None:
+        self.streams.release(stream_id, segment_index)
 
     def slot_of(self, stream_id: str) -> int | None:
         entry = self.streams.entries.get(stream_id)

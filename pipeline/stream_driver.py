@@ -67,8 +67,8 @@ class LocalStages:
         return self.decoder.update([request])[0]
 
     async def release(self, stream_id: str, segment_index: int) -> None:
-        self.encoder.release(stream_id)
-        self.decoder.release(stream_id)
+        self.encoder.release(stream_id, segment_index)
+        self.decoder.release(stream_id, segment_index)
 
 
 @dataclass

@@ -1,0 +1,116 @@
+"""The public gRPC API's rules, apart from any server: what a request may be, and how events become responses.
+
+`qwen3stream.v1.Recognizer/Recognize` is one bidirectional stream per audio stream: a `StreamConfig` first
+(exactly once), then `AudioChunk`s; the client's half-close ends the audio, and the server answers with a
+`Final` and closes. Every bad request is an `InvalidRequest` with a one-line message (INVALID_ARGUMENT).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.causal_encoder import TRAINED_BLOCK_FRAMES
+from pipeline.commit import CommittedWord
+from pipeline.features import SAMPLE_RATE
+from pipeline.prompt import canonical_language
+from pipeline.session import SessionOptions, TranscriptEvent
+from protos.qwen3stream.v1 import asr_pb2
+
+#: The most audio one chunk may carry (seconds): a live source sends far less; more is a client bug.
+MAX_CHUNK_SECONDS = 10.0
+#: Block size of a config that leaves it unset (0).
+DEFAULT_BLOCK_FRAMES = 192
+#: Bytes per sample of each accepted encoding.
+SAMPLE_BYTES = {asr_pb2.PCM_S16LE: 2, asr_pb2.F32LE: 4}
+
+
+class InvalidRequest(ValueError):
+    """A request the API does not accept; the message is what the client is told."""
+
+
+def session_options(config: asr_pb2.StreamConfig, defaults: SessionOptions) -> SessionOptions:
+    """The session options a stream's config asks for (checked), over the server's defaults."""
+    if config.sample_rate_hz != SAMPLE_RATE:
+        raise InvalidRequest(f"sample_rate_hz is {config.sample_rate_hz}; expected {SAMPLE_RATE} (16 kHz mono)")
+    if config.encoding not in SAMPLE_BYTES:
+        raise InvalidRequest(
+            f"encoding is {asr_pb2.Encoding.Name(config.encoding) if config.encoding in asr_pb2.Encoding.values() else config.encoding}; "
+            "expected PCM_S16LE or F32LE"
+        )
+    block_frames = config.block_frames or DEFAULT_BLOCK_FRAMES
+    if block_frames not in TRAINED_BLOCK_FRAMES:
+        raise InvalidRequest(f"block_frames is {config.block_frames}; expected one of {TRAINED_BLOCK_FRAMES}")
+    language = defaults.language
+    if config.language:
+        try:
+            language = canonical_language(config.language)
+        except ValueError as error:
+            raise InvalidRequest(str(error)) from None
+    return SessionOptions(**{**defaults.__dict__, "language": language, "block_frames": block_frames})
+
+
+def effective_config(config: asr_pb2.StreamConfig, options: SessionOptions) -> asr_pb2.StreamConfig:
+    """The config as the server runs it (defaults filled in), for `Started`."""
+    return asr_pb2.StreamConfig(
+        language=options.language or "",
+        sample_rate_hz=SAMPLE_RATE,
+        encoding=config.encoding,
+        block_frames=options.block_frames,
+        interim_results=config.interim_results,
+    )
+
+
+def decode_audio(data: bytes, encoding: int) -> np.ndarray:
+    """An `AudioChunk`'s bytes as float32 samples in [-1, 1]."""
+    width = SAMPLE_BYTES[encoding]
+    if len(data) % width:
+        raise InvalidRequest(f"audio chunk has {len(data)} bytes; expected a multiple of {width} for this encoding")
+    if len(data) > MAX_CHUNK_SECONDS * SAMPLE_RATE * width:
+        raise InvalidRequest(
+            f"audio chunk holds {len(data) // width / SAMPLE_RATE:.1f} s; expected at most {MAX_CHUNK_SECONDS:g} s"
+        )
+    if encoding == asr_pb2.PCM_S16LE:
+        return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+    samples = np.frombuffer(data, dtype="<f4").astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(samples))
+    if bad.size:
+        raise InvalidRequest(f"audio chunk has a non-finite sample at index {bad[0]}; expected finite floats")
+    return samples
+
+
+class ResponseWriter:
+    """Turns a stream's events into responses, numbering committed words (an index is never reused)."""
+
+    def __init__(self, first_word_index: int = 0) -> None:
+        self.words: list[str] = []
+        self.next_index = first_word_index
+
+    def result(self, event: TranscriptEvent) -> asr_pb2.RecognizeResponse:
+        return asr_pb2.RecognizeResponse(
+            result=asr_pb2.Result(
+                committed=[self._word(word) for word in event.new_words],
+                interim=event.tentative,
+                segment_index=event.segment_index,
+                audio_processed_ms=round(event.audio_sec * 1000),
+                segment_final=event.kind == "segment",
+            )
+        )
+
+    def final(self, token_ids: list[int], final_hypothesis_text: str, stats: asr_pb2.FinalStats) -> asr_pb2.RecognizeResponse:
+        """The transcript of record: the committed words, as the client received them."""
+        return asr_pb2.RecognizeResponse(
+            final=asr_pb2.Final(
+                text=" ".join(self.words),
+                token_ids=token_ids,
+                stats=stats,
+                final_hypothesis_text=final_hypothesis_text,
+            )
+        )
+
+    def _word(self, word: CommittedWord) -> asr_pb2.Word:
+        self.words.append(word.text)
+        message = asr_pb2.Word(
+            index=self.next_index, text=word.text, start_ms=round(word.start_sec * 1000), end_ms=round(word.end_sec * 1000)
+        )
+        self.next_index += 1
+        return message

@@ -1,0 +1,159 @@
+"""The gRPC entry of the served pipeline: one `Recognize` call is one stream, owned here for its whole life.
+
+The ingress runs on Serve's gRPC proxy (bidirectional streaming, Ray >= 2.55). Per stream it keeps the session
+(state and policy: segments, commit, events) and drives it with a `StreamDriver` whose stages are the
+`FeatureExtractor`, `CausalEncoder` and `Decoder` deployments, called through deployment handles. Encoder and
+decoder calls carry `session_id = "<stream>/<segment>"`, which the consistent-hash router turns into a replica:
+a stream's calls stay on one replica for a segment, and its next segment may land on any other (K/V is empty at
+a roll). Errors become gRPC statuses with one-line messages; one stream's error never touches another's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from ray import serve
+from ray.serve.grpc_util import gRPCInputStream
+from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Gauge, Histogram
+from torch import Tensor
+
+from deployments.grpc_api import InvalidRequest, ResponseWriter, decode_audio, effective_config, session_options
+from deployments.stage_replicas import ModelSpec, reserve_threads
+from grpc_health.v1 import health_pb2
+from pipeline.rolling import UpdateResult
+from pipeline.session import SessionOptions, StreamingSession, TranscriptEvent
+from pipeline.stages import DecodeRequest, EncodeRequest, FeatureRequest, FeatureResult, StageAtCapacity, StageMiss
+from pipeline.stream_driver import StreamDriver
+from protos.qwen3stream.v1 import asr_pb2
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2000, 5000, 10000]
+
+
+class ServedStages:
+    """`AsyncStages` over the stage deployments' handles."""
+
+    def __init__(self, features: DeploymentHandle, encoder: DeploymentHandle, decoder: DeploymentHandle) -> None:
+        self.features, self.encoder, self.decoder = features, encoder, decoder
+
+    async def extract(self, request: FeatureRequest) -> FeatureResult:
+        return await self.features.extract.remote(request)
+
+    async def encode(self, request: EncodeRequest) -> Tensor | StageMiss | StageAtCapacity:
+        return await self.encoder.options(session_id=_route(request.stream_id, request.segment_index)).encode.remote(request)
+
+    async def update(self, request: DecodeRequest) -> UpdateResult | StageMiss | StageAtCapacity:
+        return await self.decoder.options(session_id=_route(request.stream_id, request.segment_index)).update.remote(request)
+
+    async def release(self, stream_id: str, segment_index: int) -> None:
+        route = _route(stream_id, segment_index)
+        await self.encoder.options(session_id=route).release.remote(stream_id, segment_index)
+        await self.decoder.options(session_id=route).release.remote(stream_id, segment_index)
+
+
+def _route(stream_id: str, segment_index: int) -> str:
+    """The routing key of a stream's stage calls: one replica per segment."""
+    return f"{stream_id}/{segment_index}"
+
+
+@serve.deployment
+class Ingress:
+    """`qwen3stream.v1.Recognizer` and `grpc.health.v1.Health` on Serve's gRPC proxy."""
+
+    def __init__(
+        self,
+        features: DeploymentHandle,
+        encoder: DeploymentHandle,
+        decoder: DeploymentHandle,
+        spec: ModelSpec,
+        defaults: SessionOptions | None = None,
+    ) -> None:
+        reserve_threads()
+        self.model = spec.load()  # the tokenizer and config for prompts and text (the stages hold the K/V)
+        self.defaults = defaults or SessionOptions()
+        self.stages = ServedStages(features, encoder, decoder)
+        self.active = Gauge("qwen3_stream_active_streams", "streams open on this ingress replica")
+        self.update_latency = Histogram(
+            "qwen3_stream_update_latency_ms",
+            "from the chunk that completed a block to its result being sent",
+            _LATENCY_BOUNDARIES_MS,
+        )
+        self.replays = Counter("qwen3_stream_replays", "stage calls answered by replaying a segment", ("stage",))
+        self.lag = Gauge("qwen3_stream_lag_sec", "how far the newest result trails the audio received")
+        self.errors = Counter("qwen3_stream_errors", "streams ended with an error status", ("code",))
+        self._open = 0
+
+    async def Recognize(  # noqa: N802 (the RPC's name)
+        self, stream: gRPCInputStream, grpc_context=None  # noqa: ANN001 (Serve's RayServegRPCContext)
+    ) -> AsyncIterator[asr_pb2.RecognizeResponse]:
+        driver: StreamDriver | None = None
+        self._open += 1
+        self.active.set(self._open)
+        try:
+            first = await anext(stream, None)
+            if first is None or first.WhichOneof("request") != "config":
+                raise InvalidRequest("the first message must be a StreamConfig")
+            options = session_options(first.config, self.defaults)
+            session_id = uuid.uuid4().hex
+            session = StreamingSession(self.model, options, stream_id=session_id, keep_replay=True)
+            driver = StreamDriver(session, self.stages)
+            yield asr_pb2.RecognizeResponse(
+                started=asr_pb2.Started(session_id=session_id, config=effective_config(first.config, options))
+            )
+            writer = ResponseWriter()
+            received = 0
+            async for request in stream:
+                kind = request.WhichOneof("request")
+                if kind == "config":
+                    raise InvalidRequest("a second StreamConfig; the config is sent once, first")
+                if kind != "audio":
+                    raise InvalidRequest(f"{kind} messages are not supported yet; send audio or half-close")
+                pcm = decode_audio(request.audio.data, first.config.encoding)
+                received += pcm.size
+                arrived = time.perf_counter()
+                for event in await driver.push_audio(pcm):
+                    yield writer.result(event)
+                    self.update_latency.observe(1000 * (time.perf_counter() - arrived))
+                    self.lag.set(received / 16000 - event.audio_sec)
+            for event in await driver.finish():
+                yield writer.result(event)
+            stats = asr_pb2.FinalStats(
+                audio_ms=round(session.audio_sec * 1000),
+                segments=session.segment_index + 1,
+                updates=driver.stats.updates,
+                words=len(writer.words),
+                replays=driver.stats.encoder_replays + driver.stats.decoder_replays,
+            )
+            yield writer.final(session.token_ids, session.final_hypothesis_text, stats)
+        except InvalidRequest as error:
+            self._fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise
+        except StageAtCapacity as error:
+            self._fail(grpc_context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error}; retry later or elsewhere")
+            raise
+        finally:
+            self._open -= 1
+            self.active.set(self._open)
+            if driver is not None:
+                for stage, count in (("encoder", driver.stats.encoder_replays), ("decoder", driver.stats.decoder_replays)):
+                    if count:
+                        self.replays.inc(count, tags={"stage": stage})
+                await driver.close()
+
+    async def Check(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:  # noqa: N802
+        """`grpc.health.v1.Health/Check`: this replica answers, so the application is serving."""
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    def _fail(self, grpc_context, code: grpc.StatusCode, message: str) -> None:  # noqa: ANN001
+        log.info("stream refused: %s: %s", code.name, message)
+        self.errors.inc(tags={"code": code.name})
+        if grpc_context is not None:
+            grpc_context.set_code(code)
+            grpc_context.set_details(message)
+

@@ -1,0 +1,101 @@
+"""`qwen3-stream serve`: a local Ray, the Serve application from the checked-in config, and a clean stop.
+
+The same config file drives `serve run`, KubeRay and this command; the command's flags override the model,
+the device, the port and the transport between deployments. Stage calls ride Serve's gRPC inter-deployment
+transport (`RAY_SERVE_USE_GRPC_BY_DEFAULT=1`) or Ray object references (`by_reference`), set for every process
+of the local cluster (`bench serve` measures both).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deployments.app import APP_NAME, DEFAULT_CONFIG, GRPC_SERVICERS, application
+
+log = logging.getLogger(__name__)
+
+#: How stage calls travel between deployments, and the environment that selects it.
+TRANSPORTS = {"grpc": {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}, "by_reference": {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}}
+DEFAULT_TRANSPORT = "by_reference"
+
+
+@dataclass
+class ServerSettings:
+    """What `serve` starts: the config file plus overrides."""
+
+    config: Path = DEFAULT_CONFIG
+    args: dict[str, Any] = field(default_factory=dict)  # overrides of the application's args
+    port: int | None = None  # None: the config's gRPC port
+    transport: str = DEFAULT_TRANSPORT
+    num_cpus: int | None = None  # the local Ray's CPUs (None: the machine's)
+    deployment_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # over the config's
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    config = yaml.safe_load(Path(path).read_text())
+    apps = [app for app in config.get("applications", []) if app.get("name") == APP_NAME]
+    if len(apps) != 1:
+        raise ValueError(f"{path} defines no application named {APP_NAME!r}")
+    return config
+
+
+def start(settings: ServerSettings) -> str:
+    """Start a local Ray and the application; returns the gRPC address. Stop with `stop()`."""
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions, HTTPOptions
+
+    if settings.transport not in TRANSPORTS:
+        raise ValueError(f"transport is {settings.transport!r}; expected one of {sorted(TRANSPORTS)}")
+    config = read_config(settings.config)
+    app_config = next(app for app in config["applications"] if app["name"] == APP_NAME)
+    port = settings.port or config["grpc_options"]["port"]
+    options = {entry["name"]: {k: v for k, v in entry.items() if k != "name"} for entry in app_config.get("deployments", [])}
+    for name, override in settings.deployment_options.items():
+        base = dict(options.get(name, {}))
+        if "num_replicas" in override:  # a fixed count replaces autoscaling (Serve takes one or the other)
+            base.pop("autoscaling_config", None)
+        options[name] = {**base, **override}
+    ray.init(
+        num_cpus=settings.num_cpus,
+        include_dashboard=False,
+        runtime_env={"env_vars": TRANSPORTS[settings.transport]},
+        logging_level=logging.WARNING,
+    )
+    serve.start(
+        http_options=HTTPOptions(host="127.0.0.1", port=config.get("http_options", {}).get("port", 8000)),
+        grpc_options=gRPCOptions(port=port, grpc_servicer_functions=list(GRPC_SERVICERS)),
+    )
+    serve.run(application({**app_config.get("args", {}), **settings.args}, options), name=APP_NAME, route_prefix="/")
+    address = f"127.0.0.1:{port}"
+    log.info("serving %s on %s (%s transport)", APP_NAME, address, settings.transport)
+    return address
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def serve_until_interrupted(settings: ServerSettings, announce) -> None:  # noqa: ANN001 (a print-like callable)
+    """`start`, tell the address, block until Ctrl-C or SIGTERM, then stop."""
+    address = start(settings)
+    stopped = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopped.set())
+    announce(f"qwen3-stream: serving on {address} (gRPC qwen3stream.v1.Recognizer); Ctrl-C stops")
+    try:
+        stopped.wait()
+    finally:
+        announce("qwen3-stream: stopping")
+        stop()

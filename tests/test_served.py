@@ -1,0 +1,201 @@
+"""The served pipeline for real: Ray Serve (started once for this module), the gRPC API, the tiny checkpoint.
+
+Served streams must equal the in-process engine's, also when a stage loses a stream's state mid-segment; bad
+requests get INVALID_ARGUMENT with one-line messages while other streams go on; health answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from deployments.client import RecognizerClient, StreamOptions, encode_pcm
+from deployments.grpc_api import ResponseWriter
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pipeline.checkpoint import load_model
+from pipeline.engine import EngineOptions, StreamingEngine
+from pipeline.session import SessionOptions
+from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
+from protos.qwen3stream.v1 import asr_pb2, asr_pb2_grpc
+from tests.test_session import _audio
+
+# Short segments and a small token budget: the tiny random model decodes to its budget every update.
+SESSION = {"max_new_tokens": 12, "segment_max_steps": 60, "segment_punct_min_steps": 40}
+OPTIONS = SessionOptions(language="English", **SESSION)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint: Path):  # noqa: ANN201
+    from deployments import server
+
+    one_cpu = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}}
+    settings = server.ServerSettings(
+        args={"model": str(tiny_checkpoint), "tower": str(tiny_checkpoint / TOWER_OVERLAY_DIR), "slots": 8, "session": SESSION},
+        port=_free_port(),
+        num_cpus=8,  # a scheduling label: every replica still runs torch on one thread
+        deployment_options={name: one_cpu for name in ("Ingress", "FeatureExtractor", "CausalEncoder", "Decoder")},
+    )
+    address = server.start(settings)
+    yield address
+    server.stop()
+
+
+def _expected_results(tiny_checkpoint: Path, recordings: dict[str, np.ndarray]) -> dict[str, tuple[list, asr_pb2.Final]]:
+    """What the in-process engine gives, as the API's messages."""
+    model = load_model(tiny_checkpoint, tower=tiny_checkpoint / TOWER_OVERLAY_DIR)
+    engine = StreamingEngine(model, OPTIONS, EngineOptions(max_streams=len(recordings)))
+    writers = {name: ResponseWriter() for name in recordings}
+    results: dict[str, list] = {name: [] for name in recordings}
+    finals = {}
+    for name, audio in recordings.items():
+        engine.open_stream(name)
+        engine.push_audio(name, audio)
+        engine.finish_stream(name)
+    sessions = {name: engine.session(name) for name in recordings}
+    while engine.has_work:
+        for name, events in engine.step().items():
+            results[name] += [writers[name].result(event).result for event in events]
+    for name, session in sessions.items():
+        finals[name] = writers[name].final(session.token_ids, session.final_hypothesis_text, asr_pb2.FinalStats()).final
+    return {name: (results[name], finals[name]) for name in recordings}
+
+
+def _comparable(result: asr_pb2.Result) -> tuple:
+    return (
+        tuple((w.index, w.text, w.start_ms, w.end_ms) for w in result.committed),
+        result.interim,
+        result.segment_index,
+        result.audio_processed_ms,
+        result.segment_final,
+    )
+
+
+def test_served_streams_equal_the_in_process_engine(server: str, tiny_checkpoint: Path) -> None:
+    recordings = {"short": _audio(3.0, seed=21), "rolls": _audio(9.0, seed=22), "odd": _audio(4.3, seed=23)}
+    chunking = {"short": StreamOptions(chunk_ms=40), "rolls": StreamOptions(chunk_ms=250, encoding="f32le"), "odd": StreamOptions(chunk_ms=1000)}
+
+    async def run_all():  # noqa: ANN202
+        async with RecognizerClient(server) as client:
+            return await asyncio.gather(*(client.recognize(recordings[n], chunking[n]) for n in recordings))
+
+    outcomes = dict(zip(recordings, asyncio.run(run_all())))
+    # The reference hears the audio the server heard: PCM16 quantised where the stream used it.
+    heard = {n: np.frombuffer(encode_pcm(a, chunking[n].encoding), "<i2").astype(np.float32) / 32768.0
+             if chunking[n].encoding == "pcm_s16le" else a for n, a in recordings.items()}
+    expected = _expected_results(tiny_checkpoint, heard)
+    assert any(r.segment_final for r in expected["rolls"][0])  # the long stream crosses a segment roll
+    for name, outcome in outcomes.items():
+        results, final = expected[name]
+        assert [_comparable(r) for _, r in outcome.results] == [_comparable(r) for r in results], name
+        assert list(outcome.final.token_ids) == list(final.token_ids)
+        assert outcome.final.text == final.text == outcome.text
+        assert outcome.final.final_hypothesis_text == final.final_hypothesis_text
+        outcome.check_append_only()
+        assert outcome.final.stats.replays == 0
+
+
+def test_a_stage_that_loses_a_stream_mid_segment_is_replayed(server: str, tiny_checkpoint: Path) -> None:
+    from ray import serve
+
+    audio = _audio(6.0, seed=31)
+    dropped: list[int] = []
+
+    async def run():  # noqa: ANN202
+        encoder = serve.get_deployment_handle("CausalEncoder", "qwen3-stream")
+        decoder = serve.get_deployment_handle("Decoder", "qwen3-stream")
+        session_id: list[str] = []
+        drops: list[asyncio.Task] = []
+
+        def on_result(result: asr_pb2.Result) -> None:
+            # After the first update of segment 0 (mid-segment): both stages forget the stream.
+            if not dropped and result.audio_processed_ms and not result.segment_final:
+                route = f"{session_id[0]}/{result.segment_index}"
+                dropped.append(result.segment_index)
+                for handle in (encoder, decoder):
+                    call = handle.options(session_id=route).release.remote(session_id[0], result.segment_index)
+                    drops.append(asyncio.ensure_future(_resolved(call)))
+
+        async with RecognizerClient(server) as client:
+            options = StreamOptions(chunk_ms=500, realtime=True)  # paced, so the drop lands mid-stream
+            outcome = await client.recognize(audio, options, on_result=on_result, on_started=session_id.append)
+        await asyncio.gather(*drops)
+        return outcome
+
+    outcome = asyncio.run(run())
+    heard = np.frombuffer(encode_pcm(audio, "pcm_s16le"), "<i2").astype(np.float32) / 32768.0
+    results, final = _expected_results(tiny_checkpoint, {"s": heard})["s"]
+    assert dropped and outcome.final.stats.replays >= 1
+    assert [_comparable(r) for _, r in outcome.results] == [_comparable(r) for r in results]
+    assert list(outcome.final.token_ids) == list(final.token_ids)
+
+
+async def _resolved(response) -> None:  # noqa: ANN001
+    await response
+
+
+def _raw_call(server: str, requests: list[asr_pb2.RecognizeRequest]) -> grpc.RpcError | list:
+    """Send exactly these messages, half-close, and collect the answers or the error."""
+
+    async def run():  # noqa: ANN202
+        async with grpc.aio.insecure_channel(server) as channel:
+            call = asr_pb2_grpc.RecognizerStub(channel).Recognize(iter(requests))
+            try:
+                return [response async for response in call]
+            except grpc.aio.AioRpcError as error:
+                return error
+
+    return asyncio.run(run())
+
+
+GOOD = asr_pb2.StreamConfig(language="en", sample_rate_hz=16000, encoding=asr_pb2.PCM_S16LE)
+
+
+def _config(**changes) -> asr_pb2.RecognizeRequest:  # noqa: ANN003
+    config = asr_pb2.StreamConfig()
+    config.CopyFrom(GOOD)
+    for field, value in changes.items():
+        setattr(config, field, value)
+    return asr_pb2.RecognizeRequest(config=config)
+
+
+def _chunk(data: bytes) -> asr_pb2.RecognizeRequest:
+    return asr_pb2.RecognizeRequest(audio=asr_pb2.AudioChunk(data=data))
+
+
+@pytest.mark.parametrize(
+    ("requests", "message"),
+    [
+        ([_chunk(b"\0\0")], "the first message must be a StreamConfig"),
+        ([_config(), _config()], "a second StreamConfig"),
+        ([_config(encoding=asr_pb2.ENCODING_UNSPECIFIED)], "encoding is ENCODING_UNSPECIFIED; expected PCM_S16LE or F32LE"),
+        ([_config(encoding=7)], "encoding is 7; expected PCM_S16LE or F32LE"),
+        ([_config(sample_rate_hz=8000)], "sample_rate_hz is 8000; expected 16000"),
+        ([_config(block_frames=100)], "block_frames is 100; expected one of (96, 192)"),
+        ([_config(language="Klingon")], "language"),
+        ([_config(), _chunk(b"\0\0\0")], "audio chunk has 3 bytes; expected a multiple of 2"),
+    ],
+)
+def test_bad_requests_get_invalid_argument_with_one_line(server: str, requests: list, message: str) -> None:
+    answer = _raw_call(server, requests)
+    assert isinstance(answer, grpc.aio.AioRpcError), answer
+    assert answer.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in answer.details() and "\n" not in answer.details()
+
+
+def test_health_service_answers_serving(server: str) -> None:
+    async def check():  # noqa: ANN202
+        async with grpc.aio.insecure_channel(server) as channel:
+            return await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+
+    assert asyncio.run(check()).status == health_pb2.HealthCheckResponse.SERVING
