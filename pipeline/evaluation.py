@@ -101,10 +101,10 @@ def replay_audio(model: ASRModel, pcm: np.ndarray, options: SessionOptions) -> R
 
     updates = [event for event in live + at_end if event.kind == "update"]
     output = StreamOutput(
-        events=tuple(HypothesisEvent(audio_sec=event.audio_sec, hypothesis=event.transcript) for event in updates),
+        events=tuple(HypothesisEvent(audio_sec=event.audio_sec, hypothesis=event.hypothesis) for event in updates),
         committed_words=_emitted(live),
         flushed_words=_emitted(at_end),
-        final_text=at_end[-1].transcript,  # the "final" event: every segment finalized
+        final_text=at_end[-1].hypothesis,  # the "final" event: every segment's final hypothesis
         audio_sec=len(pcm) / SAMPLE_RATE,
         compute_sec=compute_sec,
     )

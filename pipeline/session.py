@@ -115,7 +115,11 @@ class TranscriptEvent:
     kind: Literal["update", "segment", "final"]
     new_words: tuple[CommittedWord, ...]  # append-only; times are interpolated estimates
     tentative: str  # the uncommitted tail of the current hypothesis, for display only
-    transcript: str  # finalized segments + current segment hypothesis
+    # The transcript of record: every word committed so far, as the client received them (never contradicted).
+    transcript: str
+    # The model's current text: finalized segments' final hypotheses + the current segment's hypothesis (what
+    # the published runtime shows; it may disagree with words already committed).
+    hypothesis: str
     segment_index: int
     audio_sec: float  # audio encoded so far
     stats: UpdateStats | None = None
@@ -128,6 +132,7 @@ class TranscriptEvent:
             "new_words": [asdict(word) for word in self.new_words],
             "tentative": self.tentative,
             "transcript": self.transcript,
+            "hypothesis": self.hypothesis,
             "segment_index": self.segment_index,
             "audio_sec": self.audio_sec,
             "stats": None if self.stats is None else asdict(self.stats),
@@ -357,11 +362,18 @@ class StreamingSession:
         self.finished = True
         new_words = self.committer.finish(self.audio_sec)
         self.completed_segments.append(list(self.segment.tokens))
-        return [self._event("final", new_words, tentative="", transcript=self.committer.transcript)]
+        return [self._event("final", new_words, tentative="", hypothesis=self.committer.transcript)]
 
     @property
     def transcript(self) -> str:
+        """The transcript of record: every committed word, as emitted (see `TranscriptEvent.transcript`)."""
         return self.committer.emitted_text
+
+    @property
+    def revised_words(self) -> int:
+        """Words where a segment's final hypothesis disagreed with words already committed (the commitment
+        stands; the disagreement is counted)."""
+        return self.committer.state.dropped_revision_words
 
     @property
     def token_ids(self) -> list[int]:
@@ -523,7 +535,7 @@ class StreamingSession:
         self.completed_segments.append(list(self.segment.tokens))
         self.segment_index += 1
         self.segment = SegmentState()
-        event = self._event("segment", new_words, tentative="", transcript=self.committer.transcript)
+        event = self._event("segment", new_words, tentative="", hypothesis=self.committer.transcript)
         return [replace(event, checkpoint=self.checkpoint())]
 
     def checkpoint(self) -> bytes:
@@ -581,14 +593,15 @@ class StreamingSession:
         kind: Literal["update", "segment", "final"],
         new_words: tuple[CommittedWord, ...],
         tentative: str,
-        transcript: str,
+        hypothesis: str,
         stats: UpdateStats | None = None,
     ) -> TranscriptEvent:
         return TranscriptEvent(
             kind=kind,
             new_words=new_words,
             tentative=tentative,
-            transcript=transcript,
+            transcript=self.committer.emitted_text,
+            hypothesis=hypothesis,
             segment_index=self.segment_index,
             audio_sec=self.audio_sec,
             stats=stats,

@@ -155,12 +155,12 @@ def test_each_file_reports_what_its_session_emitted(
         updates = [event for event in live + at_end if event.kind == "update"]
         assert result.committed_words == tuple(word for event in live for word in event.new_words)
         assert result.flushed_words == tuple(word for event in at_end for word in event.new_words)
-        assert result.final_text == at_end[-1].transcript
+        assert result.final_text == at_end[-1].hypothesis
         assert result.updates == len(updates)
         assert result.segments == 1
         expected_real = simulate_real_streaming(
-            [HypothesisEvent(event.audio_sec, event.transcript) for event in updates],
-            at_end[-1].transcript,
+            [HypothesisEvent(event.audio_sec, event.hypothesis) for event in updates],
+            at_end[-1].hypothesis,
             audio.word_alignments,
             tail_ms=250,
         )

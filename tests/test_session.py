@@ -44,7 +44,7 @@ def _run(model: ASRModel, audio: np.ndarray, chunk: int | list[int], options: Se
 
 def _comparable(events: list[TranscriptEvent]) -> list[tuple]:
     return [
-        (e.kind, tuple((w.text, w.start_sec, w.end_sec) for w in e.new_words), e.tentative, e.transcript, e.segment_index, e.audio_sec, e.stats)
+        (e.kind, tuple((w.text, w.start_sec, w.end_sec) for w in e.new_words), e.tentative, e.transcript, e.hypothesis, e.segment_index, e.audio_sec, e.stats)
         for e in events
     ]
 

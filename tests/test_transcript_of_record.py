@@ -1,0 +1,45 @@
+"""One transcript of record: the concatenation of every committed word is what the last event's `transcript`,
+`session.transcript` and (through the API) the final object's text say, for any stream."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.checkpoint import ASRModel
+from pipeline.session import SessionOptions, StreamingSession
+from tests.test_session import _audio, model  # noqa: F401  (model is a fixture)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seconds=st.floats(min_value=0.5, max_value=9.0),
+    seed=st.integers(min_value=0, max_value=10_000),
+    chunk=st.sampled_from([160, 1280, 6400, 32000]),
+    block_frames=st.sampled_from([96, 192]),
+    hold_back=st.integers(min_value=0, max_value=6),
+)
+def test_committed_words_are_the_transcript_everywhere(
+    model: ASRModel, seconds: float, seed: int, chunk: int, block_frames: int, hold_back: int
+) -> None:
+    options = SessionOptions(
+        max_new_tokens=10, segment_max_steps=40, segment_punct_min_steps=30, block_frames=block_frames,
+        hold_back_words=hold_back,
+    )
+    session = StreamingSession(model, options)
+    audio = _audio(seconds, seed=seed)
+    events = []
+    for start in range(0, audio.size, chunk):
+        events += session.push_audio(audio[start : start + chunk])
+    events += session.finish()
+    committed = [word.text for event in events for word in event.new_words]
+    record = " ".join(committed)
+    assert events[-1].kind == "final"
+    assert events[-1].transcript == session.transcript == record
+    for index, event in enumerate(events):  # every event's transcript is the record so far
+        assert event.transcript == " ".join(w.text for e in events[: index + 1] for w in e.new_words)
+    # The model's own final text is kept beside it; where the two disagree, the disagreement is counted.
+    assert events[-1].hypothesis.split() == session.final_hypothesis_text.split()
+    if session.revised_words == 0:
+        assert record.split() == session.final_hypothesis_text.split()
