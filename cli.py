@@ -1,16 +1,276 @@
 """The `qwen3-stream` command: a thin dispatcher over `pipeline` (and, lazily, `deployments`).
 
-Each subcommand parses its arguments here and calls one library function; no logic lives in this module.
+All argument parsing lives here. Each subcommand is one `_add_<name>` function (its parser) plus one `_run_<name>`
+handler that imports what it needs when it runs: `--help` must answer at once, and torch takes seconds to import.
+Flags shared by several subcommands are defined once (`_add_model_arguments`, `_add_device_argument`, ...), so they
+mean the same and default the same everywhere.
+
+User errors (a missing or unreadable file, a device this machine lacks, an unknown language, an unreachable model
+id, a bad count) end in one line `qwen3-stream: error: ...` on stderr and exit status 2; `--debug` adds the
+traceback. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:  # annotations only: importing these loads torch
+    from pipeline.checkpoint import ASRModel
+    from pipeline.session import SessionOptions
+
+PROG = "qwen3-stream"
+
+# The published model ids, as in pipeline.checkpoint (not imported here: it loads torch). tests/test_cli.py pins
+# them equal.
+DEFAULT_MODEL_ID = "Qwen/Qwen3-ASR-0.6B"
+DEFAULT_TOWER_ID = "qfuxa/qwen3-asr-0.6b-streaming"
+DTYPES = ("auto", "float32", "bfloat16")
+DECODE_STEPS = ("auto", "dynamic", "static", "cuda_graph")
 
 
-def _make_tiny_checkpoint(args: argparse.Namespace) -> int:
+class UsageError(Exception):
+    """A request these inputs or this machine cannot satisfy, found once the arguments parsed: one line, exit 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean "the user asked for something impossible", not "the program is wrong".
+
+    Called only from an `except` clause, i.e. while an exception is being handled, so the pipeline modules that
+    define these types are imported only then (never for `--help`).
+    """
+    from pipeline.audio_io import AudioFileError
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.scoring import ManifestError
+
+    paths = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+    return (UsageError, AudioFileError, CheckpointError, ManifestError, *paths)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing: one-line errors, global flags, validators
+# ---------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors have the one-line form of every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _add_global_flags(parser: argparse.ArgumentParser, *, top_level: bool) -> None:
+    """`--debug` and `--verbose`, accepted before or after the subcommand.
+
+    Subcommand parsers default to SUPPRESS: a subparser's defaults would otherwise overwrite a flag given before
+    the subcommand name.
+    """
+    default = False if top_level else argparse.SUPPRESS
+    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks, also for user errors")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="log at INFO level")
+
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _command(
+    commands: argparse._SubParsersAction, name: str, run: Handler | None, help: str, description: str | None = None
+) -> argparse.ArgumentParser:
+    """A subcommand parser that takes the global flags and dispatches to `run` (None: to its own subcommands)."""
+    parser = commands.add_parser(name, help=help, description=description or help)
+    _add_global_flags(parser, top_level=False)
+    if run is not None:
+        parser.set_defaults(run=run)
+    return parser
+
+
+def _whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+_count = _whole_number(1)  # streams, blocks, threads, tokens
+_seed = _whole_number(0)
+
+
+def _count_list(text: str) -> str:
+    """An argparse type: comma-separated counts >= 1, returned normalized as the same comma-separated text
+    (the form `pipeline.bench_engine.run_bench_engine_command` reads)."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers >= 1, got {text!r}")
+    return ",".join(str(_count(part)) for part in parts)
+
+
+def _choice_list(*choices: str) -> Callable[[str], str]:
+    """An argparse type: comma-separated values, each one of `choices`, returned normalized."""
+
+    def parse(text: str) -> str:
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        unknown = [part for part in parts if part not in choices]
+        if unknown or not parts:
+            raise argparse.ArgumentTypeError(f"got {text!r}; expected comma-separated values of {', '.join(choices)}")
+        return ",".join(parts)
+
+    return parse
+
+
+def _minutes(allow_zero: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number of minutes, > 0 (>= 0 with `allow_zero`)."""
+    bound = ">= 0" if allow_zero else "> 0"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not ((value >= 0 if allow_zero else value > 0) and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"expected a number of minutes {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared flags: each defined once
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="auto", help="torch device: auto (CUDA when available, else CPU), cpu, cuda or cuda:N"
+    )
+
+
+def _add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="weights dtype (auto: bf16 on CUDA, fp32 on CPU; bf16 pays on CPUs with AVX512-BF16/AMX)",
+    )
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, its tower, the backend and the session settings: everything that runs real weights."""
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL_ID, help=f"base model: HF id or local directory (default {DEFAULT_MODEL_ID})"
+    )
+    parser.add_argument(
+        "--tower",
+        default=None,
+        help=f"causal tower overlay: HF id, .safetensors file or directory; 'none': the base model's offline tower "
+        f"(default: {DEFAULT_TOWER_ID} with --backend causal, none with --backend windowed)",
+    )
+    parser.add_argument("--backend", choices=("causal", "windowed"), default="causal")
+    parser.add_argument(
+        "--block-frames", type=int, choices=(192, 96), default=192, help="causal block size in mel frames"
+    )
+    parser.add_argument(
+        "--language", default="en", help="forced output language, name or ISO code, or 'auto' to let the model name it"
+    )
+    _add_device_argument(parser)
+    _add_dtype_argument(parser)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared handler steps
+# ---------------------------------------------------------------------------------------------
+
+
+def _device(name: str) -> str:
+    """`--device` as a device this machine has; 'auto': CUDA when available, else CPU."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return name
+    if device.type != "cuda":
+        raise UsageError(f"--device {name!r}: this runtime supports auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise UsageError(f"--device {name}: {why}; use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
+
+
+def _session_options(args: argparse.Namespace) -> SessionOptions:
+    """SessionOptions from the shared flags (`--max-new-tokens` where the subcommand has it)."""
+    from pipeline.prompt import canonical_language
+    from pipeline.session import SessionOptions
+
+    language = None
+    if args.language.strip().lower() != "auto":
+        try:
+            language = canonical_language(args.language)
+        except ValueError as error:
+            raise UsageError(f"--language: {error}") from None
+    settings = {"block_frames": args.block_frames, "language": language}
+    if getattr(args, "max_new_tokens", None) is not None:
+        settings["max_new_tokens"] = args.max_new_tokens
+    return SessionOptions.windowed(**settings) if args.backend == "windowed" else SessionOptions(**settings)
+
+
+def _tower(args: argparse.Namespace) -> str | None:
+    """The overlay to load, or None for the base model's offline tower."""
+    if args.tower is None:
+        return DEFAULT_TOWER_ID if args.backend == "causal" else None
+    return None if args.tower.lower() == "none" else args.tower
+
+
+def _load(args: argparse.Namespace, device: str) -> ASRModel:
+    from pipeline.checkpoint import dtype_from_name, load_model
+
+    return load_model(args.model, tower=_tower(args), device=device, dtype=dtype_from_name(args.dtype))
+
+
+def _show_progress() -> None:
+    """Long commands report progress (per file, per stream count, per stream length) at INFO: show it."""
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subcommands
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_make_tiny_checkpoint(commands: argparse._SubParsersAction) -> None:
+    parser = _command(
+        commands,
+        "make-tiny-checkpoint",
+        _run_make_tiny_checkpoint,
+        help="write a tiny random model in the official Qwen3-ASR layout (tests, demos)",
+    )
+    parser.add_argument("out", help="output directory")
+    parser.add_argument("--seed", type=_seed, default=0)
+    parser.add_argument(
+        "--with-tower", action="store_true", help="also write a causal tower overlay in OUT/causal_tower"
+    )
+
+
+def _run_make_tiny_checkpoint(args: argparse.Namespace) -> int:
     from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR, make_tiny_checkpoint
 
     out = make_tiny_checkpoint(args.out, seed=args.seed, with_tower=args.with_tower)
@@ -20,49 +280,51 @@ def _make_tiny_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
-def _session_options(args: argparse.Namespace):
-    from pipeline.session import SessionOptions
+def _add_transcribe(commands: argparse._SubParsersAction) -> None:
+    parser = _command(
+        commands,
+        "transcribe",
+        _run_transcribe,
+        help="stream audio files (WAV/FLAC/OGG): one through a session, several through the engine",
+    )
+    parser.add_argument("audio", nargs="+", help="audio files; resampled to 16 kHz mono")
+    _add_model_arguments(parser)
+    parser.add_argument("--realtime", action="store_true", help="pace the audio like a live source (one file)")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per event, then {text, token_ids}; with several files every event names its file",
+    )
+    parser.add_argument(
+        "--max-streams", type=_count, default=16, help="several files: how many the engine transcribes at once"
+    )
 
-    overrides = {"block_frames": args.block_frames, "language": args.language}
-    if args.backend == "windowed":
-        return SessionOptions.windowed(**overrides)
-    return SessionOptions(**overrides)
 
-
-def _load(args: argparse.Namespace):
-    from pipeline.checkpoint import dtype_from_name, load_model
-
-    tower = None if args.backend == "windowed" or args.tower.lower() == "none" else args.tower
-    return load_model(args.model, tower=tower, device=args.device, dtype=dtype_from_name(args.dtype))
-
-
-def _transcribe(args: argparse.Namespace) -> int:
-    if len(args.audio) > 1:
-        return _transcribe_many(args)
+def _run_transcribe(args: argparse.Namespace) -> int:
     import json
 
     from pipeline.audio_io import read_audio
+    from pipeline.features import SAMPLE_RATE
     from pipeline.session import StreamingSession
-    from pipeline.transcribe import stream_recording
+    from pipeline.transcribe import StatusLine, stream_recording, terminal_text
 
+    if len(args.audio) > 1:
+        return _transcribe_many(args)
+    options = _session_options(args)
+    device = _device(args.device)
     audio = read_audio(args.audio[0])
-    session = StreamingSession(_load(args), _session_options(args))
-    duration = audio.size / 16000
-    committed = ""
+    session = StreamingSession(_load(args, device), options)
+    status = None if args.json else StatusLine(duration_sec=audio.size / SAMPLE_RATE)
     for event in stream_recording(session, audio, realtime=args.realtime):
-        if args.json:
+        if status is None:
             print(json.dumps(event.to_dict()), flush=True)
-            continue
-        committed += "".join(" " + word.text for word in event.new_words)
-        # One status line, rewritten in place: progress, committed text, then the tentative tail.
-        progress = f"[{event.audio_sec:6.1f}/{duration:.1f}s]"
-        line = f"{progress}{committed[-60:]} \033[2m{event.tentative[:40]}\033[0m"
-        print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
-    if args.json:
+        else:
+            status.update(event)
+    if status is None:
         print(json.dumps({"text": session.transcript, "token_ids": session.token_ids}))
     else:
-        print(file=sys.stderr)
-        print(session.transcript)
+        status.close()
+        print(terminal_text(session.transcript))
     return 0
 
 
@@ -71,90 +333,231 @@ def _transcribe_many(args: argparse.Namespace) -> int:
     import json
 
     from pipeline.audio_io import read_audio
-    from pipeline.transcribe import transcribe_recordings
+    from pipeline.transcribe import terminal_text, transcribe_recordings
 
     if args.realtime or args.backend != "causal":
-        raise SystemExit("several files run through the multi-stream engine: causal backend, no --realtime")
+        raise UsageError("several files run through the multi-stream engine: causal backend, no --realtime")
+    options = _session_options(args)
+    device = _device(args.device)
     recordings = {path: read_audio(path) for path in dict.fromkeys(args.audio)}
-    for path, event in transcribe_recordings(_load(args), _session_options(args), recordings, args.max_streams):
+    for path, event in transcribe_recordings(_load(args, device), options, recordings, args.max_streams):
         if args.json:
             print(json.dumps({"file": path, **event.to_dict()}), flush=True)
         elif event.kind == "final":
-            print(f"{path}\t{event.transcript}", flush=True)
+            print(f"{terminal_text(path)}\t{terminal_text(event.transcript)}", flush=True)
     return 0
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline.checkpoint import DEFAULT_MODEL_ID, DEFAULT_TOWER_ID
-
-    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="base model: HF id or local directory")
-    parser.add_argument("--tower", default=DEFAULT_TOWER_ID, help="causal tower: HF id, .safetensors file or directory ('none': base tower)")
-    parser.add_argument("--backend", choices=["causal", "windowed"], default="causal")
-    parser.add_argument("--block-frames", type=int, choices=[192, 96], default=192)
-    parser.add_argument("--language", default="en", help="forced output language (name or ISO code)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "bfloat16"],
-        default="auto",
-        help="weights dtype (auto: bf16 on CUDA, fp32 on CPU; bf16 pays on CPUs with AVX512-BF16/AMX)",
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    parser = _command(
+        commands,
+        "eval",
+        _run_eval,
+        help="streaming WER harness: replay a JSONL manifest, report WER, commit latency and RTF",
+        description="Replay every file of a JSONL manifest ({'audio', 'text', 'word_alignments'?} per line) "
+        "through a streaming session and report final, real-streaming and committed-only WER "
+        "(macro and corpus), commit latency p50/p95 and RTF, per file and overall. Progress on stderr.",
     )
+    parser.add_argument("manifest", type=Path, help="JSONL manifest; audio paths relative to its folder")
+    _add_model_arguments(parser)
+    parser.add_argument(
+        "--max-new-tokens", type=_count, default=None, help="decoder token budget per update (default 256)"
+    )
+    parser.add_argument("--json", type=Path, dest="json_out", metavar="OUT", help="also write the full results as JSON")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.evaluation import evaluate_manifest, read_checked_manifest
+    from pipeline.scoring import format_report
+
+    options = _session_options(args)
+    device = _device(args.device)
+    read_checked_manifest(args.manifest)  # a bad manifest fails before the (slow) model load
+    _show_progress()
+    evaluation = evaluate_manifest(_load(args, device), args.manifest, options)
+    print(format_report(evaluation.report))
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(evaluation.to_json_dict(), indent=2, allow_nan=False) + "\n")
+        print(f"results written to {args.json_out}")
+    return 0
+
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    parser = _command(commands, "bench", None, help="benchmarks (full-size architecture, random weights)")
+    benches = parser.add_subparsers(dest="bench", required=True)
+    for add in (_add_bench_flops, _add_bench_engine, _add_bench_roofline):
+        add(benches)
+
+
+def _add_bench_flops(benches: argparse._SubParsersAction) -> None:
+    parser = _command(
+        benches,
+        "flops",
+        _run_bench_flops,
+        help="GFLOPs per audio second of both backends on the full-size model (meta device, no download)",
+    )
+    parser.add_argument(
+        "--minutes",
+        type=_minutes(allow_zero=False),
+        nargs="+",
+        default=None,
+        help="stream lengths for the cost-vs-length table (default: 10 s, 30 s, 1, 5, 10, 60 min)",
+    )
+    parser.add_argument("--out", type=Path, help="write report.md, flops.json and the plot here")
+    parser.add_argument(
+        "--memory-minutes",
+        type=_minutes(allow_zero=True),
+        default=0.0,
+        help="also stream this many minutes through a tiny causal session and sample process memory (0: skip)",
+    )
+
+
+def _run_bench_flops(args: argparse.Namespace) -> int:
+    from pipeline.flops import DEFAULT_STREAM_MINUTES, run_flops_benchmark
+
+    args.minutes = list(args.minutes or DEFAULT_STREAM_MINUTES)
+    _show_progress()
+    return run_flops_benchmark(args)
+
+
+def _add_bench_engine(benches: argparse._SubParsersAction) -> None:
+    parser = _command(
+        benches, "engine", _run_bench_engine, help="multi-stream engine capacity at full size (random weights)"
+    )
+    parser.add_argument(
+        "--streams", type=_count_list, default="1,2,4,8", help="comma-separated stream counts, measured in turn"
+    )
+    parser.add_argument("--blocks", type=_count, default=9, help="blocks per stream (9 x 1.92 s spans a segment roll)")
+    _add_device_argument(parser)
+    parser.add_argument("--threads", type=_count, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--dtypes",
+        type=_choice_list(*DTYPES),
+        default="auto",
+        help="comma-separated: auto (per device), float32, bfloat16; each measured in turn",
+    )
+    parser.add_argument("--blocks-per-update", type=_count, default=1, help="decoder update every k blocks")
+    parser.add_argument(
+        "--arrivals",
+        type=_choice_list("aligned", "staggered"),
+        default="aligned",
+        help="comma-separated: aligned (every stream's audio buffered, every step full: throughput) and/or "
+        "staggered (live streams at spread phases on a simulated real-time clock: latency with queueing)",
+    )
+    parser.add_argument(
+        "--catch-up-blocks",
+        type=_count_list,
+        default="1",
+        help="staggered runs, comma-separated: most blocks a lagging stream advances per step, decoded once",
+    )
+    parser.add_argument(
+        "--decode-steps",
+        type=_choice_list(*DECODE_STEPS),
+        default="auto",
+        help="comma-separated: how sequential steps run (auto, dynamic, static, cuda_graph), each measured in turn",
+    )
+
+
+def _run_bench_engine(args: argparse.Namespace) -> int:
+    from pipeline.bench_engine import run_bench_engine_command
+
+    args.device = _device(args.device)
+    _show_progress()
+    return run_bench_engine_command(args)
+
+
+def _add_bench_roofline(benches: argparse._SubParsersAction) -> None:
+    _command(benches, "roofline", _run_bench_roofline, help="ESTIMATED GPU capacity from counted FLOPs and bytes")
+
+
+def _run_bench_roofline(args: argparse.Namespace) -> int:
+    from pipeline.roofline import format_roofline
+
+    print(format_roofline())
+    return 0
+
+
+#: One function per subcommand, in `--help` order. A new subcommand is one `_add_<name>` (and its handler) here.
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_make_tiny_checkpoint,
+    _add_transcribe,
+    _add_eval,
+    _add_bench,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen3-stream", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    """The whole command line; imports nothing beyond the standard library."""
+    parser = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    _add_global_flags(parser, top_level=True)
     commands = parser.add_subparsers(dest="command", required=True)
-
-    tiny = commands.add_parser(
-        "make-tiny-checkpoint", help="write a tiny random model in the official Qwen3-ASR layout (tests, demos)"
-    )
-    tiny.add_argument("out", help="output directory")
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--with-tower", action="store_true", help="also write a causal tower overlay in OUT/causal_tower")
-    tiny.set_defaults(run=_make_tiny_checkpoint)
-
-    transcribe = commands.add_parser(
-        "transcribe", help="stream audio files (WAV/FLAC/OGG): one through a session, several through the engine"
-    )
-    transcribe.add_argument("audio", nargs="+", help="audio files; resampled to 16 kHz mono")
-    _add_model_arguments(transcribe)
-    transcribe.add_argument("--realtime", action="store_true", help="pace the audio like a live source")
-    transcribe.add_argument(
-        "--json",
-        action="store_true",
-        help="one JSON object per event, then {text, token_ids}; with several files every event names its file",
-    )
-    transcribe.add_argument(
-        "--max-streams", type=int, default=16, help="several files: how many the engine transcribes at once"
-    )
-    transcribe.set_defaults(run=_transcribe)
-
-    from pipeline.evaluation import add_eval_parser
-
-    add_eval_parser(commands)
-
-    from pipeline.bench_engine import add_bench_engine_parser
-    from pipeline.flops import add_bench_flops_parser
-    from pipeline.roofline import add_bench_roofline_parser
-
-    bench = commands.add_parser("bench", help="benchmarks (full-size architecture, random weights)")
-    benches = bench.add_subparsers(dest="bench", required=True)
-    add_bench_flops_parser(benches)
-    add_bench_engine_parser(benches)
-    add_bench_roofline_parser(benches)
+    for add in SUBCOMMANDS:
+        add(commands)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from pipeline.checkpoint import CheckpointError
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
 
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler on whatever `sys.stderr` is when a record is written (tests swap it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+class _LogFormatter(logging.Formatter):
+    """Log lines in the form of the one-line errors: `qwen3-stream: [warning: ]message` (with --debug, the
+    logger's name too)."""
+
+    def __init__(self, debug: bool) -> None:
+        super().__init__()
+        self.debug = debug
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
+        where = f"[{record.name}] " if self.debug else ""
+        return f"{PROG}: {level}{where}{record.message}"
+
+
+def _configure_logging(verbose: bool, debug: bool) -> None:
+    """Logs go to stderr at WARNING (INFO with --verbose); long commands raise `pipeline` to INFO for progress."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _StderrHandler)]:
+        root.removeHandler(handler)  # main() may run several times in one process (tests)
+    handler = _StderrHandler()
+    handler.setFormatter(_LogFormatter(debug))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("pipeline").setLevel(logging.NOTSET)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose, args.debug)
     try:
         return args.run(args)
-    except CheckpointError as err:  # a user-facing configuration problem: one line, no traceback
-        print(f"qwen3-stream: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 2
 
 

@@ -156,6 +156,7 @@ def run_engine_bench(
     options = options or SessionOptions(language="English")
     results = []
     for count in stream_counts:
+        log.info("bench engine: N=%d aligned streams, %d blocks each ...", count, blocks_per_stream)
         engine = StreamingEngine(model, options, replace(engine_options, max_streams=count))
         for stream_id, audio in _budgeted_streams(engine, count, blocks_per_stream)[0].items():
             engine.push_audio(stream_id, audio)
@@ -294,6 +295,7 @@ def run_live_engine_bench(
     catch_up = engine_options.catch_up_blocks
     results = []
     for count in stream_counts:
+        log.info("bench engine (live): N=%d staggered streams, %d blocks each ...", count, blocks_per_stream)
         engine = StreamingEngine(model, options, replace(engine_options, max_streams=count))
         audio, budget = _budgeted_streams(engine, count, blocks_per_stream)
         phase = {stream_id: index * block_sec / count for index, stream_id in enumerate(audio)}

@@ -126,7 +126,7 @@ def _resolve(ref: str | os.PathLike, allow_patterns: list[str], what: str, flag:
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
         raise CheckpointError(
             f"cannot load {what} {ref!r}: {why} and it is not in the local HF cache. Download it on a machine "
-            f"with network access (`huggingface-cli download {ref} --local-dir DIR`) and pass the local path "
+            f"with network access (`hf download {ref} --local-dir DIR`) and pass the local path "
             f"with {flag} DIR"
         ) from err
     except HfHubHTTPError as err:

@@ -483,6 +483,7 @@ def stream_costs(backend: Backend, stream_sec: float, counter: ModelFlopCounter)
         shapes = windowed_schedule(frames)
     else:
         raise ValueError(f"backend is {backend!r}; expected 'causal', 'causal-growing' or 'windowed'")
+    log.info("bench flops: counting a %s %s stream (%d updates)", _duration(stream_sec), backend, len(shapes))
     return [cost_update(shape, counter) for shape in shapes]
 
 

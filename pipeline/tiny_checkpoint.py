@@ -25,9 +25,35 @@ from pipeline.decoder import TextDecoder
 from pipeline.encoder import AudioTower
 
 # In the official vocabulary order; `<asr_text>` is an added token that is *not* special, so that it survives
-# `decode(skip_special_tokens=True)` and the output parser can split on it.
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>"]
+# `decode(skip_special_tokens=True)` and the output parser can split on it. The vision tokens are never used by
+# ASR, but the official tokenizer_config names them, and a name pointing at a token the vocabulary lacks would
+# make transformers append it at load time (ids would then differ between the files and the loaded tokenizer).
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|audio_start|>",
+    "<|audio_end|>",
+    "<|audio_pad|>",
+]
 NON_SPECIAL_ADDED_TOKENS = ["<asr_text>"]
+# The named multimodal tokens of the official tokenizer_config.json, written both at top level and under
+# `extra_special_tokens`: the published runtime (qwen-asr) and transformers' Qwen3ASRProcessor read
+# `tokenizer.audio_token`, which transformers sets only from these entries.
+NAMED_SPECIAL_TOKENS = {
+    "audio_token": "<|audio_pad|>",
+    "audio_bos_token": "<|audio_start|>",
+    "audio_eos_token": "<|audio_end|>",
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "vision_bos_token": "<|vision_start|>",
+    "vision_eos_token": "<|vision_end|>",
+}
+PROCESSOR_CLASS = "Qwen3ASRProcessor"
 TOWER_OVERLAY_DIR = "causal_tower"
 BPE_VOCAB_SIZE = 700
 
@@ -122,7 +148,8 @@ def build_tiny_tokenizer() -> Qwen2Tokenizer:
 
 
 def _save_tokenizer(tokenizer: Qwen2Tokenizer, out: Path) -> None:
-    """The official repo ships vocab.json + merges.txt + tokenizer_config.json (added tokens listed there)."""
+    """The official repo ships vocab.json + merges.txt + tokenizer_config.json (added tokens listed there), with the
+    same keys as the official tokenizer_config.json."""
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab = backend["model"]["vocab"]
     merges = backend["model"]["merges"]
@@ -142,8 +169,11 @@ def _save_tokenizer(tokenizer: Qwen2Tokenizer, out: Path) -> None:
     }
     tokenizer_config = {
         "tokenizer_class": "Qwen2Tokenizer",
+        "processor_class": PROCESSOR_CLASS,
         "added_tokens_decoder": added,
         "additional_special_tokens": SPECIAL_TOKENS[1:],
+        **NAMED_SPECIAL_TOKENS,
+        "extra_special_tokens": dict(NAMED_SPECIAL_TOKENS),
         "bos_token": None,
         "eos_token": "<|im_end|>",
         "pad_token": "<|endoftext|>",
@@ -153,7 +183,9 @@ def _save_tokenizer(tokenizer: Qwen2Tokenizer, out: Path) -> None:
         "split_special_tokens": False,
         "model_max_length": 131072,
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
+    # Sorted like `save_pretrained` writes it.
+    text = json.dumps(tokenizer_config, indent=2, sort_keys=True, ensure_ascii=False)
+    (out / "tokenizer_config.json").write_text(text)
 
 
 def _preprocessor_config() -> dict:

@@ -3,8 +3,11 @@ or many at once through the multi-stream engine."""
 
 from __future__ import annotations
 
+import re
+import sys
 import time
 from collections.abc import Iterator
+from typing import TextIO
 
 import numpy as np
 
@@ -56,3 +59,52 @@ def transcribe_recordings(
         for name, events in engine.step().items():
             for event in events:
                 yield name, event
+
+
+# ---------------------------------------------------------------------------------------------
+# Terminal display
+# ---------------------------------------------------------------------------------------------
+
+# C0/C1 controls and DEL, line/paragraph separators, and the bidi marks, embeddings, overrides and isolates:
+# everything that can move the cursor, clear the screen, end the line or reorder how the rest of it reads.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_text(text: str) -> str:
+    """`text` with control characters escaped as Python writes them (ESC -> `\\x1b`, CR -> `\\r`).
+
+    Transcripts are model output and file names are user input: shown raw, an ESC or CR in either could rewrite
+    the terminal. JSON output is exact and does not go through this.
+    """
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class StatusLine:
+    """Progress of one transcription on stderr: audio done, the committed text, the tentative tail (dimmed).
+
+    On a terminal it is one line rewritten in place; elsewhere (a pipe, a log file) it is a plain line at each
+    segment end and at the end of the stream, so no cursor movements or colours land in files.
+    """
+
+    def __init__(self, duration_sec: float, stream: TextIO | None = None, width: int = 60) -> None:
+        self.duration_sec = duration_sec
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self.interactive = self.stream.isatty()
+        self.committed = ""
+
+    def update(self, event: TranscriptEvent) -> None:
+        self.committed += "".join(" " + word.text for word in event.new_words)
+        progress = f"[{event.audio_sec:6.1f}/{self.duration_sec:.1f}s]"
+        committed = terminal_text(self.committed)[-self.width :]
+        tentative = terminal_text(event.tentative)[: self.width * 2 // 3]
+        if self.interactive:
+            line = f"{progress}{committed} \033[2m{tentative}\033[0m"
+            print(f"\r\033[K{line}", end="", file=self.stream, flush=True)
+        elif event.kind in ("segment", "final"):
+            print(f"{progress}{committed}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """End the rewritten line, so what follows starts on its own."""
+        if self.interactive:
+            print(file=self.stream, flush=True)
