@@ -88,6 +88,13 @@ class SessionOptions:
     windowed_left_frames: int = 1200
     windowed_right_frames: int = 64
 
+    @property
+    def update_interval_sec(self) -> float:
+        """Seconds of audio between decoder updates (word-time estimates depend on it)."""
+        if self.backend == "windowed":
+            return self.windowed_update_frames / FRAMES_PER_SECOND
+        return self.block_frames * self.blocks_per_update / FRAMES_PER_SECOND
+
     @classmethod
     def windowed(cls, **overrides: Any) -> "SessionOptions":
         """The reference defaults of the recompute backend (causal_runtime.md §2)."""
@@ -197,7 +204,11 @@ class StreamingSession:
             SegmentOptions(segment_max_steps=opts.segment_max_steps, segment_punct_min_steps=opts.segment_punct_min_steps)
         )
         self.committer = TranscriptCommitter(
-            CommitOptions(hold_back_words=opts.hold_back_words, stable_iterations=opts.stable_iterations)
+            CommitOptions(
+                hold_back_words=opts.hold_back_words,
+                stable_iterations=opts.stable_iterations,
+                update_interval_sec=opts.update_interval_sec,
+            )
         )
         self.decoder_settings = DecoderSettings(self.prompt, self.controls, opts.speculative)
         self.features = StreamingLogMel()

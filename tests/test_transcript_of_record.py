@@ -43,3 +43,24 @@ def test_committed_words_are_the_transcript_everywhere(
     assert events[-1].hypothesis.split() == session.final_hypothesis_text.split()
     if session.revised_words == 0:
         assert record.split() == session.final_hypothesis_text.split()
+
+
+def test_word_times_follow_the_real_update_interval() -> None:
+    """The commit-lag estimate uses the audio between updates: 1.92 s at 192 frames, 0.96 s at 96, doubled by
+    two blocks per update (the reference's 2.0 s is its windowed update)."""
+    assert SessionOptions().update_interval_sec == 1.92
+    assert SessionOptions(block_frames=96).update_interval_sec == 0.96
+    assert SessionOptions(block_frames=96, blocks_per_update=2).update_interval_sec == 1.92
+    assert SessionOptions(blocks_per_update=2).update_interval_sec == 3.84
+    assert SessionOptions.windowed().update_interval_sec == 2.0
+
+
+def test_sessions_time_words_with_their_interval(model: ASRModel) -> None:  # noqa: F811
+    lags = {}
+    for options in (SessionOptions(block_frames=96), SessionOptions(), SessionOptions(blocks_per_update=2)):
+        session = StreamingSession(model, options)
+        assert session.committer.options.update_interval_sec == options.update_interval_sec
+        lags[options.update_interval_sec] = session.committer.options.commit_lag_sec
+    # Each extra second between updates adds half a second to the expected lag.
+    assert abs(lags[1.92] - lags[0.96] - 0.48) < 1e-9
+    assert abs(lags[3.84] - lags[1.92] - 0.96) < 1e-9
