@@ -167,8 +167,8 @@ def _add_dtype_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model, its tower, the backend and the session settings: everything that runs real weights."""
+def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which weights: the base model and its tower."""
     parser.add_argument(
         "--model", default=DEFAULT_MODEL_ID, help=f"base model: HF id or local directory (default {DEFAULT_MODEL_ID})"
     )
@@ -178,13 +178,23 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"causal tower overlay: HF id, .safetensors file or directory; 'none': the base model's offline tower "
         f"(default: {DEFAULT_TOWER_ID} with --backend causal, none with --backend windowed)",
     )
-    parser.add_argument("--backend", choices=("causal", "windowed"), default="causal")
+
+
+def _add_stream_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a stream asks for: block size and language (for a session, or in a served stream's config)."""
     parser.add_argument(
         "--block-frames", type=int, choices=(192, 96), default=192, help="causal block size in mel frames"
     )
     parser.add_argument(
         "--language", default="en", help="forced output language, name or ISO code, or 'auto' to let the model name it"
     )
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, its tower, the backend and the session settings: everything that runs real weights."""
+    _add_checkpoint_arguments(parser)
+    parser.add_argument("--backend", choices=("causal", "windowed"), default="causal")
+    _add_stream_arguments(parser)
     _add_device_argument(parser)
     _add_dtype_argument(parser)
 
@@ -321,11 +331,21 @@ def _run_transcribe(args: argparse.Namespace) -> int:
         else:
             status.update(event)
     if status is None:
-        print(json.dumps({"text": session.transcript, "token_ids": session.token_ids}))
+        print(json.dumps(_final_object(session)))
     else:
         status.close()
         print(terminal_text(session.transcript))
     return 0
+
+
+def _final_object(session) -> dict:  # noqa: ANN001 (a StreamingSession; annotated lazily)
+    """The final JSON object of a stream: the transcript of record, the model's final tokens and text, counts."""
+    return {
+        "text": session.transcript,
+        "token_ids": session.token_ids,
+        "final_hypothesis_text": session.final_hypothesis_text,
+        "stats": {"revised_words": session.revised_words, "segments": session.segment_index + 1},
+    }
 
 
 def _transcribe_many(args: argparse.Namespace) -> int:
@@ -481,11 +501,124 @@ def _run_bench_roofline(args: argparse.Namespace) -> int:
 
 
 #: One function per subcommand, in `--help` order. A new subcommand is one `_add_<name>` (and its handler) here.
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    parser = _command(
+        commands,
+        "serve",
+        _run_serve,
+        help="start a local Ray and the served pipeline (gRPC on --port); Ctrl-C stops it",
+    )
+    parser.add_argument("--config", default=None, help="Serve config YAML (default: deployments/serve_config.yaml)")
+    _add_checkpoint_arguments(parser)
+    _add_device_argument(parser)
+    _add_dtype_argument(parser)
+    parser.add_argument("--port", type=_count, default=None, help="gRPC port (default: the config's, 50051)")
+    parser.add_argument(
+        "--transport",
+        choices=("grpc", "by_reference"),
+        default=None,
+        help="how stage calls travel between deployments (default: the faster one measured, see BENCHMARKS.md)",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=_count, default=None, help="the streams' token budget per update (default 256)"
+    )
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from deployments import server
+    from pipeline.checkpoint import resolve_model_dir, resolve_tower_file
+
+    tower = _tower(argparse.Namespace(tower=args.tower, backend="causal"))
+    # Resolve the weights here, so that a missing or offline checkpoint is one line, not a replica's traceback.
+    model = str(resolve_model_dir(args.model))
+    tower = None if tower is None else str(resolve_tower_file(tower))
+    settings = server.ServerSettings(
+        args={"model": model, "tower": tower or "none"},
+        port=args.port,
+        transport=args.transport or server.DEFAULT_TRANSPORT,
+    )
+    settings.args["device"] = _device(args.device)
+    if args.dtype != "auto":
+        settings.args["dtype"] = args.dtype
+    if args.max_new_tokens is not None:
+        settings.args["session"] = {"max_new_tokens": args.max_new_tokens}
+    if args.config is not None:
+        settings.config = Path(args.config)
+    server.serve_until_interrupted(settings, announce=lambda line: print(line, file=sys.stderr, flush=True))
+    return 0
+
+
+def _add_stream(commands: argparse._SubParsersAction) -> None:
+    parser = _command(commands, "stream", _run_stream, help="stream audio files to a server over gRPC, concurrently")
+    parser.add_argument("audio", nargs="+", help="audio files; resampled to 16 kHz mono")
+    parser.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT of a qwen3-stream server")
+    _add_stream_arguments(parser)
+    parser.add_argument("--realtime", action="store_true", help="pace each file like a live source")
+    parser.add_argument("--chunk-ms", type=_count, default=100, help="audio per message")
+    parser.add_argument(
+        "--json", action="store_true", help="one JSON object per result, then per file {text, token_ids, ...}"
+    )
+
+
+def _run_stream(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    import grpc
+
+    from deployments.client import RecognizerClient, StreamOptions
+    from pipeline.audio_io import read_audio
+    from pipeline.transcribe import terminal_text
+
+    language = "" if args.language.strip().lower() == "auto" else args.language
+    options = StreamOptions(
+        language=language, block_frames=args.block_frames, chunk_ms=args.chunk_ms, realtime=args.realtime
+    )
+    recordings = {path: read_audio(path) for path in dict.fromkeys(args.audio)}
+
+    def show(path: str):  # noqa: ANN202
+        def on_result(result) -> None:  # noqa: ANN001
+            if args.json:
+                print(json.dumps({"file": path, **_message_dict(result)}), flush=True)
+            elif result.committed:
+                words = " ".join(word.text for word in result.committed)
+                print(f"{terminal_text(path)}: {terminal_text(words)}", file=sys.stderr, flush=True)
+
+        return on_result
+
+    async def run_all():  # noqa: ANN202
+        async with RecognizerClient(args.server) as client:
+            return await asyncio.gather(
+                *(client.recognize(audio, options, on_result=show(path)) for path, audio in recordings.items())
+            )
+
+    try:
+        outcomes = asyncio.run(run_all())
+    except grpc.aio.AioRpcError as error:
+        raise UsageError(f"{args.server}: {error.code().name}: {error.details()}") from None
+    for path, outcome in zip(recordings, outcomes):
+        final = outcome.final
+        if args.json:
+            print(json.dumps({"file": path, "text": outcome.text, **_message_dict(final)}), flush=True)
+        else:
+            print(f"{terminal_text(path)}\t{terminal_text(outcome.text)}", flush=True)
+    return 0
+
+
+def _message_dict(message) -> dict:  # noqa: ANN001 (a protobuf message)
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+#: One function per subcommand, in `--help` order. A new subcommand is one `_add_<name>` (and its handler) here.
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_make_tiny_checkpoint,
     _add_transcribe,
     _add_eval,
     _add_bench,
+    _add_serve,
+    _add_stream,
 )
 
 

@@ -129,6 +129,9 @@ class StreamOutcome:
     results: list[TimedResult] = field(default_factory=list)
     # None when the server closed without sending Final.
     final: asr_pb2.Final | None = None
+    # The client's ``time.monotonic()`` when Started and Final arrived (None: not received).
+    started_received_at: float | None = None
+    final_received_at: float | None = None
 
     @property
     def text(self) -> str:
@@ -149,6 +152,7 @@ class StreamOutcome:
         if kind == "started":
             self.session_id = response.started.session_id
             self.config = response.started.config
+            self.started_received_at = received_at
         elif kind == "result":
             result = response.result
             self.committed.extend(CommittedWord(w.index, w.text, w.start_ms, w.end_ms) for w in result.committed)
@@ -157,15 +161,30 @@ class StreamOutcome:
             return result
         elif kind == "final":
             self.final = response.final
+            self.final_received_at = received_at
         else:  # a newer server's message kind: ignore, per proto3 forward compatibility
             log.debug("ignoring unknown response kind %r", kind)
         return None
 
 
-async def _send(call: grpc.aio.StreamStreamCall, options: StreamOptions, audio: bytes) -> None:
+#: ``on_chunk_sent(end_sample, sent_at)``: a chunk ending at this sample offset of the stream (exclusive) was
+#: handed to gRPC at ``time.monotonic()`` ``sent_at``.
+ChunkSent = Callable[[int, float], None]
+#: ``on_half_close(sent_at)``: the client half-closed the stream at ``time.monotonic()`` ``sent_at``.
+HalfClosed = Callable[[float], None]
+
+
+async def _send(
+    call: grpc.aio.StreamStreamCall,
+    options: StreamOptions,
+    audio: bytes,
+    on_chunk_sent: ChunkSent | None = None,
+    on_half_close: HalfClosed | None = None,
+) -> None:
     """Config, then the chunks (paced on a fixed schedule when realtime), then half-close."""
     await call.write(asr_pb2.RecognizeRequest(config=options.to_proto()))
-    step = options.chunk_samples * _ENCODINGS[options.encoding][1]
+    width = _ENCODINGS[options.encoding][1]
+    step = options.chunk_samples * width
     chunk_s = options.chunk_ms / 1000.0
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -175,30 +194,44 @@ async def _send(call: grpc.aio.StreamStreamCall, options: StreamOptions, audio: 
             delay = t0 + k * chunk_s - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-        await call.write(asr_pb2.RecognizeRequest(audio=asr_pb2.AudioChunk(data=audio[start : start + step])))
+        data = audio[start : start + step]
+        await call.write(asr_pb2.RecognizeRequest(audio=asr_pb2.AudioChunk(data=bytes(data))))
+        if on_chunk_sent is not None:
+            on_chunk_sent(min(start + step, len(audio)) // width, time.monotonic())
     await call.done_writing()
+    if on_half_close is not None:
+        on_half_close(time.monotonic())
 
 
 async def recognize(
     channel: grpc.aio.Channel,
-    samples: np.ndarray,
+    samples: np.ndarray | bytes | memoryview,
     options: StreamOptions = StreamOptions(),
     on_result: Callable[[asr_pb2.Result], None] | None = None,
     metadata: Sequence[tuple[str, str]] | None = None,
     on_started: Callable[[str], None] | None = None,
+    on_chunk_sent: ChunkSent | None = None,
+    on_half_close: HalfClosed | None = None,
 ) -> StreamOutcome:
     """Stream ``samples`` (mono float in [-1, 1] at ``options.sample_rate_hz``) through one Recognize call.
 
     Writing and reading run concurrently, so Results arrive (and ``on_result`` fires) while audio is
     still being sent. Returns when the server closes the call. A gRPC error status raises the
     ``grpc.aio.AioRpcError`` carrying the server's code and details.
+
+    ``on_chunk_sent(end_sample, sent_at)`` fires after each AudioChunk is written (``end_sample``: the
+    stream's sample offset where that chunk ends) and ``on_half_close(sent_at)`` after the half-close,
+    both with ``time.monotonic()`` (the clock of ``TimedResult.received_at``): latency measurements.
+
+    ``samples`` may also be audio already encoded in ``options.encoding`` (``bytes`` or a ``memoryview``,
+    a whole number of samples): many streams can then share one buffer without a copy each.
     """
-    audio = encode_pcm(samples, options.encoding)  # before the call: a bad input never opens a stream
+    audio = _audio_bytes(samples, options.encoding)  # before the call: a bad input never opens a stream
     call = asr_pb2_grpc.RecognizerStub(channel).Recognize(metadata=metadata)
     first_status = _FirstStatus(call)
     outcome = StreamOutcome()
 
-    writer = asyncio.create_task(_send(call, options, audio))
+    writer = asyncio.create_task(_send(call, options, audio, on_chunk_sent, on_half_close))
 
     def _on_writer_done(task: asyncio.Task[None]) -> None:
         # A failed writer would leave the reader waiting for a server that waits for audio: end the call.
@@ -234,6 +267,17 @@ async def recognize(
     if writer_error is not None:
         raise writer_error
     return outcome
+
+
+def _audio_bytes(samples: np.ndarray | bytes | memoryview, encoding: EncodingName) -> bytes | memoryview:
+    """What the writer slices into AudioChunks: encoded bytes (pre-encoded input is checked, not copied)."""
+    if isinstance(samples, (bytes, bytearray, memoryview)):
+        view = memoryview(samples).cast("B")
+        width = _ENCODINGS[encoding][1]
+        if len(view) % width:
+            raise ValueError(f"encoded audio has {len(view)} bytes; expected a multiple of {width} for {encoding}")
+        return view
+    return encode_pcm(samples, encoding)
 
 
 def _unexpected_writer_error(writer: asyncio.Task[None]) -> BaseException | None:
@@ -346,13 +390,22 @@ class RecognizerClient:
 
     async def recognize(
         self,
-        samples: np.ndarray,
+        samples: np.ndarray | bytes | memoryview,
         options: StreamOptions = StreamOptions(),
         on_result: Callable[[asr_pb2.Result], None] | None = None,
         metadata: Sequence[tuple[str, str]] | None = None,
         on_started: Callable[[str], None] | None = None,
+        on_chunk_sent: ChunkSent | None = None,
+        on_half_close: HalfClosed | None = None,
     ) -> StreamOutcome:
         """One stream over this client's channel; see :func:`recognize`."""
         return await recognize(
-            self.channel, samples, options, on_result=on_result, metadata=metadata, on_started=on_started
+            self.channel,
+            samples,
+            options,
+            on_result=on_result,
+            metadata=metadata,
+            on_started=on_started,
+            on_chunk_sent=on_chunk_sent,
+            on_half_close=on_half_close,
         )

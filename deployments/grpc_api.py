@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 
 from pipeline.causal_encoder import TRAINED_BLOCK_FRAMES
@@ -114,3 +116,20 @@ class ResponseWriter:
         )
         self.next_index += 1
         return message
+
+
+def stage_timings(seconds: Mapping[str, Sequence[float]]) -> list[asr_pb2.StageTiming]:
+    """A stream's stage-call durations (seconds, per stage) as `FinalStats.stage_timings`."""
+    timings = []
+    for stage, durations in seconds.items():
+        ms = np.asarray(durations) * 1000
+        timings.append(
+            asr_pb2.StageTiming(
+                stage=stage,
+                calls=len(ms),
+                total_ms=float(ms.sum()),
+                p50_ms=float(np.percentile(ms, 50)),
+                p95_ms=float(np.percentile(ms, 95)),
+            )
+        )
+    return timings

@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 from ray import serve
@@ -22,7 +23,14 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Gauge, Histogram
 from torch import Tensor
 
-from deployments.grpc_api import InvalidRequest, ResponseWriter, decode_audio, effective_config, session_options
+from deployments.grpc_api import (
+    InvalidRequest,
+    ResponseWriter,
+    decode_audio,
+    effective_config,
+    session_options,
+    stage_timings,
+)
 from deployments.stage_replicas import ModelSpec, reserve_threads
 from grpc_health.v1 import health_pb2
 from pipeline.rolling import UpdateResult
@@ -75,7 +83,9 @@ class Ingress:
         defaults: SessionOptions | None = None,
     ) -> None:
         reserve_threads()
-        self.model = spec.load()  # the tokenizer and config for prompts and text (the stages hold the K/V)
+        # The tokenizer and config for prompts and text (the stages hold the K/V and do the model work), on the
+        # CPU whatever the stages' device: ingress replicas run on CPU nodes.
+        self.model = replace(spec, device="cpu", dtype=None).load()
         self.defaults = defaults or SessionOptions()
         self.stages = ServedStages(features, encoder, decoder)
         self.active = Gauge("qwen3_stream_active_streams", "streams open on this ingress replica")
@@ -129,6 +139,8 @@ class Ingress:
                 updates=driver.stats.updates,
                 words=len(writer.words),
                 replays=driver.stats.encoder_replays + driver.stats.decoder_replays,
+                revised_words=session.revised_words,
+                stage_timings=stage_timings(driver.stats.stage_seconds),
             )
             yield writer.final(session.token_ids, session.final_hypothesis_text, stats)
         except InvalidRequest as error:

@@ -9,6 +9,7 @@ of the local cluster (`bench serve` measures both).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ def start(settings: ServerSettings) -> str:
             base.pop("autoscaling_config", None)
         options[name] = {**base, **override}
     ray.init(
-        num_cpus=settings.num_cpus,
+        num_cpus=settings.num_cpus or max(os.cpu_count() or 1, _cpus_to_start(options)),
         include_dashboard=False,
         runtime_env={"env_vars": TRANSPORTS[settings.transport]},
         logging_level=logging.WARNING,
@@ -77,6 +78,16 @@ def start(settings: ServerSettings) -> str:
     address = f"127.0.0.1:{port}"
     log.info("serving %s on %s (%s transport)", APP_NAME, address, settings.transport)
     return address
+
+
+def _cpus_to_start(options: dict[str, dict[str, Any]]) -> int:
+    """The CPUs the deployments' first replicas reserve. A small machine gets a local Ray that size anyway: Ray's
+    CPUs are a scheduling label here, each replica still runs torch on the threads it reserved (one)."""
+    total = 0.0
+    for deployment in options.values():
+        replicas = deployment.get("num_replicas") or deployment.get("autoscaling_config", {}).get("min_replicas", 1)
+        total += replicas * deployment.get("ray_actor_options", {}).get("num_cpus", 1)
+    return int(total + 0.999)
 
 
 def stop() -> None:

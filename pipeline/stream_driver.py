@@ -14,8 +14,11 @@ the next segment starts fresh and may run anywhere.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Protocol
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from collections.abc import Awaitable
+from typing import Protocol, TypeVar
 
 import numpy as np
 from torch import Tensor
@@ -36,6 +39,8 @@ from pipeline.stages import (
 )
 
 log = logging.getLogger(__name__)
+
+Answer = TypeVar("Answer")
 
 
 class AsyncStages(Protocol):
@@ -73,11 +78,13 @@ class LocalStages:
 
 @dataclass
 class DriverStats:
-    """What one stream cost its owner beyond the model work."""
+    """What one stream cost its owner beyond the model work, and how long it waited for each stage."""
 
     encoder_replays: int = 0
     decoder_replays: int = 0
     updates: int = 0
+    # Per stage ("features", "encoder", "decoder"): the wall time of each call, in seconds.
+    stage_seconds: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
 
 class StreamDriver:
@@ -93,12 +100,13 @@ class StreamDriver:
 
     async def push_audio(self, pcm: np.ndarray) -> list[TranscriptEvent]:
         """Feed 16 kHz mono float32 PCM; returns the events of the blocks it completed."""
-        self.session.accept_features(await self.stages.extract(self.session.feature_request(pcm)))
+        self.session.accept_features(await self._timed("features", self.stages.extract(self.session.feature_request(pcm))))
         return await self._run_ready_blocks()
 
     async def finish(self) -> list[TranscriptEvent]:
         """End of audio: decode what is left, finalize, and release the stream's stage state."""
-        self.session.accept_features(await self.stages.extract(self.session.feature_request(end=True)), end=True)
+        request = self.session.feature_request(end=True)
+        self.session.accept_features(await self._timed("features", self.stages.extract(request)), end=True)
         events = await self._run_ready_blocks()
         events += self.session.finalize()
         await self.close()
@@ -131,17 +139,23 @@ class StreamDriver:
 
     async def _encode(self, block: CausalBlock) -> Tensor:
         request = self.session.encode_request(block)
-        answer = await self.stages.encode(request)
+        answer = await self._timed("encoder", self.stages.encode(request))
         if isinstance(answer, StageMiss):
             log.info("encoder miss for %s (%s): replaying %d blocks", request.stream_id, answer.reason, request.block_index)
             self.stats.encoder_replays += 1
-            answer = await self.stages.encode(self.session.encoder_replay(request))
+            answer = await self._timed("encoder", self.stages.encode(self.session.encoder_replay(request)))
         return answer_of(answer)
 
     async def _update(self, request: DecodeRequest) -> UpdateResult:
-        answer = await self.stages.update(request)
+        answer = await self._timed("decoder", self.stages.update(request))
         if isinstance(answer, StageMiss):
             log.info("decoder miss for %s (%s): replaying %d updates", request.stream_id, answer.reason, request.update_index)
             self.stats.decoder_replays += 1
-            answer = await self.stages.update(self.session.decoder_replay(request))
+            answer = await self._timed("decoder", self.stages.update(self.session.decoder_replay(request)))
         return answer_of(answer)
+
+    async def _timed(self, stage: str, call: Awaitable[Answer]) -> Answer:
+        started = time.perf_counter()
+        answer = await call
+        self.stats.stage_seconds[stage].append(time.perf_counter() - started)
+        return answer

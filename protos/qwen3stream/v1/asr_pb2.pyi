@@ -107,15 +107,33 @@ class Final(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., stats: _Optional[_Union[FinalStats, _Mapping]] = ..., final_hypothesis_text: _Optional[str] = ...) -> None: ...
 
 class FinalStats(_message.Message):
-    __slots__ = ("audio_ms", "segments", "updates", "words", "replays")
+    __slots__ = ("audio_ms", "segments", "updates", "words", "replays", "revised_words", "stage_timings")
     AUDIO_MS_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
     WORDS_FIELD_NUMBER: _ClassVar[int]
     REPLAYS_FIELD_NUMBER: _ClassVar[int]
+    REVISED_WORDS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_TIMINGS_FIELD_NUMBER: _ClassVar[int]
     audio_ms: int
     segments: int
     updates: int
     words: int
     replays: int
-    def __init__(self, audio_ms: _Optional[int] = ..., segments: _Optional[int] = ..., updates: _Optional[int] = ..., words: _Optional[int] = ..., replays: _Optional[int] = ...) -> None: ...
+    revised_words: int
+    stage_timings: _containers.RepeatedCompositeFieldContainer[StageTiming]
+    def __init__(self, audio_ms: _Optional[int] = ..., segments: _Optional[int] = ..., updates: _Optional[int] = ..., words: _Optional[int] = ..., replays: _Optional[int] = ..., revised_words: _Optional[int] = ..., stage_timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...
+
+class StageTiming(_message.Message):
+    __slots__ = ("stage", "calls", "total_ms", "p50_ms", "p95_ms")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    CALLS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    P50_MS_FIELD_NUMBER: _ClassVar[int]
+    P95_MS_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    calls: int
+    total_ms: float
+    p50_ms: float
+    p95_ms: float
+    def __init__(self, stage: _Optional[str] = ..., calls: _Optional[int] = ..., total_ms: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ...) -> None: ...
