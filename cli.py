@@ -558,6 +558,9 @@ def _add_stream(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--json", action="store_true", help="one JSON object per result, then per file {text, token_ids, ...}"
     )
+    parser.add_argument(
+        "--wait", type=float, default=0.0, metavar="SECONDS", help="wait up to this long for the server to be ready"
+    )
 
 
 def _run_stream(args: argparse.Namespace) -> int:
@@ -566,7 +569,7 @@ def _run_stream(args: argparse.Namespace) -> int:
 
     import grpc
 
-    from deployments.client import RecognizerClient, StreamOptions
+    from deployments.client import RecognizerClient, StreamOptions, wait_until_serving
     from pipeline.audio_io import read_audio
     from pipeline.transcribe import terminal_text
 
@@ -588,6 +591,8 @@ def _run_stream(args: argparse.Namespace) -> int:
 
     async def run_all():  # noqa: ANN202
         async with RecognizerClient(args.server) as client:
+            if args.wait > 0:
+                await wait_until_serving(client.channel, args.wait)
             return await asyncio.gather(
                 *(client.recognize(audio, options, on_result=show(path)) for path, audio in recordings.items())
             )
@@ -596,6 +601,8 @@ def _run_stream(args: argparse.Namespace) -> int:
         outcomes = asyncio.run(run_all())
     except grpc.aio.AioRpcError as error:
         raise UsageError(f"{args.server}: {error.code().name}: {error.details()}") from None
+    except TimeoutError as error:
+        raise UsageError(f"{args.server}: {error}") from None
     for path, outcome in zip(recordings, outcomes):
         final = outcome.final
         if args.json:

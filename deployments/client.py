@@ -359,6 +359,27 @@ class _FirstStatus:
             await asyncio.sleep(0.005)
 
 
+async def wait_until_serving(channel: grpc.aio.Channel, timeout_s: float) -> None:
+    """Wait until the server's `grpc.health.v1` service says SERVING (a server that is still starting refuses
+    connections or answers UNAVAILABLE); raises TimeoutError after `timeout_s`."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    stub = health_pb2_grpc.HealthStub(channel)
+    while True:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise TimeoutError(f"the server did not report SERVING within {timeout_s:g} s")
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=min(remaining, 5.0))
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+        await asyncio.sleep(min(0.5, max(0.0, deadline - asyncio.get_running_loop().time())))
+
+
 class RecognizerClient:
     """An insecure channel to one Recognizer endpoint; ``async with RecognizerClient(target) as c``."""
 

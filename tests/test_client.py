@@ -257,7 +257,8 @@ def test_stream_options_validation() -> None:
 
 
 def test_client_imports_only_stdlib_numpy_grpc_and_generated_modules() -> None:
-    """The client must stay vendorable: no torch, Ray or pipeline imports."""
+    """The client must stay vendorable: no torch, Ray or pipeline imports (grpc_health ships with grpcio's
+    health-checking package: the standard health protocol)."""
     import sys
 
     source = Path(__file__).resolve().parent.parent / "deployments" / "client.py"
@@ -269,4 +270,4 @@ def test_client_imports_only_stdlib_numpy_grpc_and_generated_modules() -> None:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             roots.add(node.module.split(".")[0])
     third_party = {r for r in roots if r not in sys.stdlib_module_names}
-    assert third_party == {"grpc", "numpy", "protos"}, third_party
+    assert third_party == {"grpc", "grpc_health", "numpy", "protos"}, third_party

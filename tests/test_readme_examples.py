@@ -75,34 +75,29 @@ def run_block(source: str, namespace: dict[str, Any], name: str) -> None:
 
 
 BLOCKS = python_blocks(README.read_text())
-# Why the engine example cannot run as written yet: (is the problem in this block's text?, what to change).
-ENGINE_EXAMPLE_PROBLEMS: list[tuple[Callable[[str], bool], str]] = [
-    (lambda block: "import asyncio" not in block, "it calls asyncio.create_task: add `import asyncio`"),
-    (
-        lambda block: 'finish_stream("call-2")' not in block,
-        'its `async for` over call-2 never ends: `await front.finish_stream("call-2")` before it',
-    ),
-    (
-        # AsyncStreamingEngine.run indexes its event queues by stream id, so a step with events for a stream opened
-        # on the engine directly (call-1, call-7) raises KeyError in the driver and every client waits forever.
-        lambda block: "AsyncStreamingEngine(engine)" in block,
-        "the front's driver dies on call-1/call-7, which it did not open: give the front an engine of its own",
-    ),
-]
+
+
+def block_with(marker: str) -> str:
+    """The one README block that uses `marker` (blocks are found by what they show, not by position)."""
+    found = [block for block in BLOCKS if marker in block]
+    assert len(found) == 1, f"expected one README python block using {marker!r}, found {len(found)}"
+    return found[0]
 
 
 @pytest.fixture(scope="module")
 def readme_namespace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The namespace after the first block (the Python API on the tiny checkpoint), shared by the later ones."""
     checkpoint_dir = tmp_path_factory.mktemp("readme") / "qwen3-tiny"
-    assert README_CHECKPOINT_DIR in BLOCKS[0], "the README's Python API example no longer writes /tmp/qwen3-tiny"
+    api = block_with("load_model")
+    assert README_CHECKPOINT_DIR in api, "the README's Python API example no longer writes /tmp/qwen3-tiny"
     namespace: dict[str, Any] = {"__name__": "readme"}
-    run_block(BLOCKS[0].replace(README_CHECKPOINT_DIR, str(checkpoint_dir)), namespace, "README.md python block 1")
+    run_block(api.replace(README_CHECKPOINT_DIR, str(checkpoint_dir)), namespace, "README.md Python API block")
     return namespace
 
 
-def test_readme_has_the_python_api_and_engine_examples() -> None:
-    assert len(BLOCKS) == 2 and "load_model" in BLOCKS[0] and "StreamingEngine" in BLOCKS[1]
+def test_readme_has_the_python_api_engine_and_client_examples() -> None:
+    assert len(BLOCKS) == 3  # the client example runs against a real server in tests/test_served.py
+    block_with("load_model"), block_with("AsyncStreamingEngine"), block_with("RecognizerClient")
 
 
 def test_python_api_example_runs_on_the_tiny_checkpoint(readme_namespace: dict[str, Any]) -> None:
@@ -115,11 +110,8 @@ def test_python_api_example_runs_on_the_tiny_checkpoint(readme_namespace: dict[s
 
 
 def test_engine_example_runs_after_the_python_api_example(readme_namespace: dict[str, Any]) -> None:
-    problems = [change for present, change in ENGINE_EXAMPLE_PROBLEMS if present(BLOCKS[1])]
-    if problems:
-        pytest.xfail("the README engine example cannot run as written: " + "; ".join(problems))
     namespace = dict(readme_namespace)
-    run_block(BLOCKS[1], namespace, "README.md python block 2")
+    run_block(block_with("AsyncStreamingEngine"), namespace, "README.md engine block")
     engine = namespace["engine"]
     assert isinstance(namespace["offset"], int) and namespace["offset"] > 0  # where call-7 resumes, in samples
     assert "call-7" in engine.active_streams

@@ -199,3 +199,12 @@ def test_health_service_answers_serving(server: str) -> None:
             return await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
 
     assert asyncio.run(check()).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_readme_client_example_runs_against_the_server(server: str) -> None:
+    from tests.test_readme_examples import block_with, run_block
+
+    namespace: dict = {"__name__": "readme"}
+    run_block(block_with("RecognizerClient").replace("127.0.0.1:50051", server), namespace, "README.md client block")
+    text = asyncio.run(namespace["transcribe"](_audio(2.5, seed=41)))
+    assert isinstance(text, str) and text
