@@ -59,6 +59,7 @@ __all__ = [
     "add_loadtest_parser",
     "capacity_from_curve",
     "capacity_levels",
+    "final_stats_dict",
     "find_capacity",
     "format_summary",
     "load_audio_files",
@@ -68,6 +69,7 @@ __all__ = [
     "run_load",
     "run_loadtest",
     "run_loadtest_command",
+    "stage_timing_summary",
     "summarize",
     "synthetic_speech",
     "write_capacity_plot",
@@ -318,6 +320,8 @@ class StreamRecord:
     sent_ms_at_half_close: int = 0
     # The most delayed chunk write against the realtime schedule (chunk k due at first + k * chunk).
     pacing_lag_s: float = 0.0
+    repeats: int = 0  # Results that heard no new audio (not timed)
+    unmatched: int = 0  # Results whose audio was never sent (not timed; a server or clock bug)
 
     # -- callbacks (the gRPC driver wires these to `recognize`) --
 
@@ -333,9 +337,22 @@ class StreamRecord:
         self.processed_ms_at_half_close = self.updates.audio_ms[-1] if len(self.updates) else 0
 
     def on_result(self, audio_processed_ms: int, received_at: float) -> float | None:
-        """Fold one Result in; returns its latency in seconds (None when its audio was never sent)."""
-        offset = int(audio_processed_ms) * self.sample_rate // 1000
-        return self.updates.add(received_at, int(audio_processed_ms), self.tracker.send_time_of(offset))
+        """Fold one Result in; returns its latency in seconds, or None when it is not timed.
+
+        Only a Result that heard new audio (``audio_processed_ms`` above the previous Result's) is timed. One
+        that repeats the previous amount -- the closing Result of a segment roll, which the server emits when
+        the *next* block arrives, or the end-of-stream companion of the flush -- is counted (``repeats``) but
+        its "latency" would measure the roll policy, not the server. A Result claiming audio never sent
+        counts as ``unmatched``.
+        """
+        audio_ms = int(audio_processed_ms)
+        if len(self.updates) and audio_ms <= self.updates.audio_ms[-1]:
+            self.repeats += 1
+            return self.updates.add(received_at, audio_ms, None)
+        sent_at = self.tracker.send_time_of(audio_ms * self.sample_rate // 1000)
+        if sent_at is None:
+            self.unmatched += 1
+        return self.updates.add(received_at, audio_ms, sent_at)
 
     # -- derived --
 
@@ -436,7 +453,9 @@ def summarize(
                 "audio_s": record.audio_samples / record.sample_rate,
                 "audio_sent_s": record.tracker.sent_samples / record.sample_rate,
                 "updates": len(record.updates),
-                "unmatched_updates": len(record.updates) - len(latencies),
+                "timed_updates": len(latencies),
+                "repeat_updates": record.repeats,
+                "unmatched_updates": record.unmatched,
                 "got_final": record.got_final,
                 "error": record.error,
                 "error_details": record.error_details,
@@ -472,6 +491,9 @@ def summarize(
         "audio_sent_s": sum(r.tracker.sent_samples for r in records) / SAMPLE_RATE,
         "updates": {
             "total": total_updates,
+            "timed": len(update_latencies),
+            "repeats": sum(r.repeats for r in records),
+            "unmatched": sum(r.unmatched for r in records),
             "per_stream_mean": total_updates / len(records) if records else 0.0,
             "per_s": total_updates / wall if wall > 0 else None,
         },
@@ -479,6 +501,7 @@ def summarize(
         "update_latency_ms": percentiles(update_latencies),
         "final_latency_ms": percentiles(finals),
         "errors": dict(sorted(errors.items())),
+        "server_stage_timings": stage_timing_summary(records),
         "per_stream": per_stream,
     }
     if include_updates:
@@ -806,11 +829,7 @@ async def _one_stream(record: StreamRecord, channel, audio: memoryview, plan: Lo
         record.got_final = outcome.final is not None
         record.final_at = outcome.final_received_at
         if outcome.final is not None:
-            stats = outcome.final.stats
-            record.final_stats = {
-                "audio_ms": stats.audio_ms, "segments": stats.segments, "updates": stats.updates,
-                "words": stats.words, "replays": stats.replays,
-            }
+            record.final_stats = final_stats_dict(outcome.final.stats)
     except grpc.aio.AioRpcError as error:
         record.error = error.code().name
         record.error_details = error.details()
@@ -826,6 +845,38 @@ async def _one_stream(record: StreamRecord, channel, audio: memoryview, plan: Lo
         live.done += 1
         if record.error is not None:
             live.errors += 1
+
+
+def final_stats_dict(stats) -> dict[str, Any]:  # noqa: ANN001 (an asr_pb2.FinalStats)
+    """FinalStats as JSON: the counters, and the server's own per-stage call timings when it sends them."""
+    out: dict[str, Any] = {}
+    for name in ("audio_ms", "segments", "updates", "words", "replays", "revised_words"):
+        if hasattr(stats, name):
+            out[name] = int(getattr(stats, name))
+    timings = getattr(stats, "stage_timings", None)
+    if timings:
+        out["stage_timings"] = [
+            {"stage": t.stage, "calls": t.calls, "total_ms": t.total_ms, "p50_ms": t.p50_ms, "p95_ms": t.p95_ms}
+            for t in timings
+        ]
+    return out
+
+
+def stage_timing_summary(records: Sequence[StreamRecord]) -> dict[str, dict[str, float]]:
+    """The server's per-stage call timings (FinalStats) over all streams: calls, mean ms per call, worst
+    per-stream p95 -- where the server's side of the latency went."""
+    totals: dict[str, dict[str, float]] = {}
+    for record in records:
+        for timing in (record.final_stats or {}).get("stage_timings", []):
+            entry = totals.setdefault(timing["stage"], {"calls": 0, "total_ms": 0.0, "max_stream_p95_ms": 0.0})
+            entry["calls"] += timing["calls"]
+            entry["total_ms"] += timing["total_ms"]
+            entry["max_stream_p95_ms"] = max(entry["max_stream_p95_ms"], timing["p95_ms"])
+    return {
+        stage: {"calls": e["calls"], "mean_ms": e["total_ms"] / e["calls"] if e["calls"] else None,
+                "max_stream_p95_ms": e["max_stream_p95_ms"]}
+        for stage, e in totals.items()
+    }
 
 
 async def run_load(
@@ -891,6 +942,7 @@ async def run_load(
 
 _SAMPLE_LINE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 _LE = re.compile(r'le="([^"]+)"')
+METRICS_EXPORT_INTERVAL_S = 10.0  # Ray's default metrics report interval
 BATCH_METRICS = {"encoder": "qwen3_stream_encoder_batch_size", "decoder": "qwen3_stream_decoder_batch_size"}
 
 
@@ -924,17 +976,40 @@ def parse_metrics_text(text: str) -> dict[str, dict[str, Any]]:
 
 
 def batch_size_delta(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The batches of this run (after - before): count, mean size and the cumulative buckets, per stage."""
+    """The batches of this run (after - before), per stage: count, sizes by bucket, mean size bounds.
+
+    Batch sizes are whole numbers, so the bucket (lo, hi] holds sizes lo+1..hi: exact for the buckets 1 and 2,
+    a range above. The mean is given as [low, high] from those ranges; the exported ``_sum`` is not used (Ray's
+    export estimates it from bucket midpoints).
+    """
     report: dict[str, Any] = {}
     for stage, now in after.items():
         then = before.get(stage, {"count": 0.0, "sum": 0.0, "buckets": {}})
+        cumulative = sorted(
+            ((float(le), now["buckets"][le] - then["buckets"].get(le, 0.0)) for le in now["buckets"]),
+            key=lambda item: item[0],
+        )
         count = now["count"] - then["count"]
-        total = now["sum"] - then["sum"]
-        buckets = {le: now["buckets"][le] - then["buckets"].get(le, 0.0) for le in now["buckets"]}
+        by_size: dict[str, float] = {}
+        low_total = high_total = 0.0
+        previous_edge, previous_count = 0.0, 0.0
+        for edge, running in cumulative:
+            n = running - previous_count
+            if n > 0:
+                lo = math.floor(previous_edge) + 1
+                if math.isinf(edge):
+                    label, hi = f">{int(previous_edge)}", math.nan
+                else:
+                    label, hi = (str(lo) if lo >= edge else f"{lo}-{int(edge)}"), edge
+                by_size[label] = n
+                low_total += n * lo
+                high_total += n * hi
+            previous_edge, previous_count = edge, running
+        known = count > 0 and not math.isnan(high_total)
         report[stage] = {
             "batches": count,
-            "mean_batch_size": total / count if count > 0 else None,
-            "cumulative_buckets": dict(sorted(buckets.items(), key=lambda kv: float(kv[0]))),
+            "by_size": by_size,
+            "mean_batch_size_range": [low_total / count, high_total / count] if known else None,
         }
     return report
 
@@ -954,14 +1029,18 @@ def scrape_metrics(url: str | None, timeout_s: float = 3.0) -> dict[str, dict[st
     return parse_metrics_text(text)
 
 
-def _server_metrics_report(url: str | None, before, after) -> Any:  # noqa: ANN001
+def _server_metrics_report(url: str | None, before, after, waited_s: float) -> Any:  # noqa: ANN001
     if url is None:
         return "not requested"
     if after is None:
         return f"not reachable ({url})"
     if not after:
         return f"reachable, but no qwen3_stream batch-size metrics yet ({url})"
-    return {"url": url, "batch_sizes": batch_size_delta(before or {}, after)}
+    report = {"url": url, "batch_sizes": batch_size_delta(before or {}, after), "waited_s": waited_s}
+    if waited_s < METRICS_EXPORT_INTERVAL_S:
+        report["note"] = (f"scraped {waited_s:.0f} s after the run; Ray exports every ~{METRICS_EXPORT_INTERVAL_S:.0f} s, "
+                          "so the batches of the run's last seconds may be missing")
+    return report
 
 
 # ---------------------------------------------------------------------------------------------
@@ -970,16 +1049,22 @@ def _server_metrics_report(url: str | None, before, after) -> Any:  # noqa: ANN0
 
 
 async def _measured_run(
-    target: str, plan: LoadPlan, audio: SharedAudio, metrics_url: str | None, show_progress: bool, label: str
+    target: str, plan: LoadPlan, audio: SharedAudio, metrics_url: str | None, show_progress: bool, label: str,
+    metrics_wait_s: float = 0.0,
 ) -> tuple[dict[str, Any], list[StreamRecord], float]:
     before = await asyncio.to_thread(scrape_metrics, metrics_url)
     live = LiveStats(plan.streams)
     progress = ProgressLine(live, label=label) if show_progress else None
     records, started, ended = await run_load(target, plan, audio, progress=progress, live=live)
     after = await asyncio.to_thread(scrape_metrics, metrics_url)
+    waited = 0.0
+    if after is not None and metrics_wait_s > 0:  # reachable: let Ray export the run's last batches
+        await asyncio.sleep(metrics_wait_s)
+        waited = metrics_wait_s
+        after = await asyncio.to_thread(scrape_metrics, metrics_url) or after
     summary = summarize(records, block_frames=plan.block_frames, behind_ms=plan.behind_ms,
                         run_started_at=started, run_ended_at=ended)
-    summary["server_metrics"] = _server_metrics_report(metrics_url, before, after)
+    summary["server_metrics"] = _server_metrics_report(metrics_url, before, after, waited)
     summary["plan"] = {**asdict(plan), "channels": plan.channel_count, "deadline_s": plan.deadline_s}
     return summary, records, started
 
@@ -1035,7 +1120,11 @@ def write_capacity_plot(curve: Sequence[dict[str, Any]], path: Path, *, p95_ms: 
     for p in curve:
         if not p["held"]:
             axis.axvline(p["streams"], color="tab:gray", alpha=0.3)
-    axis.set_xscale("log", base=2)
+    if streams and streams[-1] >= 8 * streams[0]:  # doubling levels: even spacing
+        axis.set_xscale("log", base=2)
+    axis.set_xticks(streams)
+    axis.set_xticklabels([str(n) for n in streams])
+    axis.minorticks_off()
     axis.set_xlabel("concurrent streams")
     axis.set_ylabel("update latency (ms)")
     axis.grid(True, alpha=0.3)
@@ -1063,7 +1152,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"streams: {s['requested']} requested, {s['opened']} opened, {s['with_final']} with Final, "
         f"{s['with_error']} with errors, {s['fell_behind']} fell behind real time",
         f"updates: {summary['updates']['total']} ({summary['updates']['per_stream_mean']:.1f} per stream, "
-        f"{0 if rate is None else rate:.1f}/s) over {summary['wall_s']:.1f} s, {summary['audio_sent_s']:.1f} s of audio sent",
+        f"{0 if rate is None else rate:.1f}/s; {summary['updates']['timed']} timed, {summary['updates']['repeats']} "
+        f"repeating earlier audio) over {summary['wall_s']:.1f} s, {summary['audio_sent_s']:.1f} s of audio sent",
         f"time to first result: p50 {_ms(t['p50'])}  p95 {_ms(t['p95'])}  max {_ms(t['max'])}",
         f"update latency:       p50 {_ms(u['p50'])}  p95 {_ms(u['p95'])}  p99 {_ms(u['p99'])}  max {_ms(u['max'])}",
         f"final latency:        p50 {_ms(f['p50'])}  p95 {_ms(f['p95'])}  p99 {_ms(f['p99'])}  max {_ms(f['max'])}",
@@ -1075,13 +1165,21 @@ def format_summary(summary: dict[str, Any]) -> str:
     if s["client_pacing_behind"]:
         lines.append(f"warning: the client wrote audio late (> 1 block behind schedule) on {s['client_pacing_behind']} "
                      "stream(s): the load generator, not the server, was the bottleneck there")
+    stages = summary.get("server_stage_timings") or {}
+    if stages:
+        lines.append("server stage calls (ingress-timed, from Final): " + "; ".join(
+            f"{stage} {e['calls']:.0f} calls, mean {_ms(e['mean_ms'])}, worst stream p95 {_ms(e['max_stream_p95_ms'])}"
+            for stage, e in stages.items()
+        ))
     metrics = summary.get("server_metrics")
     if isinstance(metrics, dict):
         parts = []
         for stage, entry in metrics["batch_sizes"].items():
-            mean = entry["mean_batch_size"]
-            parts.append(f"{stage} {entry['batches']:.0f} batches, mean {'-' if mean is None else f'{mean:.2f}'}")
-        lines.append("server batch sizes: " + "; ".join(parts))
+            mean = entry["mean_batch_size_range"]
+            mean_text = "-" if mean is None else (f"{mean[0]:.2f}" if mean[0] == mean[1] else f"{mean[0]:.2f}..{mean[1]:.2f}")
+            sizes = ", ".join(f"{size}: {n:.0f}" for size, n in entry["by_size"].items())
+            parts.append(f"{stage} {entry['batches']:.0f} batches, mean {mean_text} ({sizes})")
+        lines.append("server batch sizes: " + "; ".join(parts) + f" [{metrics['url']}]")
     else:
         lines.append(f"server batch sizes: {metrics}")
     return "\n".join(lines)
@@ -1113,13 +1211,16 @@ def run_loadtest(
     metrics_url: str | None = None,
     progress: bool = True,
     seed: int = 0,
+    metrics_wait_s: float = METRICS_EXPORT_INTERVAL_S + 2,
 ) -> dict[str, Any]:
     """One load run end to end (audio, streams, summary, files under ``out``); returns the summary."""
     target = parse_target(server)
     if metrics_url is not None:
         metrics_url = parse_metrics_url(metrics_url, target)
     audio, source = _prepare_audio(audio_files, plan.duration_s, seed)
-    summary, records, started = asyncio.run(_measured_run(target, plan, audio, metrics_url, progress, "loadtest"))
+    summary, records, started = asyncio.run(
+        _measured_run(target, plan, audio, metrics_url, progress, "loadtest", metrics_wait_s)
+    )
     summary = {"mode": "single", "server": target, "audio": source, **summary}
     if out is not None:
         out = Path(out)
@@ -1144,6 +1245,7 @@ def find_capacity(
     seed: int = 0,
     pause_s: float = 2.0,
     say: Callable[[str], None] | None = None,
+    metrics_wait_s: float = METRICS_EXPORT_INTERVAL_S + 2,
 ) -> dict[str, Any]:
     """Raise the stream count level by level (``capacity_levels``) until the update p95 passes ``p95_ms`` or
     errors appear; returns the curve and the largest count that held."""
@@ -1166,7 +1268,7 @@ def find_capacity(
             stopped = f"the capacity search's time budget ({MAX_CAPACITY_TOTAL_S:.0f} s) would be exceeded"
             break
         summary, records, started = asyncio.run(
-            _measured_run(target, level_plan, audio, metrics_url, progress, f"loadtest N={n}")
+            _measured_run(target, level_plan, audio, metrics_url, progress, f"loadtest N={n}", metrics_wait_s)
         )
         held, why = level_held(summary, p95_ms)
         u = summary["update_latency_ms"]
@@ -1183,7 +1285,7 @@ def find_capacity(
         if not held:
             stopped = f"N={n} missed the target: {why}"
             break
-        if n != levels[-1]:
+        if n != levels[-1] and not (isinstance(summary["server_metrics"], dict) and metrics_wait_s >= pause_s):
             time.sleep(pause_s)  # let the server drain before the next level
     result = {
         "mode": "find-capacity",
@@ -1293,6 +1395,9 @@ def add_loadtest_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     parser.add_argument("--metrics-url", default=None, metavar="URL",
                         help="Ray's Prometheus endpoint for the server's batch sizes, on the server's host or loopback "
                              "(default http://SERVER_HOST:8080/metrics, KubeRay's; 'none' to skip)")
+    parser.add_argument("--metrics-wait", type=_bounded_seconds(0, 120), default=METRICS_EXPORT_INTERVAL_S + 2,
+                        metavar="S", help="when the metrics are reachable, wait S seconds after a run for Ray to "
+                        f"export its last batches (default {METRICS_EXPORT_INTERVAL_S + 2:.0f})")
     parser.add_argument("--seed", type=_bounded_int(0, 2**31 - 1), default=0, help="noise seed of --synthetic (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no live progress line on stderr")
     capacity = parser.add_argument_group("capacity search")
@@ -1335,7 +1440,7 @@ def run_loadtest_command(args: argparse.Namespace) -> int:
             behind_ms=args.behind_ms,
         )
         common = dict(audio_files=args.audio, out=args.out, metrics_url=_metrics_url_from_args(args),
-                      progress=not args.no_progress, seed=args.seed)
+                      progress=not args.no_progress, seed=args.seed, metrics_wait_s=args.metrics_wait)
         if args.find_capacity:
             result = find_capacity(args.server, plan, p95_ms=args.p95_ms, max_streams=args.max_streams, step=args.step,
                                    say=lambda line: print(f"{PROG}: loadtest: {line}", file=sys.stderr), **common)
