@@ -408,7 +408,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _add_bench(commands: argparse._SubParsersAction) -> None:
     parser = _command(commands, "bench", None, help="benchmarks (full-size architecture, random weights)")
     benches = parser.add_subparsers(dest="bench", required=True)
-    for add in (_add_bench_flops, _add_bench_engine, _add_bench_roofline):
+    for add in (_add_bench_flops, _add_bench_engine, _add_bench_roofline, _add_bench_serve):
         add(benches)
 
 
@@ -497,6 +497,38 @@ def _run_bench_roofline(args: argparse.Namespace) -> int:
     from pipeline.roofline import format_roofline
 
     print(format_roofline())
+    return 0
+
+
+def _add_bench_serve(benches: argparse._SubParsersAction) -> None:
+    parser = _command(
+        benches,
+        "serve",
+        _run_bench_serve,
+        help="the served pipeline against the in-process engine: throughput, added latency, per-stage hops, transports",
+    )
+    parser.add_argument("--streams", type=_count_list, default="1,4,8", help="comma-separated stream counts")
+    parser.add_argument("--full-size", action="store_true", help="a full-size random fp32 checkpoint (default: tiny)")
+    parser.add_argument("--seconds", type=float, default=7.68, help="audio per stream (7.68 s = 4 blocks)")
+    parser.add_argument("--max-new-tokens", type=_count, default=16, help="tokens each update decodes (same both sides)")
+    parser.add_argument(
+        "--transports", type=_choice_list("grpc", "by_reference"), default="grpc,by_reference", help="comma-separated"
+    )
+    parser.add_argument("--json", type=Path, help="also write the results here")
+
+
+def _run_bench_serve(args: argparse.Namespace) -> int:
+    import json
+
+    from deployments.bench_serve import format_serve_table, run_serve_bench, summary_dicts
+
+    _show_progress()
+    logging.getLogger("deployments").setLevel(logging.INFO)
+    streams = [int(n) for n in args.streams.split(",")]
+    results = run_serve_bench(args.full_size, streams, args.seconds, args.max_new_tokens, args.transports.split(","))
+    print(format_serve_table(results, args.max_new_tokens))
+    if args.json is not None:
+        args.json.write_text(json.dumps(summary_dicts(results), indent=2))
     return 0
 
 

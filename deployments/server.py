@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 #: How stage calls travel between deployments, and the environment that selects it.
 TRANSPORTS = {"grpc": {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}, "by_reference": {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}}
-DEFAULT_TRANSPORT = "by_reference"
+DEFAULT_TRANSPORT = "grpc"  # measured faster than by_reference in `bench serve` (BENCHMARKS.md)
 
 
 @dataclass

@@ -151,10 +151,11 @@ class StreamingLogMel:
         self._check_chunk(chunk)
         self._pending = np.concatenate([self._pending, chunk])
         self._samples_received += chunk.size
-        n = self._samples_received
-        # Frame t is complete once samples up to 160 t + 199 exist; frame 0 also reflects x[200].
-        ready = (n - _HALF_WINDOW) // HOP_LENGTH + 1 if n > _HALF_WINDOW else 0
-        return self._emit_until(ready)
+        return self._emit_until(frames_complete(self._samples_received))
+
+    def frames_after(self, more_samples: int) -> int:
+        """How many frames `push` would have emitted in all after `more_samples` more samples (no work done)."""
+        return max(self._frames_emitted, frames_complete(self._samples_received + more_samples))
 
     def flush(self) -> torch.Tensor:
         """End the stream: return the last frames (end-reflect padded); the total is then samples // 160."""
@@ -240,6 +241,12 @@ class StreamingLogMel:
         self._running_max = float(running_max[-1])
         floor = running_max - np.float32(DYNAMIC_RANGE)
         return (np.maximum(log_mel, floor[:, None]) + np.float32(4.0)) / np.float32(4.0)
+
+
+def frames_complete(samples: int) -> int:
+    """Frames a stream of `samples` samples has complete: frame t needs samples up to 160 t + 199 (frame 0 also
+    reflects x[200])."""
+    return (samples - _HALF_WINDOW) // HOP_LENGTH + 1 if samples > _HALF_WINDOW else 0
 
 
 def log_mel(samples: np.ndarray) -> torch.Tensor:

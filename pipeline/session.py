@@ -274,6 +274,12 @@ class StreamingSession:
         pcm = np.zeros(0, dtype=np.float32) if samples is None else samples
         return FeatureRequest(self.features, pcm, flush=end and not self.features.flushed)
 
+    def completes_block_with(self, more_samples: int) -> bool:
+        """Whether `more_samples` more samples would complete a block (an owner whose front-end runs elsewhere
+        calls it only then: a block cannot be encoded before its last sample, so earlier calls buy nothing)."""
+        new_frames = self.features.frames_after(more_samples) - self.features.frames_emitted
+        return self.pending_mel.shape[0] + new_frames >= self.options.block_frames
+
     def accept_features(self, result: FeatureResult, *, end: bool = False) -> None:
         """Buffer a front-end result (its mel waits for `next_block`); `end`: it was the end-of-audio request."""
         self.features = result.frontend

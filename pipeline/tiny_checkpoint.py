@@ -20,7 +20,7 @@ from transformers import Qwen2Tokenizer
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
 from pipeline.checkpoint import DECODER_PREFIX, LM_HEAD_KEY, TOWER_PREFIX
-from pipeline.config import TINY_AUDIO, TINY_TEXT, Qwen3ASRConfig
+from pipeline.config import QWEN3_ASR_0_6B, TINY_AUDIO, TINY_TEXT, Qwen3ASRConfig
 from pipeline.decoder import TextDecoder
 from pipeline.encoder import AudioTower
 
@@ -68,6 +68,14 @@ Captioning, voice agents and call analytics need low latency, low cost, and neve
 
 def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, with_tower: bool = False) -> Path:
     """Write the tiny model to `out_dir` (created); with `with_tower`, also `out_dir/causal_tower/`."""
+    return make_random_checkpoint(out_dir, seed=seed, with_tower=with_tower)
+
+
+def make_random_checkpoint(
+    out_dir: str | Path, seed: int = 0, with_tower: bool = False, full_size: bool = False
+) -> Path:
+    """A random checkpoint in the official layout: the tiny geometry, or (`full_size`) Qwen3-ASR-0.6B's, whose
+    compute does not depend on the weights' values (serving benchmarks load it like the published one)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
@@ -75,9 +83,10 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, with_tower: bool = 
     if len(tokenizer) > TINY_TEXT.vocab_size:
         raise AssertionError(f"tiny tokenizer has {len(tokenizer)} tokens; TINY_TEXT.vocab_size is {TINY_TEXT.vocab_size}")
     config = Qwen3ASRConfig(
-        audio=TINY_AUDIO,
-        # Every output id decodes to text, so demos print words rather than unknown ids.
-        text=replace(TINY_TEXT, vocab_size=len(tokenizer)),
+        audio=QWEN3_ASR_0_6B.audio if full_size else TINY_AUDIO,
+        # Tiny: every output id decodes to text, so demos print words rather than unknown ids. Full size: the
+        # whole vocabulary (the output matrix is the largest weight; the tokenizer's ids fit in it).
+        text=QWEN3_ASR_0_6B.text if full_size else replace(TINY_TEXT, vocab_size=len(tokenizer)),
         audio_token_id=ids["<|audio_pad|>"],
         audio_start_token_id=ids["<|audio_start|>"],
         audio_end_token_id=ids["<|audio_end|>"],
