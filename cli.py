@@ -408,7 +408,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _add_bench(commands: argparse._SubParsersAction) -> None:
     parser = _command(commands, "bench", None, help="benchmarks (full-size architecture, random weights)")
     benches = parser.add_subparsers(dest="bench", required=True)
-    for add in (_add_bench_flops, _add_bench_engine, _add_bench_roofline, _add_bench_serve):
+    for add in (_add_bench_flops, _add_bench_engine, _add_bench_roofline, _add_bench_serve, _add_bench_store):
         add(benches)
 
 
@@ -514,6 +514,8 @@ def _add_bench_serve(benches: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--transports", type=_choice_list("grpc", "by_reference"), default="grpc,by_reference", help="comma-separated"
     )
+    parser.add_argument("--batch-wait-ms", type=float, default=2.0, help="how long a stage batch waits to fill")
+    parser.add_argument("--decoder-threads", type=_count, default=1, help="CPUs (torch threads) of the Decoder")
     parser.add_argument("--json", type=Path, help="also write the results here")
 
 
@@ -525,10 +527,28 @@ def _run_bench_serve(args: argparse.Namespace) -> int:
     _show_progress()
     logging.getLogger("deployments").setLevel(logging.INFO)
     streams = [int(n) for n in args.streams.split(",")]
-    results = run_serve_bench(args.full_size, streams, args.seconds, args.max_new_tokens, args.transports.split(","))
-    print(format_serve_table(results, args.max_new_tokens))
+    results = run_serve_bench(
+        args.full_size, streams, args.seconds, args.max_new_tokens, args.transports.split(","),
+        batch_wait_ms=args.batch_wait_ms, decoder_threads=args.decoder_threads,
+    )  # fmt: skip
+    print(format_serve_table(results, args.max_new_tokens, args.batch_wait_ms, args.decoder_threads))
     if args.json is not None:
         args.json.write_text(json.dumps(summary_dicts(results), indent=2))
+    return 0
+
+
+def _add_bench_store(benches: argparse._SubParsersAction) -> None:
+    parser = _command(
+        benches, "store", _run_bench_store, help="session store cost: round trips per stream-minute, roll latency"
+    )
+    parser.add_argument("--redis", default=None, metavar="URL", help="a Redis to measure (default: the embedded one)")
+    parser.add_argument("--rolls", type=_count, default=200, help="segment rolls to write")
+
+
+def _run_bench_store(args: argparse.Namespace) -> int:
+    from deployments.bench_store import format_store_result, run_store_bench
+
+    print(format_store_result(run_store_bench(args.redis, args.rolls)))
     return 0
 
 
@@ -554,6 +574,12 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-new-tokens", type=_count, default=None, help="the streams' token budget per update (default 256)"
     )
+    parser.add_argument(
+        "--redis",
+        default=None,
+        metavar="URL",
+        help="session store redis://[:password@]host:port/db (rediss:// for TLS); default: an embedded server",
+    )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -568,6 +594,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         args={"model": model, "tower": tower or "none"},
         port=args.port,
         transport=args.transport or server.DEFAULT_TRANSPORT,
+        redis=args.redis,
     )
     settings.args["device"] = _device(args.device)
     if args.dtype != "auto":
@@ -592,6 +619,13 @@ def _add_stream(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--wait", type=float, default=0.0, metavar="SECONDS", help="wait up to this long for the server to be ready"
+    )
+    parser.add_argument(
+        "--reconnect-after",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="drop the connection once after this much audio and resume the session (demos, tests)",
     )
 
 
@@ -626,7 +660,10 @@ def _run_stream(args: argparse.Namespace) -> int:
             if args.wait > 0:
                 await wait_until_serving(client.channel, args.wait)
             return await asyncio.gather(
-                *(client.recognize(audio, options, on_result=show(path)) for path, audio in recordings.items())
+                *(
+                    client.recognize(audio, options, on_result=show(path), reconnect_after_s=args.reconnect_after)
+                    for path, audio in recordings.items()
+                )
             )
 
     try:

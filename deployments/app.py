@@ -40,13 +40,18 @@ STICKY = RequestRouterConfig(
 def build_app(args: dict[str, Any]) -> Application:
     """The application from the config's `args` (all optional): model, tower ("none": the offline tower),
     device, dtype, slots (K/V slots per encoder/decoder replica), encoder_batch, decoder_batch, batch_wait_ms,
-    session (the streams' default `SessionOptions` fields, e.g. {max_new_tokens: 64}). (Serve applies the config's per-deployment settings on top.)"""
+    session (the streams' default `SessionOptions` fields, e.g. {max_new_tokens: 64}), store (the session store's
+    Redis URL; else the `REDIS_URL` environment variable; neither: no resume), session_ttl_s (how long an idle
+    session's state is kept). (Serve applies the config's per-deployment settings on top.)"""
     return application(args, {})
 
 
 def application(args: dict[str, Any], deployment_options: dict[str, dict[str, Any]]) -> Application:
     """`build_app`, with each deployment's options (the config's `deployments` entries, by name) applied here."""
-    known = {"model", "tower", "device", "dtype", "slots", "encoder_batch", "decoder_batch", "batch_wait_ms", "session"}
+    known = {
+        "model", "tower", "device", "dtype", "slots", "encoder_batch", "decoder_batch", "batch_wait_ms", "session",
+        "store", "session_ttl_s",
+    }  # fmt: skip
     unknown = set(args) - known
     if unknown:
         raise ValueError(f"unknown application args {sorted(unknown)}; expected some of {sorted(known)}")
@@ -70,4 +75,5 @@ def application(args: dict[str, Any], deployment_options: dict[str, dict[str, An
     encoder_batch, decoder_batch = int(args.get("encoder_batch", 64)), int(args.get("decoder_batch", 64))
     encoder = configured(CausalEncoder, request_router_config=STICKY).bind(spec, slots, encoder_batch, wait_s)
     decoder = configured(Decoder, request_router_config=STICKY).bind(spec, slots, decoder_batch, wait_s, defaults)
-    return configured(Ingress).bind(configured(FeatureExtractor).bind(), encoder, decoder, spec, defaults)
+    store, ttl_s = args.get("store"), float(args.get("session_ttl_s", 3600))
+    return configured(Ingress).bind(configured(FeatureExtractor).bind(), encoder, decoder, spec, defaults, store, ttl_s)

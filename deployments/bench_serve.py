@@ -153,6 +153,8 @@ def run_serve_bench(
     max_new_tokens: int,
     transports: list[str],
     work_dir: Path | None = None,
+    batch_wait_ms: float = 2.0,
+    decoder_threads: int = 1,
 ) -> list[ServeBenchResult]:
     """Both sides in one run; see the module docstring."""
     with tempfile.TemporaryDirectory(dir=work_dir) as scratch:
@@ -176,10 +178,10 @@ def run_serve_bench(
         for transport in transports:
             settings = server.ServerSettings(
                 args={"model": str(checkpoint), "tower": str(tower), "dtype": "float32", "slots": max(stream_counts),
-                      "session": {"max_new_tokens": max_new_tokens}},
+                      "session": {"max_new_tokens": max_new_tokens}, "batch_wait_ms": batch_wait_ms},
                 transport=transport,
                 deployment_options={
-                    name: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}}
+                    name: {"num_replicas": 1, "ray_actor_options": {"num_cpus": decoder_threads if name == "Decoder" else 1}}
                     for name in ("Ingress", "FeatureExtractor", "CausalEncoder", "Decoder")
                 },
             )
@@ -209,9 +211,12 @@ async def _wait(address: str) -> None:
         await wait_until_serving(client.channel, 300)
 
 
-def format_serve_table(results: list[ServeBenchResult], max_new_tokens: int) -> str:
+def format_serve_table(
+    results: list[ServeBenchResult], max_new_tokens: int, batch_wait_ms: float, decoder_threads: int
+) -> str:
     lines = [
-        f"Serving cost (measured here; {torch.get_num_threads()}-thread torch in process, 1 thread per replica; "
+        f"Serving cost (measured here; in process: one engine, 2 torch threads; served: one replica per stage, "
+        f"{decoder_threads} torch thread(s) for the decoder, 1 for the others, batch wait {batch_wait_ms:g} ms; "
         f"random weights, every update decodes {max_new_tokens} tokens)",
         "",
         "| model | transport | N | in-process RT streams | served RT streams | served / in-process |",

@@ -132,6 +132,14 @@ class StreamOutcome:
     # The client's ``time.monotonic()`` when Started and Final arrived (None: not received).
     started_received_at: float | None = None
     final_received_at: float | None = None
+    # Resume: the secret from the first Started, and the last durable boundary the server acknowledged.
+    resume_token: str = ""
+    durable_sample_offset: int = 0
+    acked_words: int = 0
+    # The sample from which this connection sent audio (0, or where a resume restarted).
+    resumed_from_sample: int = 0
+    # The connection was dropped on purpose (`drop_after_samples`) before the stream ended.
+    dropped: bool = False
 
     @property
     def text(self) -> str:
@@ -150,15 +158,26 @@ class StreamOutcome:
         """Fold one response in; returns the Result if it was one."""
         kind = response.WhichOneof("response")
         if kind == "started":
-            self.session_id = response.started.session_id
-            self.config = response.started.config
+            started = response.started
+            self.session_id = started.session_id
+            self.config = started.config
             self.started_received_at = received_at
+            self.resume_token = started.resume_token or self.resume_token
+            self.resumed_from_sample = started.resume_from_sample
         elif kind == "result":
             result = response.result
-            self.committed.extend(CommittedWord(w.index, w.text, w.start_ms, w.end_ms) for w in result.committed)
+            # After a resume the server may send words again with their original indices: keep one of each.
+            self.committed.extend(
+                CommittedWord(w.index, w.text, w.start_ms, w.end_ms)
+                for w in result.committed
+                if w.index >= len(self.committed)
+            )
             self.interim = result.interim
             self.results.append(TimedResult(received_at, result))
             return result
+        elif kind == "ack":
+            self.durable_sample_offset = response.ack.durable_sample_offset
+            self.acked_words = response.ack.committed_words
         elif kind == "final":
             self.final = response.final
             self.final_received_at = received_at
@@ -180,15 +199,28 @@ async def _send(
     audio: bytes,
     on_chunk_sent: ChunkSent | None = None,
     on_half_close: HalfClosed | None = None,
-) -> None:
-    """Config, then the chunks (paced on a fixed schedule when realtime), then half-close."""
-    await call.write(asr_pb2.RecognizeRequest(config=options.to_proto()))
+    resume: asr_pb2.Resume | None = None,
+    started: asyncio.Future[int] | None = None,
+    drop_after_samples: int | None = None,
+) -> bool:
+    """Config, then the chunks (paced on a fixed schedule when realtime), then half-close. With `resume`, the
+    audio restarts where the server's Started says. Returns False if it stopped at `drop_after_samples`
+    without half-closing (a dropped connection, on purpose)."""
+    config = options.to_proto()
+    if resume is not None:
+        config.resume.CopyFrom(resume)
+    await call.write(asr_pb2.RecognizeRequest(config=config))
     width = _ENCODINGS[options.encoding][1]
+    first = await started if resume is not None and started is not None else 0  # the sample to resend from
     step = options.chunk_samples * width
     chunk_s = options.chunk_ms / 1000.0
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    for k, start in enumerate(range(0, len(audio), step)):
+    for k, start in enumerate(range(first * width, len(audio), step)):
+        if drop_after_samples is not None and start // width >= drop_after_samples:
+            if started is not None:
+                await started  # drop only once the session exists (its id and token are what a resume needs)
+            return False
         if options.realtime:
             # Chunk k at t0 + k * chunk: an absolute schedule, so write/sleep overheads never accumulate.
             delay = t0 + k * chunk_s - loop.time()
@@ -201,6 +233,7 @@ async def _send(
     await call.done_writing()
     if on_half_close is not None:
         on_half_close(time.monotonic())
+    return True
 
 
 async def recognize(
@@ -209,9 +242,11 @@ async def recognize(
     options: StreamOptions = StreamOptions(),
     on_result: Callable[[asr_pb2.Result], None] | None = None,
     metadata: Sequence[tuple[str, str]] | None = None,
-    on_started: Callable[[str], None] | None = None,
+    on_started: Callable[[asr_pb2.Started], None] | None = None,
     on_chunk_sent: ChunkSent | None = None,
     on_half_close: HalfClosed | None = None,
+    resume_from: StreamOutcome | None = None,
+    drop_after_samples: int | None = None,
 ) -> StreamOutcome:
     """Stream ``samples`` (mono float in [-1, 1] at ``options.sample_rate_hz``) through one Recognize call.
 
@@ -225,33 +260,63 @@ async def recognize(
 
     ``samples`` may also be audio already encoded in ``options.encoding`` (``bytes`` or a ``memoryview``,
     a whole number of samples): many streams can then share one buffer without a copy each.
+
+    Resume: ``resume_from`` is the outcome of an earlier connection of the same stream (same ``samples``):
+    the call continues that session, resends the audio from the server's durable boundary on, and drops the
+    words the client already holds (they come back with the same indices), so the returned outcome is the
+    whole stream's. ``drop_after_samples`` ends the connection without half-closing once the audio before
+    that sample is sent (for demos and tests of resume); the outcome then has ``dropped`` set and no Final.
     """
     audio = _audio_bytes(samples, options.encoding)  # before the call: a bad input never opens a stream
     call = asr_pb2_grpc.RecognizerStub(channel).Recognize(metadata=metadata)
     first_status = _FirstStatus(call)
     outcome = StreamOutcome()
+    resume = None
+    started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    if resume_from is not None:
+        if not resume_from.session_id or not resume_from.resume_token:
+            raise ValueError("resume_from has no session id and resume token (the server keeps no session state?)")
+        resume = asr_pb2.Resume(session_id=resume_from.session_id, resume_token=resume_from.resume_token)
+        outcome.committed = list(resume_from.committed)
+        outcome.results = list(resume_from.results)
+        outcome.resume_token = resume_from.resume_token
 
-    writer = asyncio.create_task(_send(call, options, audio, on_chunk_sent, on_half_close))
+    writer = asyncio.create_task(
+        _send(call, options, audio, on_chunk_sent, on_half_close, resume, started, drop_after_samples)
+    )
 
     def _on_writer_done(task: asyncio.Task[None]) -> None:
         # A failed writer would leave the reader waiting for a server that waits for audio: end the call.
         if _unexpected_writer_error(task) is not None:
             call.cancel()
 
+    def _on_writer_stopped(task: asyncio.Task[bool]) -> None:
+        if not task.cancelled() and task.exception() is None and task.result() is False:
+            outcome.dropped = True
+            call.cancel()
+
     writer.add_done_callback(_on_writer_done)
+    writer.add_done_callback(_on_writer_stopped)
     try:
         async for response in call:
             result = outcome.add(response, time.monotonic())
             if result is not None and on_result is not None:
                 on_result(result)
-            if on_started is not None and response.WhichOneof("response") == "started":
-                on_started(response.started.session_id)
+            if response.WhichOneof("response") == "started":
+                if not started.done():
+                    started.set_result(response.started.resume_from_sample)
+                if on_started is not None:
+                    on_started(response.started)
     except grpc.aio.AioRpcError as error:
+        if outcome.dropped:
+            return outcome
         real = await first_status.unmask(error)
         if real is not None:
             raise real from None
         # The server had closed the call with OK; only a late write failed. The stream ended normally.
     except asyncio.CancelledError as cancelled:
+        if outcome.dropped:
+            return outcome
         # The writer's own failure cancelled the call: report that, not the resulting cancellation.
         writer_error = _unexpected_writer_error(writer)
         if writer_error is not None:
@@ -359,6 +424,24 @@ class _FirstStatus:
             await asyncio.sleep(0.005)
 
 
+async def recognize_reconnecting(
+    channel: grpc.aio.Channel,
+    samples: np.ndarray | bytes | memoryview,
+    options: StreamOptions,
+    reconnect_after_s: float,
+    **callbacks: Any,
+) -> StreamOutcome:
+    """`recognize`, but the connection is dropped once after `reconnect_after_s` of audio and the stream resumed
+    on a new call (the server restores the session from its last durable boundary): the outcome equals an
+    uninterrupted run's. For demos and tests of resume; a real client resumes after a real drop the same way."""
+    dropped = await recognize(
+        channel, samples, options, drop_after_samples=round(reconnect_after_s * options.sample_rate_hz), **callbacks
+    )
+    if not dropped.dropped:
+        return dropped  # the stream ended before the drop point
+    return await recognize(channel, samples, options, resume_from=dropped, **callbacks)
+
+
 async def wait_until_serving(channel: grpc.aio.Channel, timeout_s: float) -> None:
     """Wait until the server's `grpc.health.v1` service says SERVING (a server that is still starting refuses
     connections or answers UNAVAILABLE); raises TimeoutError after `timeout_s`."""
@@ -415,18 +498,26 @@ class RecognizerClient:
         options: StreamOptions = StreamOptions(),
         on_result: Callable[[asr_pb2.Result], None] | None = None,
         metadata: Sequence[tuple[str, str]] | None = None,
-        on_started: Callable[[str], None] | None = None,
+        on_started: Callable[[asr_pb2.Started], None] | None = None,
         on_chunk_sent: ChunkSent | None = None,
         on_half_close: HalfClosed | None = None,
+        reconnect_after_s: float | None = None,
+        resume_from: StreamOutcome | None = None,
     ) -> StreamOutcome:
-        """One stream over this client's channel; see :func:`recognize`."""
-        return await recognize(
-            self.channel,
-            samples,
-            options,
+        """One stream over this client's channel; see :func:`recognize` (and :func:`recognize_reconnecting` for
+        `reconnect_after_s`)."""
+        if resume_from is not None:
+            return await recognize(
+                self.channel, samples, options, on_result=on_result, metadata=metadata, on_started=on_started,
+                on_chunk_sent=on_chunk_sent, on_half_close=on_half_close, resume_from=resume_from,
+            )  # fmt: skip
+        callbacks = dict(
             on_result=on_result,
             metadata=metadata,
             on_started=on_started,
             on_chunk_sent=on_chunk_sent,
             on_half_close=on_half_close,
         )
+        if reconnect_after_s is not None:
+            return await recognize_reconnecting(self.channel, samples, options, reconnect_after_s, **callbacks)
+        return await recognize(self.channel, samples, options, **callbacks)

@@ -83,9 +83,10 @@ def decode_audio(data: bytes, encoding: int) -> np.ndarray:
 class ResponseWriter:
     """Turns a stream's events into responses, numbering committed words (an index is never reused)."""
 
-    def __init__(self, first_word_index: int = 0) -> None:
-        self.words: list[str] = []
-        self.next_index = first_word_index
+    def __init__(self, words: list[str] | None = None) -> None:
+        """`words`: the committed words a resumed stream already has (the next index follows them)."""
+        self.words: list[str] = list(words or [])
+        self.next_index = len(self.words)
 
     def result(self, event: TranscriptEvent) -> asr_pb2.RecognizeResponse:
         return asr_pb2.RecognizeResponse(
@@ -118,8 +119,10 @@ class ResponseWriter:
         return message
 
 
-def stage_timings(seconds: Mapping[str, Sequence[float]]) -> list[asr_pb2.StageTiming]:
-    """A stream's stage-call durations (seconds, per stage) as `FinalStats.stage_timings`."""
+def stage_timings(
+    seconds: Mapping[str, Sequence[float]], replicas: Mapping[str, int] | None = None
+) -> list[asr_pb2.StageTiming]:
+    """A stream's stage-call durations (seconds, per stage) and replica counts as `FinalStats.stage_timings`."""
     timings = []
     for stage, durations in seconds.items():
         ms = np.asarray(durations) * 1000
@@ -130,6 +133,7 @@ def stage_timings(seconds: Mapping[str, Sequence[float]]) -> list[asr_pb2.StageT
                 total_ms=float(ms.sum()),
                 p50_ms=float(np.percentile(ms, 50)),
                 p95_ms=float(np.percentile(ms, 95)),
+                replicas=(replicas or {}).get(stage, 0),
             )
         )
     return timings

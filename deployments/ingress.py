@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -31,10 +32,13 @@ from deployments.grpc_api import (
     session_options,
     stage_timings,
 )
+from deployments.durability import DurableStream, StoreConnection, store_url
+from deployments.session_store import SessionStore, StaleOwner, StoreUnavailable
 from deployments.stage_replicas import ModelSpec, reserve_threads
 from grpc_health.v1 import health_pb2
 from pipeline.rolling import UpdateResult
-from pipeline.session import SessionOptions, StreamingSession, TranscriptEvent
+from pipeline.features import SAMPLE_RATE
+from pipeline.session import SessionOptions, StreamingSession
 from pipeline.stages import DecodeRequest, EncodeRequest, FeatureRequest, FeatureResult, StageAtCapacity, StageMiss
 from pipeline.stream_driver import StreamDriver
 from protos.qwen3stream.v1 import asr_pb2
@@ -45,24 +49,43 @@ _LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2000, 5000, 10000]
 
 
 class ServedStages:
-    """`AsyncStages` over the stage deployments' handles."""
+    """`AsyncStages` over the stage deployments' handles; notes which replicas served each stream."""
 
     def __init__(self, features: DeploymentHandle, encoder: DeploymentHandle, decoder: DeploymentHandle) -> None:
         self.features, self.encoder, self.decoder = features, encoder, decoder
+        self._replicas: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
 
     async def extract(self, request: FeatureRequest) -> FeatureResult:
         return await self.features.extract.remote(request)
 
     async def encode(self, request: EncodeRequest) -> Tensor | StageMiss | StageAtCapacity:
-        return await self.encoder.options(session_id=_route(request.stream_id, request.segment_index)).encode.remote(request)
+        route = _route(request.stream_id, request.segment_index)
+        replica, answer = await self.encoder.options(session_id=route).encode.remote(request)
+        self._replicas[request.stream_id]["encoder"].add(replica)
+        return answer
 
     async def update(self, request: DecodeRequest) -> UpdateResult | StageMiss | StageAtCapacity:
-        return await self.decoder.options(session_id=_route(request.stream_id, request.segment_index)).update.remote(request)
+        route = _route(request.stream_id, request.segment_index)
+        replica, answer = await self.decoder.options(session_id=route).update.remote(request)
+        self._replicas[request.stream_id]["decoder"].add(replica)
+        return answer
+
+    def replicas_of(self, stream_id: str) -> dict[str, int]:
+        """How many replicas of each stage served the stream (and forget it)."""
+        return {stage: len(replicas) for stage, replicas in self._replicas.pop(stream_id, {}).items()}
 
     async def release(self, stream_id: str, segment_index: int) -> None:
         route = _route(stream_id, segment_index)
         await self.encoder.options(session_id=route).release.remote(stream_id, segment_index)
         await self.decoder.options(session_id=route).release.remote(stream_id, segment_index)
+
+
+class UnknownSession(LookupError):
+    """A resume names no session this store holds, or the wrong token (the two are not told apart)."""
+
+
+class NoSessionStore(RuntimeError):
+    """A resume reached a server that keeps no session state."""
 
 
 def _route(stream_id: str, segment_index: int) -> str:
@@ -81,13 +104,19 @@ class Ingress:
         decoder: DeploymentHandle,
         spec: ModelSpec,
         defaults: SessionOptions | None = None,
+        store: str | None = None,
+        session_ttl_s: float = 3600.0,
     ) -> None:
+        """`store`: the session store's Redis URL (else `REDIS_URL`; neither: no resume). `session_ttl_s`: how
+        long an idle session's state is kept for a resume."""
         reserve_threads()
         # The tokenizer and config for prompts and text (the stages hold the K/V and do the model work), on the
         # CPU whatever the stages' device: ingress replicas run on CPU nodes.
         self.model = replace(spec, device="cpu", dtype=None).load()
         self.defaults = defaults or SessionOptions()
         self.stages = ServedStages(features, encoder, decoder)
+        self.store = StoreConnection(store_url(store), session_ttl_s)
+        self.owner = f"ingress-{uuid.uuid4().hex[:12]}"  # this replica, in leases
         self.active = Gauge("qwen3_stream_active_streams", "streams open on this ingress replica")
         self.update_latency = Histogram(
             "qwen3_stream_update_latency_ms",
@@ -103,48 +132,62 @@ class Ingress:
         self, stream: gRPCInputStream, grpc_context=None  # noqa: ANN001 (Serve's RayServegRPCContext)
     ) -> AsyncIterator[asr_pb2.RecognizeResponse]:
         driver: StreamDriver | None = None
+        durable: DurableStream | None = None
+        finished = False
         self._open += 1
         self.active.set(self._open)
         try:
             first = await anext(stream, None)
             if first is None or first.WhichOneof("request") != "config":
                 raise InvalidRequest("the first message must be a StreamConfig")
-            options = session_options(first.config, self.defaults)
-            session_id = uuid.uuid4().hex
-            session = StreamingSession(self.model, options, stream_id=session_id, keep_replay=True)
+            store = await self.store.get()
+            if first.config.HasField("resume"):
+                session, writer, durable, started = await self._resume(first.config.resume, store)
+            else:
+                session, writer, durable, started = await self._open_session(first.config, store)
+            config = started.config
             driver = StreamDriver(session, self.stages)
-            yield asr_pb2.RecognizeResponse(
-                started=asr_pb2.Started(session_id=session_id, config=effective_config(first.config, options))
-            )
-            writer = ResponseWriter()
-            received = 0
+            yield asr_pb2.RecognizeResponse(started=started)
+            received = session.sample_offset
             async for request in stream:
                 kind = request.WhichOneof("request")
                 if kind == "config":
                     raise InvalidRequest("a second StreamConfig; the config is sent once, first")
                 if kind != "audio":
                     raise InvalidRequest(f"{kind} messages are not supported yet; send audio or half-close")
-                pcm = decode_audio(request.audio.data, first.config.encoding)
+                pcm = decode_audio(request.audio.data, config.encoding)
                 received += pcm.size
                 arrived = time.perf_counter()
                 for event in await driver.push_audio(pcm):
                     yield writer.result(event)
                     self.update_latency.observe(1000 * (time.perf_counter() - arrived))
-                    self.lag.set(received / 16000 - event.audio_sec)
+                    self.lag.set(received / SAMPLE_RATE - event.audio_sec)
+                    if event.checkpoint is not None and durable is not None:
+                        ack = await durable.roll(event, session, writer.words)
+                        if ack is not None:
+                            yield asr_pb2.RecognizeResponse(ack=ack)
+                if durable is not None and (ack := await durable.flush()) is not None:
+                    yield asr_pb2.RecognizeResponse(ack=ack)
             for event in await driver.finish():
                 yield writer.result(event)
-            stats = asr_pb2.FinalStats(
-                audio_ms=round(session.audio_sec * 1000),
-                segments=session.segment_index + 1,
-                updates=driver.stats.updates,
-                words=len(writer.words),
-                replays=driver.stats.encoder_replays + driver.stats.decoder_replays,
-                revised_words=session.revised_words,
-                stage_timings=stage_timings(driver.stats.stage_seconds),
-            )
-            yield writer.final(session.token_ids, session.final_hypothesis_text, stats)
+            if durable is not None:
+                await durable.end(finished=True)  # before Final: a fenced-out owner must not claim the end
+            finished = True
+            yield writer.final(session.token_ids, session.final_hypothesis_text, self._stats(session, driver, writer))
         except InvalidRequest as error:
             self._fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise
+        except UnknownSession as error:
+            self._fail(grpc_context, grpc.StatusCode.NOT_FOUND, str(error))
+            raise
+        except NoSessionStore as error:
+            self._fail(grpc_context, grpc.StatusCode.FAILED_PRECONDITION, str(error))
+            raise
+        except StaleOwner as error:
+            self._fail(grpc_context, grpc.StatusCode.ABORTED, f"{error}; this connection's stream stops here")
+            raise
+        except StoreUnavailable as error:
+            self._fail(grpc_context, grpc.StatusCode.UNAVAILABLE, f"{error}; retry shortly")
             raise
         except StageAtCapacity as error:
             self._fail(grpc_context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error}; retry later or elsewhere")
@@ -157,6 +200,59 @@ class Ingress:
                     if count:
                         self.replays.inc(count, tags={"stage": stage})
                 await driver.close()
+                self.stages.replicas_of(driver.session.stream_id)  # forget the stream
+            if durable is not None and not finished:
+                await durable.end(finished=False)
+
+    async def _open_session(
+        self, config: asr_pb2.StreamConfig, store: SessionStore | None
+    ) -> tuple[StreamingSession, ResponseWriter, DurableStream | None, asr_pb2.Started]:
+        options = session_options(config, self.defaults)
+        session_id = uuid.uuid4().hex
+        effective = effective_config(config, options)
+        durable, token = None, ""
+        if store is not None:
+            lease = await store.create(session_id, self.owner, effective.SerializeToString())
+            durable, token = DurableStream(store, lease), lease.resume_token or ""
+        session = StreamingSession(self.model, options, stream_id=session_id, keep_replay=True)
+        started = asr_pb2.Started(session_id=session_id, config=effective, resume_token=token)
+        return session, ResponseWriter(), durable, started
+
+    async def _resume(
+        self, resume: asr_pb2.Resume, store: SessionStore | None
+    ) -> tuple[StreamingSession, ResponseWriter, DurableStream, asr_pb2.Started]:
+        """Continue a session from its last durable boundary, taking it over from any earlier connection."""
+        if store is None:
+            raise NoSessionStore("this server keeps no session state (no Redis configured); start a new stream")
+        resumed = await store.resume(resume.session_id, resume.resume_token, self.owner)
+        if resumed is None:  # an unknown (or expired) session and a wrong token answer alike
+            raise UnknownSession("no session with that id and resume token (it may have expired)")
+        lease, state = resumed
+        config = asr_pb2.StreamConfig.FromString(state.config)
+        options = session_options(config, self.defaults)
+        if state.checkpoint is None:  # before the first roll: from the start
+            session = StreamingSession(self.model, options, stream_id=lease.session_id, keep_replay=True)
+        else:
+            session = StreamingSession.restore(self.model, state.checkpoint, stream_id=lease.session_id, keep_replay=True)
+        started = asr_pb2.Started(
+            session_id=lease.session_id,
+            config=config,
+            resume_from_sample=state.sample_offset,
+            next_word_index=state.emitted_words,
+        )
+        log.info("session %s resumed at sample %d (%d words)", lease.session_id, state.sample_offset, state.emitted_words)
+        return session, ResponseWriter(words=state.committed_words), DurableStream(store, lease), started
+
+    def _stats(self, session: StreamingSession, driver: StreamDriver, writer: ResponseWriter) -> asr_pb2.FinalStats:
+        return asr_pb2.FinalStats(
+            audio_ms=round(session.audio_sec * 1000),
+            segments=session.segment_index + 1,
+            updates=driver.stats.updates,
+            words=len(writer.words),
+            replays=driver.stats.encoder_replays + driver.stats.decoder_replays,
+            revised_words=session.revised_words,
+            stage_timings=stage_timings(driver.stats.stage_seconds, self.stages.replicas_of(session.stream_id)),
+        )
 
     async def Check(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:  # noqa: N802
         """`grpc.health.v1.Health/Check`: this replica answers, so the application is serving."""

@@ -813,7 +813,7 @@ async def _one_stream(record: StreamRecord, channel, audio: memoryview, plan: Lo
         now = time.monotonic()
         live.add_update(now, record.on_result(result.audio_processed_ms, now))
 
-    def on_started(_session_id: str) -> None:
+    def on_started(_started) -> None:  # noqa: ANN001 (an asr_pb2.Started)
         record.started_at = time.monotonic()
 
     try:

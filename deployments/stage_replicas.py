@@ -67,10 +67,11 @@ def reserve_threads() -> int:
 
 
 class _StageHost:
-    """One worker thread that runs every call into the stage, in arrival order."""
+    """One worker thread that runs every call into the stage, in arrival order; answers name this replica."""
 
     def __init__(self) -> None:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
+        self.replica = serve.get_replica_context().replica_id.unique_id
 
     async def run(self, function, *args):  # noqa: ANN001, ANN002, ANN201 (a thin pass-through)
         return await asyncio.get_running_loop().run_in_executor(self._worker, function, *args)
@@ -103,9 +104,9 @@ class CausalEncoder(_StageHost):
         log.info("CausalEncoder: %d slots, %d torch threads", slots, threads)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def encode(self, requests: list[EncodeRequest]) -> list[Tensor | StageMiss | StageAtCapacity]:
+    async def encode(self, requests: list[EncodeRequest]) -> list[tuple[str, Tensor | StageMiss | StageAtCapacity]]:
         self.batch_size.observe(len(requests))
-        return await self.run(self.stage.encode, requests)
+        return [(self.replica, answer) for answer in await self.run(self.stage.encode, requests)]
 
     async def release(self, stream_id: str, segment_index: int) -> None:
         await self.run(self.stage.release, stream_id, segment_index)
@@ -130,9 +131,9 @@ class Decoder(_StageHost):
         log.info("Decoder: %d slots of %d positions, %d torch threads", slots, self.stage.capacity, threads)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def update(self, requests: list[DecodeRequest]) -> list[UpdateResult | StageMiss | StageAtCapacity]:
+    async def update(self, requests: list[DecodeRequest]) -> list[tuple[str, UpdateResult | StageMiss | StageAtCapacity]]:
         self.batch_size.observe(len(requests))
-        return await self.run(self.stage.update, requests)
+        return [(self.replica, answer) for answer in await self.run(self.stage.update, requests)]
 
     async def release(self, stream_id: str, segment_index: int) -> None:
         await self.run(self.stage.release, stream_id, segment_index)

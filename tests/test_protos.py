@@ -58,5 +58,6 @@ def test_response_round_trip_and_service_shape() -> None:
     assert method.client_streaming and method.server_streaming
     assert service.full_name == "qwen3stream.v1.Recognizer"
     assert hasattr(asr_pb2_grpc, "RecognizerStub") and hasattr(asr_pb2_grpc, "add_RecognizerServicer_to_server")
-    # Field numbers 6..15 of StreamConfig stay free for context, endpointing and resume.
-    assert max(f.number for f in asr_pb2.StreamConfig.DESCRIPTOR.fields) == 5
+    # Field 6 is resume; 7..15 of StreamConfig stay free for context and endpointing.
+    assert max(f.number for f in asr_pb2.StreamConfig.DESCRIPTOR.fields) == 6
+    assert asr_pb2.StreamConfig.DESCRIPTOR.fields_by_name["resume"].number == 6

@@ -40,15 +40,22 @@ def server(tiny_checkpoint: Path):  # noqa: ANN201
     from deployments import server
 
     one_cpu = {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}}
+    two = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 1}}  # long streams' segments spread over both
     settings = server.ServerSettings(
         args={"model": str(tiny_checkpoint), "tower": str(tiny_checkpoint / TOWER_OVERLAY_DIR), "slots": 8, "session": SESSION},
         port=_free_port(),
         num_cpus=8,  # a scheduling label: every replica still runs torch on one thread
-        deployment_options={name: one_cpu for name in ("Ingress", "FeatureExtractor", "CausalEncoder", "Decoder")},
+        deployment_options={"Ingress": one_cpu, "FeatureExtractor": one_cpu, "CausalEncoder": two, "Decoder": two},
     )
     address = server.start(settings)
+    store = server._embedded  # the embedded session store `serve` started (no --redis)
+    assert store is not None and store.running
+    pid, data_dir = store.pid, store.data_dir
     yield address
     server.stop()
+    # Stopping the server stops its store: no process and no data directory left behind.
+    assert not Path(f"/proc/{pid}").exists(), f"the embedded store (pid {pid}) outlived the server"
+    assert not data_dir.exists()
 
 
 def _expected_results(tiny_checkpoint: Path, recordings: dict[str, np.ndarray]) -> dict[str, tuple[list, asr_pb2.Final]]:
@@ -128,7 +135,9 @@ def test_a_stage_that_loses_a_stream_mid_segment_is_replayed(server: str, tiny_c
 
         async with RecognizerClient(server) as client:
             options = StreamOptions(chunk_ms=500, realtime=True)  # paced, so the drop lands mid-stream
-            outcome = await client.recognize(audio, options, on_result=on_result, on_started=session_id.append)
+            outcome = await client.recognize(
+                audio, options, on_result=on_result, on_started=lambda started: session_id.append(started.session_id)
+            )
         await asyncio.gather(*drops)
         return outcome
 
@@ -165,7 +174,10 @@ def _config(**changes) -> asr_pb2.RecognizeRequest:  # noqa: ANN003
     config = asr_pb2.StreamConfig()
     config.CopyFrom(GOOD)
     for field, value in changes.items():
-        setattr(config, field, value)
+        if isinstance(value, asr_pb2.Resume):
+            config.resume.CopyFrom(value)
+        else:
+            setattr(config, field, value)
     return asr_pb2.RecognizeRequest(config=config)
 
 
@@ -208,3 +220,95 @@ def test_the_readme_client_example_runs_against_the_server(server: str) -> None:
     run_block(block_with("RecognizerClient").replace("127.0.0.1:50051", server), namespace, "README.md client block")
     text = asyncio.run(namespace["transcribe"](_audio(2.5, seed=41)))
     assert isinstance(text, str) and text
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+
+RESUME_AUDIO_SEC = 9.5  # rolls when the 3rd block of a segment is taken: at 5.76 s and 9.6 s of audio
+
+
+def _heard(audio: np.ndarray) -> np.ndarray:
+    return np.frombuffer(encode_pcm(audio, "pcm_s16le"), "<i2").astype(np.float32) / 32768.0
+
+
+@pytest.mark.parametrize("drop_at_sec", [1.0, 4.5, 6.0, 7.3], ids=["before-first-roll", "mid-segment", "after-roll", "late"])
+def test_a_dropped_connection_resumes_with_an_identical_transcript(
+    server: str, tiny_checkpoint: Path, drop_at_sec: float
+) -> None:
+    audio = _audio(RESUME_AUDIO_SEC, seed=51)
+
+    async def run():  # noqa: ANN202
+        async with RecognizerClient(server) as client:
+            return await client.recognize(audio, StreamOptions(chunk_ms=100), reconnect_after_s=drop_at_sec)
+
+    outcome = asyncio.run(run())
+    _, final = _expected_results(tiny_checkpoint, {"s": _heard(audio)})["s"]
+    outcome.check_append_only()  # no word lost, repeated or re-indexed across the reconnection
+    assert outcome.text == final.text == outcome.final.text
+    assert list(outcome.final.token_ids) == list(final.token_ids)
+
+
+def test_resume_with_a_wrong_token_or_an_unknown_session_is_refused_alike(server: str) -> None:
+    async def started_session() -> asr_pb2.Started:
+        started: list = []
+        async with RecognizerClient(server) as client:
+            await client.recognize(_audio(0.5, seed=61), StreamOptions(), on_started=started.append)
+        return started[0]
+
+    first = asyncio.run(started_session())
+    assert len(first.resume_token) >= 22  # >= 128 bits, URL-safe base64
+    answers = [
+        _raw_call(server, [_config(resume=asr_pb2.Resume(session_id=first.session_id, resume_token="x" * 43))]),
+        _raw_call(server, [_config(resume=asr_pb2.Resume(session_id="f" * 32, resume_token=first.resume_token))]),
+    ]
+    for answer in answers:
+        assert isinstance(answer, grpc.aio.AioRpcError) and answer.code() == grpc.StatusCode.NOT_FOUND
+    assert answers[0].details() == answers[1].details()
+
+
+def test_two_owners_of_a_session_only_the_newest_writes(server: str, tiny_checkpoint: Path) -> None:
+    """A (paced in real time) is taken over by B (a resume with A's token) before A's first roll: A's roll write
+    is refused and A stops with ABORTED; B finishes the stream with the uninterrupted transcript."""
+    audio = _audio(7.0, seed=71)
+
+    async def run():  # noqa: ANN202
+        async with RecognizerClient(server) as client:
+            started: asyncio.Future = asyncio.get_running_loop().create_future()
+            a = asyncio.create_task(
+                client.recognize(audio, StreamOptions(chunk_ms=100, realtime=True), on_started=started.set_result)
+            )
+            first = await started
+            await asyncio.sleep(1.0)
+            from deployments.client import StreamOutcome
+
+            b = await client.recognize(  # paced too: B is still streaming when A reaches its first roll
+                audio,
+                StreamOptions(chunk_ms=100, realtime=True),
+                resume_from=StreamOutcome(session_id=first.session_id, resume_token=first.resume_token),
+            )
+            a_error = None
+            try:
+                await a
+            except grpc.aio.AioRpcError as error:
+                a_error = error
+            return a_error, b
+
+    a_error, b = asyncio.run(run())
+    assert a_error is not None and a_error.code() == grpc.StatusCode.ABORTED, a_error
+    assert "newer connection" in a_error.details()
+    _, final = _expected_results(tiny_checkpoint, {"s": _heard(audio)})["s"]
+    assert b.final.text == final.text and list(b.final.token_ids) == list(final.token_ids)
+
+
+def test_a_long_streams_segments_spread_over_the_replicas(server: str, tiny_checkpoint: Path) -> None:
+    audio = _audio(45.0, seed=81)
+
+    async def run():  # noqa: ANN202
+        async with RecognizerClient(server) as client:
+            return await client.recognize(audio, StreamOptions(chunk_ms=1000))
+
+    outcome = asyncio.run(run())
+    replicas = {timing.stage: timing.replicas for timing in outcome.final.stats.stage_timings}
+    assert replicas["encoder"] == 2 and replicas["decoder"] == 2, replicas
+    _, final = _expected_results(tiny_checkpoint, {"s": _heard(audio)})["s"]
+    assert outcome.final.text == final.text and list(outcome.final.token_ids) == list(final.token_ids)

@@ -24,37 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/qwen3stream/v1/asr.proto\x12\x0eqwen3stream.v1\"\xa6\x01\n\x10RecognizeRequest\x12.\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.qwen3stream.v1.StreamConfigH\x00\x12+\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x1a.qwen3stream.v1.AudioChunkH\x00\x12*\n\x07\x63ontrol\x18\x03 \x01(\x0b\x32\x17.qwen3stream.v1.ControlH\x00\x42\t\n\x07request\"\x93\x01\n\x0cStreamConfig\x12\x10\n\x08language\x18\x01 \x01(\t\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\x12*\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x18.qwen3stream.v1.Encoding\x12\x14\n\x0c\x62lock_frames\x18\x04 \x01(\x05\x12\x17\n\x0finterim_results\x18\x05 \x01(\x08\"\x1a\n\nAudioChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\t\n\x07\x43ontrol\"\x9d\x01\n\x11RecognizeResponse\x12*\n\x07started\x18\x01 \x01(\x0b\x32\x17.qwen3stream.v1.StartedH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.qwen3stream.v1.ResultH\x00\x12&\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x15.qwen3stream.v1.FinalH\x00\x42\n\n\x08response\"K\n\x07Started\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1c.qwen3stream.v1.StreamConfig\"E\n\x04Word\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08start_ms\x18\x03 \x01(\x03\x12\x0e\n\x06\x65nd_ms\x18\x04 \x01(\x03\"\x8c\x01\n\x06Result\x12\'\n\tcommitted\x18\x01 \x03(\x0b\x32\x14.qwen3stream.v1.Word\x12\x0f\n\x07interim\x18\x02 \x01(\t\x12\x15\n\rsegment_index\x18\x03 \x01(\x05\x12\x1a\n\x12\x61udio_processed_ms\x18\x04 \x01(\x03\x12\x15\n\rsegment_final\x18\x05 \x01(\x08\"r\n\x05\x46inal\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12)\n\x05stats\x18\x03 \x01(\x0b\x32\x1a.qwen3stream.v1.FinalStats\x12\x1d\n\x15\x66inal_hypothesis_text\x18\x04 \x01(\t\"\xac\x01\n\nFinalStats\x12\x10\n\x08\x61udio_ms\x18\x01 \x01(\x03\x12\x10\n\x08segments\x18\x02 \x01(\x05\x12\x0f\n\x07updates\x18\x03 \x01(\x05\x12\r\n\x05words\x18\x04 \x01(\x05\x12\x0f\n\x07replays\x18\x05 \x01(\x05\x12\x15\n\rrevised_words\x18\x06 \x01(\x05\x12\x32\n\rstage_timings\x18\x07 \x03(\x0b\x32\x1b.qwen3stream.v1.StageTiming\"]\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x05\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x0e\n\x06p50_ms\x18\x04 \x01(\x01\x12\x0e\n\x06p95_ms\x18\x05 \x01(\x01*>\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\r\n\tPCM_S16LE\x10\x01\x12\t\n\x05\x46\x33\x32LE\x10\x02\x32\x62\n\nRecognizer\x12T\n\tRecognize\x12 .qwen3stream.v1.RecognizeRequest\x1a!.qwen3stream.v1.RecognizeResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/qwen3stream/v1/asr.proto\x12\x0eqwen3stream.v1\"\xa6\x01\n\x10RecognizeRequest\x12.\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.qwen3stream.v1.StreamConfigH\x00\x12+\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x1a.qwen3stream.v1.AudioChunkH\x00\x12*\n\x07\x63ontrol\x18\x03 \x01(\x0b\x32\x17.qwen3stream.v1.ControlH\x00\x42\t\n\x07request\"\xbb\x01\n\x0cStreamConfig\x12\x10\n\x08language\x18\x01 \x01(\t\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\x12*\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x18.qwen3stream.v1.Encoding\x12\x14\n\x0c\x62lock_frames\x18\x04 \x01(\x05\x12\x17\n\x0finterim_results\x18\x05 \x01(\x08\x12&\n\x06resume\x18\x06 \x01(\x0b\x32\x16.qwen3stream.v1.Resume\"2\n\x06Resume\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\"\x1a\n\nAudioChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\t\n\x07\x43ontrol\"\xc1\x01\n\x11RecognizeResponse\x12*\n\x07started\x18\x01 \x01(\x0b\x32\x17.qwen3stream.v1.StartedH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.qwen3stream.v1.ResultH\x00\x12&\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x15.qwen3stream.v1.FinalH\x00\x12\"\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x13.qwen3stream.v1.AckH\x00\x42\n\n\x08response\"T\n\x03\x41\x63k\x12\x1d\n\x15\x64urable_sample_offset\x18\x01 \x01(\x03\x12\x17\n\x0f\x63ommitted_words\x18\x02 \x01(\x03\x12\x15\n\rsegment_index\x18\x03 \x01(\x05\"\x96\x01\n\x07Started\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1c.qwen3stream.v1.StreamConfig\x12\x14\n\x0cresume_token\x18\x03 \x01(\t\x12\x1a\n\x12resume_from_sample\x18\x04 \x01(\x03\x12\x17\n\x0fnext_word_index\x18\x05 \x01(\x03\"E\n\x04Word\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08start_ms\x18\x03 \x01(\x03\x12\x0e\n\x06\x65nd_ms\x18\x04 \x01(\x03\"\x8c\x01\n\x06Result\x12\'\n\tcommitted\x18\x01 \x03(\x0b\x32\x14.qwen3stream.v1.Word\x12\x0f\n\x07interim\x18\x02 \x01(\t\x12\x15\n\rsegment_index\x18\x03 \x01(\x05\x12\x1a\n\x12\x61udio_processed_ms\x18\x04 \x01(\x03\x12\x15\n\rsegment_final\x18\x05 \x01(\x08\"r\n\x05\x46inal\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12)\n\x05stats\x18\x03 \x01(\x0b\x32\x1a.qwen3stream.v1.FinalStats\x12\x1d\n\x15\x66inal_hypothesis_text\x18\x04 \x01(\t\"\xac\x01\n\nFinalStats\x12\x10\n\x08\x61udio_ms\x18\x01 \x01(\x03\x12\x10\n\x08segments\x18\x02 \x01(\x05\x12\x0f\n\x07updates\x18\x03 \x01(\x05\x12\r\n\x05words\x18\x04 \x01(\x05\x12\x0f\n\x07replays\x18\x05 \x01(\x05\x12\x15\n\rrevised_words\x18\x06 \x01(\x05\x12\x32\n\rstage_timings\x18\x07 \x03(\x0b\x32\x1b.qwen3stream.v1.StageTiming\"o\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x05\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x0e\n\x06p50_ms\x18\x04 \x01(\x01\x12\x0e\n\x06p95_ms\x18\x05 \x01(\x01\x12\x10\n\x08replicas\x18\x06 \x01(\x05*>\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\r\n\tPCM_S16LE\x10\x01\x12\t\n\x05\x46\x33\x32LE\x10\x02\x32\x62\n\nRecognizer\x12T\n\tRecognize\x12 .qwen3stream.v1.RecognizeRequest\x1a!.qwen3stream.v1.RecognizeResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.qwen3stream.v1.asr_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODING']._serialized_start=1246
-  _globals['_ENCODING']._serialized_end=1308
+  _globals['_ENCODING']._serialized_start=1554
+  _globals['_ENCODING']._serialized_end=1616
   _globals['_RECOGNIZEREQUEST']._serialized_start=52
   _globals['_RECOGNIZEREQUEST']._serialized_end=218
   _globals['_STREAMCONFIG']._serialized_start=221
-  _globals['_STREAMCONFIG']._serialized_end=368
-  _globals['_AUDIOCHUNK']._serialized_start=370
-  _globals['_AUDIOCHUNK']._serialized_end=396
-  _globals['_CONTROL']._serialized_start=398
-  _globals['_CONTROL']._serialized_end=407
-  _globals['_RECOGNIZERESPONSE']._serialized_start=410
-  _globals['_RECOGNIZERESPONSE']._serialized_end=567
-  _globals['_STARTED']._serialized_start=569
-  _globals['_STARTED']._serialized_end=644
-  _globals['_WORD']._serialized_start=646
-  _globals['_WORD']._serialized_end=715
-  _globals['_RESULT']._serialized_start=718
-  _globals['_RESULT']._serialized_end=858
-  _globals['_FINAL']._serialized_start=860
-  _globals['_FINAL']._serialized_end=974
-  _globals['_FINALSTATS']._serialized_start=977
-  _globals['_FINALSTATS']._serialized_end=1149
-  _globals['_STAGETIMING']._serialized_start=1151
-  _globals['_STAGETIMING']._serialized_end=1244
-  _globals['_RECOGNIZER']._serialized_start=1310
-  _globals['_RECOGNIZER']._serialized_end=1408
+  _globals['_STREAMCONFIG']._serialized_end=408
+  _globals['_RESUME']._serialized_start=410
+  _globals['_RESUME']._serialized_end=460
+  _globals['_AUDIOCHUNK']._serialized_start=462
+  _globals['_AUDIOCHUNK']._serialized_end=488
+  _globals['_CONTROL']._serialized_start=490
+  _globals['_CONTROL']._serialized_end=499
+  _globals['_RECOGNIZERESPONSE']._serialized_start=502
+  _globals['_RECOGNIZERESPONSE']._serialized_end=695
+  _globals['_ACK']._serialized_start=697
+  _globals['_ACK']._serialized_end=781
+  _globals['_STARTED']._serialized_start=784
+  _globals['_STARTED']._serialized_end=934
+  _globals['_WORD']._serialized_start=936
+  _globals['_WORD']._serialized_end=1005
+  _globals['_RESULT']._serialized_start=1008
+  _globals['_RESULT']._serialized_end=1148
+  _globals['_FINAL']._serialized_start=1150
+  _globals['_FINAL']._serialized_end=1264
+  _globals['_FINALSTATS']._serialized_start=1267
+  _globals['_FINALSTATS']._serialized_end=1439
+  _globals['_STAGETIMING']._serialized_start=1441
+  _globals['_STAGETIMING']._serialized_end=1552
+  _globals['_RECOGNIZER']._serialized_start=1618
+  _globals['_RECOGNIZER']._serialized_end=1716
 # @@protoc_insertion_point(module_scope)

@@ -27,18 +27,28 @@ class RecognizeRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., control: _Optional[_Union[Control, _Mapping]] = ...) -> None: ...
 
 class StreamConfig(_message.Message):
-    __slots__ = ("language", "sample_rate_hz", "encoding", "block_frames", "interim_results")
+    __slots__ = ("language", "sample_rate_hz", "encoding", "block_frames", "interim_results", "resume")
     LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FRAMES_FIELD_NUMBER: _ClassVar[int]
     INTERIM_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     language: str
     sample_rate_hz: int
     encoding: Encoding
     block_frames: int
     interim_results: bool
-    def __init__(self, language: _Optional[str] = ..., sample_rate_hz: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., block_frames: _Optional[int] = ..., interim_results: _Optional[bool] = ...) -> None: ...
+    resume: Resume
+    def __init__(self, language: _Optional[str] = ..., sample_rate_hz: _Optional[int] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., block_frames: _Optional[int] = ..., interim_results: _Optional[bool] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ...) -> None: ...
+
+class Resume(_message.Message):
+    __slots__ = ("session_id", "resume_token")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    resume_token: str
+    def __init__(self, session_id: _Optional[str] = ..., resume_token: _Optional[str] = ...) -> None: ...
 
 class AudioChunk(_message.Message):
     __slots__ = ("data",)
@@ -51,22 +61,40 @@ class Control(_message.Message):
     def __init__(self) -> None: ...
 
 class RecognizeResponse(_message.Message):
-    __slots__ = ("started", "result", "final")
+    __slots__ = ("started", "result", "final", "ack")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
     started: Started
     result: Result
     final: Final
-    def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., final: _Optional[_Union[Final, _Mapping]] = ...) -> None: ...
+    ack: Ack
+    def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., final: _Optional[_Union[Final, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("durable_sample_offset", "committed_words", "segment_index")
+    DURABLE_SAMPLE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_WORDS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    durable_sample_offset: int
+    committed_words: int
+    segment_index: int
+    def __init__(self, durable_sample_offset: _Optional[int] = ..., committed_words: _Optional[int] = ..., segment_index: _Optional[int] = ...) -> None: ...
 
 class Started(_message.Message):
-    __slots__ = ("session_id", "config")
+    __slots__ = ("session_id", "config", "resume_token", "resume_from_sample", "next_word_index")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_WORD_INDEX_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     config: StreamConfig
-    def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[StreamConfig, _Mapping]] = ...) -> None: ...
+    resume_token: str
+    resume_from_sample: int
+    next_word_index: int
+    def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[StreamConfig, _Mapping]] = ..., resume_token: _Optional[str] = ..., resume_from_sample: _Optional[int] = ..., next_word_index: _Optional[int] = ...) -> None: ...
 
 class Word(_message.Message):
     __slots__ = ("index", "text", "start_ms", "end_ms")
@@ -125,15 +153,17 @@ class FinalStats(_message.Message):
     def __init__(self, audio_ms: _Optional[int] = ..., segments: _Optional[int] = ..., updates: _Optional[int] = ..., words: _Optional[int] = ..., replays: _Optional[int] = ..., revised_words: _Optional[int] = ..., stage_timings: _Optional[_Iterable[_Union[StageTiming, _Mapping]]] = ...) -> None: ...
 
 class StageTiming(_message.Message):
-    __slots__ = ("stage", "calls", "total_ms", "p50_ms", "p95_ms")
+    __slots__ = ("stage", "calls", "total_ms", "p50_ms", "p95_ms", "replicas")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     CALLS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     P50_MS_FIELD_NUMBER: _ClassVar[int]
     P95_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     stage: str
     calls: int
     total_ms: float
     p50_ms: float
     p95_ms: float
-    def __init__(self, stage: _Optional[str] = ..., calls: _Optional[int] = ..., total_ms: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ...) -> None: ...
+    replicas: int
+    def __init__(self, stage: _Optional[str] = ..., calls: _Optional[int] = ..., total_ms: _Optional[float] = ..., p50_ms: _Optional[float] = ..., p95_ms: _Optional[float] = ..., replicas: _Optional[int] = ...) -> None: ...
