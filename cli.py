@@ -45,12 +45,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     Called only from an `except` clause, i.e. while an exception is being handled, so the pipeline modules that
     define these types are imported only then (never for `--help`).
     """
+    from deployments.embedded_store import ServerStartError
+    from deployments.session_store import StoreUnavailable
     from pipeline.audio_io import AudioFileError
     from pipeline.checkpoint import CheckpointError
     from pipeline.scoring import ManifestError
 
     paths = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
-    return (UsageError, AudioFileError, CheckpointError, ManifestError, *paths)
+    stores = (StoreUnavailable, ServerStartError)  # an unreachable --redis, an embedded store that cannot start
+    return (UsageError, AudioFileError, CheckpointError, ManifestError, *stores, *paths)
 
 
 # ---------------------------------------------------------------------------------------------
