@@ -555,6 +555,14 @@ def _run_bench_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_loadtest(commands: argparse._SubParsersAction) -> None:
+    # Its flags live beside their bounds and validators (deployments.loadtest imports only the standard library
+    # until it runs, so --help stays instant).
+    from deployments.loadtest import add_loadtest_parser
+
+    add_loadtest_parser(commands)
+
+
 #: One function per subcommand, in `--help` order. A new subcommand is one `_add_<name>` (and its handler) here.
 def _add_serve(commands: argparse._SubParsersAction) -> None:
     parser = _command(
@@ -698,6 +706,7 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_bench,
     _add_serve,
     _add_stream,
+    _add_loadtest,
 )
 
 

@@ -1385,7 +1385,7 @@ def add_loadtest_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     parser.add_argument("--channels", type=_bounded_int(1, MAX_CHANNELS), default=None, metavar="C",
                         help=f"gRPC channels (connections) the streams spread over (default: one per {STREAMS_PER_CHANNEL} streams)")
     parser.add_argument("--block-frames", type=int, choices=BLOCK_FRAMES, default=192,
-                        help="mel frames per encoder block the streams ask for (default 192 = 1.92 s)")
+                        help="causal block size in mel frames")
     parser.add_argument("--chunk-ms", type=_bounded_int(1, MAX_CHUNK_MS), default=100, metavar="MS",
                         help="audio per AudioChunk message, sent every MS ms (default 100)")
     parser.add_argument("--behind-ms", type=_positive_ms, default=None, metavar="MS",

@@ -150,28 +150,20 @@ class DecodeControls:
                 return list(draft[:index])
         return list(draft[:budget])
 
-    def verify_draft(
-        self, logits: Tensor, draft: Sequence[int], history: Sequence[int] = ()
-    ) -> tuple[int, int]:
-        """Check a draft against the logits of one parallel pass over it.
-
-        logits [len(draft) + 1, vocab]: row j predicts the token after history + draft[:j].
-        Returns (accepted, next_token): draft[:accepted] is what greedy decoding would have
-        produced, and next_token is its pick after that prefix (the correction at the first
-        disagreement, or the continuation after a fully accepted draft; possibly a stop).
-        A stop pick ends acceptance even where the draft agrees, since decoding ends there.
-        """
-        return self.verify_drafts(logits, [draft], [history])[0]
-
     def verify_drafts(
         self,
         logits: Tensor,
         drafts: Sequence[Sequence[int]],
         histories: Sequence[Sequence[int]] | None = None,
     ) -> list[tuple[int, int]]:
-        """`verify_draft` for many streams at once: one filter chain and one argmax over all their rows.
+        """Check the drafts of many streams against the logits of one parallel pass over them: one filter
+        chain and one argmax over all their rows.
 
-        logits [sum(len(draft) + 1), vocab]: each draft's rows in turn, as `verify_draft` takes them.
+        logits [sum(len(draft) + 1), vocab]: each draft's rows in turn; row j of a draft predicts the token
+        after history + draft[:j]. Returns per draft (accepted, next_token): draft[:accepted] is what greedy
+        decoding would have produced, and next_token is its pick after that prefix (the correction at the
+        first disagreement, or the continuation after a fully accepted draft; possibly a stop). A stop pick
+        ends acceptance even where the draft agrees, since decoding ends there.
         """
         histories = histories if histories is not None else [()] * len(drafts)
         expected_rows = sum(len(draft) + 1 for draft in drafts)

@@ -149,14 +149,15 @@ def evaluate_file(
     """Decode, replay and score one manifest entry."""
     replay = replay_audio(model, read_audio(entry.audio), options)
     output = replay.output
+    # Simulated once: the score keeps only the WER of its text, the result keeps the text and its counters.
+    real_streaming = simulate_real_streaming(output.events, output.final_text, entry.word_alignments, tail_ms)
     return FileResult(
-        score=score_file(entry, output, tail_ms),
+        score=score_file(entry, output, tail_ms, real_streaming=real_streaming),
         reference=entry.text,
         final_text=output.final_text,
         committed_words=output.committed_words,
         flushed_words=output.flushed_words,
-        # score_file keeps only the WER of this text; the result keeps the text and its counters.
-        real_streaming=simulate_real_streaming(output.events, output.final_text, entry.word_alignments, tail_ms),
+        real_streaming=real_streaming,
         updates=replay.updates,
         segments=replay.segments,
     )

@@ -357,10 +357,17 @@ def commit_latencies(
     return tuple(word.committed_at_sec - end for word, end in zip(words, ends)), source
 
 
-def score_file(entry: ManifestEntry, output: StreamOutput, tail_ms: int = 250) -> FileScore:
+def score_file(
+    entry: ManifestEntry,
+    output: StreamOutput,
+    tail_ms: int = 250,
+    real_streaming: RealStreamingResult | None = None,
+) -> FileScore:
+    """Scores of one file; `real_streaming`: its simulation when the caller already ran it (same tail_ms)."""
     if output.audio_sec <= 0:
         raise ValueError(f"{entry.audio}: audio_sec is {output.audio_sec}; expected > 0")
-    real_streaming = simulate_real_streaming(output.events, output.final_text, entry.word_alignments, tail_ms)
+    if real_streaming is None:
+        real_streaming = simulate_real_streaming(output.events, output.final_text, entry.word_alignments, tail_ms)
     latencies, latency_source = commit_latencies(
         output.committed_words + output.flushed_words, entry.word_alignments
     )
