@@ -10,6 +10,7 @@ a roll). Errors become gRPC statuses with one-line messages; one stream's error 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -19,6 +20,8 @@ from dataclasses import replace
 
 import grpc
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.grpc_util import gRPCInputStream
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Gauge, Histogram
@@ -59,15 +62,27 @@ class ServedStages:
         return await self.features.extract.remote(request)
 
     async def encode(self, request: EncodeRequest) -> Tensor | StageMiss | StageAtCapacity:
-        route = _route(request.stream_id, request.segment_index)
-        replica, answer = await self.encoder.options(session_id=route).encode.remote(request)
-        self._replicas[request.stream_id]["encoder"].add(replica)
-        return answer
+        return await self._call("encoder", self.encoder, "encode", request)
 
     async def update(self, request: DecodeRequest) -> UpdateResult | StageMiss | StageAtCapacity:
+        return await self._call("decoder", self.decoder, "update", request)
+
+    async def _call(self, stage: str, handle: DeploymentHandle, method: str, request):  # noqa: ANN001, ANN202
+        """One stage call, routed by stream and segment. A replica that dies (killed, node lost, replaced by an
+        upgrade) is retried until the deadline: the call lands on a live replica, which answers with a miss
+        unless it holds the stream's state, and the owner replays the segment there."""
         route = _route(request.stream_id, request.segment_index)
-        replica, answer = await self.decoder.options(session_id=route).update.remote(request)
-        self._replicas[request.stream_id]["decoder"].add(replica)
+        deadline = time.monotonic() + REPLICA_LOSS_DEADLINE_S
+        while True:
+            try:
+                replica, answer = await getattr(handle.options(session_id=route), method).remote(request)
+                break
+            except _REPLICA_LOST as error:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("%s replica lost during %s's call (%s); retrying", stage, request.stream_id, type(error).__name__)
+                await asyncio.sleep(REPLICA_RETRY_S)
+        self._replicas[request.stream_id][stage].add(replica)
         return answer
 
     def replicas_of(self, stream_id: str) -> dict[str, int]:
@@ -86,6 +101,12 @@ class UnknownSession(LookupError):
 
 class NoSessionStore(RuntimeError):
     """A resume reached a server that keeps no session state."""
+
+
+#: A stage call whose replica died is retried for this long (the controller starts a replacement in seconds).
+REPLICA_LOSS_DEADLINE_S = 60.0
+REPLICA_RETRY_S = 0.5
+_REPLICA_LOST = (RayActorError, ActorUnavailableError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 
 def _route(stream_id: str, segment_index: int) -> str:

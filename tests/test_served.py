@@ -312,3 +312,43 @@ def test_a_long_streams_segments_spread_over_the_replicas(server: str, tiny_chec
     assert replicas["encoder"] == 2 and replicas["decoder"] == 2, replicas
     _, final = _expected_results(tiny_checkpoint, {"s": _heard(audio)})["s"]
     assert outcome.final.text == final.text and list(outcome.final.token_ids) == list(final.token_ids)
+
+
+# ---------------------------------------------------------------------------------------------------- faults
+
+
+def _kill_replicas(deployment: str) -> int:
+    """Kill every live replica actor of a deployment (the controller starts replacements); returns how many."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::qwen3-stream#{deployment}#"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    for name in names:
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=False)
+    return len(names)
+
+
+@pytest.mark.parametrize("deployment", ["CausalEncoder", "Decoder"])
+def test_a_stage_replica_killed_mid_segment_is_replayed_elsewhere(
+    server: str, tiny_checkpoint: Path, deployment: str
+) -> None:
+    """Every replica of the stage dies mid-stream (mid-segment): the ingress retries on the replacements, which
+    miss the stream's state, replays the segment, and the transcript is the undisturbed one."""
+    audio = _audio(8.0, seed=91)
+    killed: list[int] = []
+
+    async def run():  # noqa: ANN202
+        async with RecognizerClient(server) as client:
+            task = asyncio.create_task(client.recognize(audio, StreamOptions(chunk_ms=100, realtime=True)))
+            await asyncio.sleep(6.6)  # segment 1 began with the block at 5.76 s; its next block comes at 7.68 s
+            killed.append(await asyncio.to_thread(_kill_replicas, deployment))
+            return await task
+
+    outcome = asyncio.run(run())
+    assert killed[0] >= 1
+    _, final = _expected_results(tiny_checkpoint, {"s": _heard(audio)})["s"]
+    outcome.check_append_only()
+    assert outcome.final.text == final.text and list(outcome.final.token_ids) == list(final.token_ids)
+    assert outcome.final.stats.replays >= 1
+    gaps = np.diff([received for received, _ in outcome.results])
+    assert gaps.max() < 30.0  # a bounded stall: replacements start within seconds
