@@ -632,6 +632,12 @@ def _add_stream(commands: argparse._SubParsersAction) -> None:
         "--wait", type=float, default=0.0, metavar="SECONDS", help="wait up to this long for the server to be ready"
     )
     parser.add_argument(
+        "--max-resumes",
+        type=_whole_number(0),
+        default=3,
+        help="resume a stream whose connection broke (ingress lost, network) at most this many times",
+    )
+    parser.add_argument(
         "--reconnect-after",
         type=float,
         default=None,
@@ -672,7 +678,13 @@ def _run_stream(args: argparse.Namespace) -> int:
                 await wait_until_serving(client.channel, args.wait)
             return await asyncio.gather(
                 *(
-                    client.recognize(audio, options, on_result=show(path), reconnect_after_s=args.reconnect_after)
+                    client.recognize(
+                        audio,
+                        options,
+                        on_result=show(path),
+                        reconnect_after_s=args.reconnect_after,
+                        max_resumes=args.max_resumes,
+                    )
                     for path, audio in recordings.items()
                 )
             )

@@ -42,7 +42,8 @@ def build_app(args: dict[str, Any]) -> Application:
     device, dtype, slots (K/V slots per encoder/decoder replica), encoder_batch, decoder_batch, batch_wait_ms,
     session (the streams' default `SessionOptions` fields, e.g. {max_new_tokens: 64}), store (the session store's
     Redis URL; else the `REDIS_URL` environment variable; neither: no resume), session_ttl_s (how long an idle
-    session's state is kept). (Serve applies the config's per-deployment settings on top.)"""
+    session's state is kept), max_streams_per_ingress (streams one ingress replica admits; more are refused at
+    once), idle_timeout_s (a silent client is ended). (Serve applies the config's per-deployment settings on top.)"""
     return application(args, {})
 
 
@@ -50,7 +51,7 @@ def application(args: dict[str, Any], deployment_options: dict[str, dict[str, An
     """`build_app`, with each deployment's options (the config's `deployments` entries, by name) applied here."""
     known = {
         "model", "tower", "device", "dtype", "slots", "encoder_batch", "decoder_batch", "batch_wait_ms", "session",
-        "store", "session_ttl_s",
+        "store", "session_ttl_s", "max_streams_per_ingress", "idle_timeout_s",
     }  # fmt: skip
     unknown = set(args) - known
     if unknown:
@@ -75,5 +76,15 @@ def application(args: dict[str, Any], deployment_options: dict[str, dict[str, An
     encoder_batch, decoder_batch = int(args.get("encoder_batch", 64)), int(args.get("decoder_batch", 64))
     encoder = configured(CausalEncoder, request_router_config=STICKY).bind(spec, slots, encoder_batch, wait_s)
     decoder = configured(Decoder, request_router_config=STICKY).bind(spec, slots, decoder_batch, wait_s, defaults)
-    store, ttl_s = args.get("store"), float(args.get("session_ttl_s", 3600))
-    return configured(Ingress).bind(configured(FeatureExtractor).bind(), encoder, decoder, spec, defaults, store, ttl_s)
+    ingress = configured(Ingress).bind(
+        configured(FeatureExtractor).bind(),
+        encoder,
+        decoder,
+        spec,
+        defaults,
+        store=args.get("store"),
+        session_ttl_s=float(args.get("session_ttl_s", 3600)),
+        max_streams=int(args.get("max_streams_per_ingress", 256)),
+        idle_timeout_s=float(args.get("idle_timeout_s", 30)),
+    )
+    return ingress

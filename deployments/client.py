@@ -247,6 +247,7 @@ async def recognize(
     on_half_close: HalfClosed | None = None,
     resume_from: StreamOutcome | None = None,
     drop_after_samples: int | None = None,
+    max_resumes: int = 0,
 ) -> StreamOutcome:
     """Stream ``samples`` (mono float in [-1, 1] at ``options.sample_rate_hz``) through one Recognize call.
 
@@ -266,8 +267,52 @@ async def recognize(
     words the client already holds (they come back with the same indices), so the returned outcome is the
     whole stream's. ``drop_after_samples`` ends the connection without half-closing once the audio before
     that sample is sent (for demos and tests of resume); the outcome then has ``dropped`` set and no Final.
+    ``max_resumes``: when the connection fails with a status a resume can mend (the ingress replica died, the
+    network dropped, the server timed the stream out), resume the session this many times at most.
     """
     audio = _audio_bytes(samples, options.encoding)  # before the call: a bad input never opens a stream
+    callbacks = dict(on_result=on_result, metadata=metadata, on_started=on_started, on_chunk_sent=on_chunk_sent,
+                     on_half_close=on_half_close)  # fmt: skip
+    for attempt in range(max_resumes + 1):
+        try:
+            return await _recognize_once(channel, audio, options, resume_from, drop_after_samples, **callbacks)
+        except _StreamBroken as broken:
+            if attempt == max_resumes or not broken.outcome.resume_token:
+                raise broken.error from None
+            log.warning("stream %s broke (%s); resuming", broken.outcome.session_id, broken.error.code().name)
+            resume_from, drop_after_samples = broken.outcome, None
+            await asyncio.sleep(RESUME_BACKOFF_S * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+#: Statuses after which the same session can continue on a new connection.
+RESUMABLE_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED}
+)
+RESUME_BACKOFF_S = 0.5
+
+
+class _StreamBroken(Exception):
+    """A call failed with a resumable status; carries what the stream had received so far."""
+
+    def __init__(self, error: grpc.aio.AioRpcError, outcome: StreamOutcome) -> None:
+        super().__init__(str(error))
+        self.error, self.outcome = error, outcome
+
+
+async def _recognize_once(
+    channel: grpc.aio.Channel,
+    audio: bytes | memoryview,
+    options: StreamOptions,
+    resume_from: StreamOutcome | None,
+    drop_after_samples: int | None,
+    on_result: Callable[[asr_pb2.Result], None] | None,
+    metadata: Sequence[tuple[str, str]] | None,
+    on_started: Callable[[asr_pb2.Started], None] | None,
+    on_chunk_sent: ChunkSent | None,
+    on_half_close: HalfClosed | None,
+) -> StreamOutcome:
+    """One Recognize call (see `recognize`); a resumable failure raises `_StreamBroken`."""
     call = asr_pb2_grpc.RecognizerStub(channel).Recognize(metadata=metadata)
     first_status = _FirstStatus(call)
     outcome = StreamOutcome()
@@ -280,6 +325,7 @@ async def recognize(
         outcome.committed = list(resume_from.committed)
         outcome.results = list(resume_from.results)
         outcome.resume_token = resume_from.resume_token
+        outcome.session_id = resume_from.session_id
 
     writer = asyncio.create_task(
         _send(call, options, audio, on_chunk_sent, on_half_close, resume, started, drop_after_samples)
@@ -312,6 +358,8 @@ async def recognize(
             return outcome
         real = await first_status.unmask(error)
         if real is not None:
+            if real.code() in RESUMABLE_CODES and outcome.session_id:
+                raise _StreamBroken(real, outcome) from None
             raise real from None
         # The server had closed the call with OK; only a late write failed. The stream ended normally.
     except asyncio.CancelledError as cancelled:
@@ -439,7 +487,7 @@ async def recognize_reconnecting(
     )
     if not dropped.dropped:
         return dropped  # the stream ended before the drop point
-    return await recognize(channel, samples, options, resume_from=dropped, **callbacks)
+    return await recognize(channel, samples, options, resume_from=dropped, **callbacks)  # max_resumes passes on
 
 
 async def wait_until_serving(channel: grpc.aio.Channel, timeout_s: float) -> None:
@@ -503,13 +551,15 @@ class RecognizerClient:
         on_half_close: HalfClosed | None = None,
         reconnect_after_s: float | None = None,
         resume_from: StreamOutcome | None = None,
+        max_resumes: int = 0,
     ) -> StreamOutcome:
         """One stream over this client's channel; see :func:`recognize` (and :func:`recognize_reconnecting` for
         `reconnect_after_s`)."""
-        if resume_from is not None:
+        if resume_from is not None or max_resumes:
             return await recognize(
                 self.channel, samples, options, on_result=on_result, metadata=metadata, on_started=on_started,
                 on_chunk_sent=on_chunk_sent, on_half_close=on_half_close, resume_from=resume_from,
+                max_resumes=max_resumes,
             )  # fmt: skip
         callbacks = dict(
             on_result=on_result,
@@ -519,5 +569,7 @@ class RecognizerClient:
             on_half_close=on_half_close,
         )
         if reconnect_after_s is not None:
-            return await recognize_reconnecting(self.channel, samples, options, reconnect_after_s, **callbacks)
+            return await recognize_reconnecting(
+                self.channel, samples, options, reconnect_after_s, max_resumes=max_resumes, **callbacks
+            )
         return await recognize(self.channel, samples, options, **callbacks)

@@ -95,6 +95,18 @@ class ServedStages:
         await self.decoder.options(session_id=route).release.remote(stream_id, segment_index)
 
 
+#: The retry hint of a refused stream.
+RETRY_AFTER_MS = 1000
+
+
+class Overloaded(RuntimeError):
+    """This replica already holds as many streams as it admits."""
+
+
+class Idle(TimeoutError):
+    """The client sent nothing for too long."""
+
+
 class UnknownSession(LookupError):
     """A resume names no session this store holds, or the wrong token (the two are not told apart)."""
 
@@ -127,9 +139,13 @@ class Ingress:
         defaults: SessionOptions | None = None,
         store: str | None = None,
         session_ttl_s: float = 3600.0,
+        max_streams: int = 256,
+        idle_timeout_s: float = 30.0,
     ) -> None:
         """`store`: the session store's Redis URL (else `REDIS_URL`; neither: no resume). `session_ttl_s`: how
-        long an idle session's state is kept for a resume."""
+        long an idle session's state is kept for a resume. `max_streams`: streams this replica admits (more
+        are refused with RESOURCE_EXHAUSTED at once, never queued). `idle_timeout_s`: a client silent this long
+        is ended (its session stays resumable)."""
         reserve_threads()
         # The tokenizer and config for prompts and text (the stages hold the K/V and do the model work), on the
         # CPU whatever the stages' device: ingress replicas run on CPU nodes.
@@ -138,6 +154,7 @@ class Ingress:
         self.stages = ServedStages(features, encoder, decoder)
         self.store = StoreConnection(store_url(store), session_ttl_s)
         self.owner = f"ingress-{uuid.uuid4().hex[:12]}"  # this replica, in leases
+        self.max_streams, self.idle_timeout_s = max_streams, idle_timeout_s
         self.active = Gauge("qwen3_stream_active_streams", "streams open on this ingress replica")
         self.update_latency = Histogram(
             "qwen3_stream_update_latency_ms",
@@ -158,7 +175,12 @@ class Ingress:
         self._open += 1
         self.active.set(self._open)
         try:
-            first = await anext(stream, None)
+            if self._open > self.max_streams:
+                raise Overloaded(
+                    f"this ingress replica holds {self.max_streams} streams; retry in {RETRY_AFTER_MS} ms "
+                    "(another replica may have room)"
+                )
+            first = await self._next(stream)
             if first is None or first.WhichOneof("request") != "config":
                 raise InvalidRequest("the first message must be a StreamConfig")
             store = await self.store.get()
@@ -170,7 +192,7 @@ class Ingress:
             driver = StreamDriver(session, self.stages)
             yield asr_pb2.RecognizeResponse(started=started)
             received = session.sample_offset
-            async for request in stream:
+            while (request := await self._next(stream)) is not None:
                 kind = request.WhichOneof("request")
                 if kind == "config":
                     raise InvalidRequest("a second StreamConfig; the config is sent once, first")
@@ -211,7 +233,13 @@ class Ingress:
             self._fail(grpc_context, grpc.StatusCode.UNAVAILABLE, f"{error}; retry shortly")
             raise
         except StageAtCapacity as error:
-            self._fail(grpc_context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error}; retry later or elsewhere")
+            self._fail(grpc_context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error}; retry in {RETRY_AFTER_MS} ms or elsewhere")
+            raise
+        except Overloaded as error:
+            self._fail(grpc_context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+            raise
+        except Idle as error:
+            self._fail(grpc_context, grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
             raise
         finally:
             self._open -= 1
@@ -278,6 +306,15 @@ class Ingress:
     async def Check(self, request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:  # noqa: N802
         """`grpc.health.v1.Health/Check`: this replica answers, so the application is serving."""
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    async def _next(self, stream: gRPCInputStream) -> asr_pb2.RecognizeRequest | None:
+        """The client's next message (None after its half-close); a client silent for `idle_timeout_s` ends."""
+        try:
+            return await asyncio.wait_for(anext(stream, None), self.idle_timeout_s)
+        except TimeoutError:
+            raise Idle(
+                f"no message for {self.idle_timeout_s:g} s; send audio (or resume the session later)"
+            ) from None
 
     def _fail(self, grpc_context, code: grpc.StatusCode, message: str) -> None:  # noqa: ANN001
         log.info("stream refused: %s: %s", code.name, message)

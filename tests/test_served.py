@@ -352,3 +352,26 @@ def test_a_stage_replica_killed_mid_segment_is_replayed_elsewhere(
     assert outcome.final.stats.replays >= 1
     gaps = np.diff([received for received, _ in outcome.results])
     assert gaps.max() < 30.0  # a bounded stall: replacements start within seconds
+
+
+def test_the_ingress_replica_killed_mid_stream_the_client_resumes(server: str, tiny_checkpoint: Path) -> None:
+    """The replica that owns the stream dies: the client library reconnects with the session id and resume
+    token, resends from the durable offset, and the transcript is the undisturbed one."""
+    audio = _audio(9.0, seed=101)
+    killed: list[int] = []
+
+    async def run():  # noqa: ANN202
+        async with RecognizerClient(server) as client:
+            task = asyncio.create_task(
+                client.recognize(audio, StreamOptions(chunk_ms=100, realtime=True), max_resumes=8)
+            )
+            await asyncio.sleep(6.6)  # past the first roll (5.76 s): a durable boundary exists
+            killed.append(await asyncio.to_thread(_kill_replicas, "Ingress"))
+            return await task
+
+    outcome = asyncio.run(run())
+    assert killed[0] == 1
+    _, final = _expected_results(tiny_checkpoint, {"s": _heard(audio)})["s"]
+    outcome.check_append_only()
+    assert outcome.final.text == final.text and list(outcome.final.token_ids) == list(final.token_ids)
+    assert outcome.resumed_from_sample > 0  # it continued from the durable roll, not from the start
