@@ -64,21 +64,12 @@ def start(settings: ServerSettings) -> str:
         raise ValueError(f"transport is {settings.transport!r}; expected one of {sorted(TRANSPORTS)}")
     global _embedded
     config = read_config(settings.config)
-    store = settings.redis
-    if store is None:
+    if settings.redis is None:
         _embedded = EmbeddedStore().start()
-        store = _embedded.url
-        log.info("session store: embedded valkey-server at %s", store)
-    app_config = next(app for app in config["applications"] if app["name"] == APP_NAME)
+        log.info("session store: embedded valkey-server at %s", _embedded.url)
     port = settings.port or config["grpc_options"]["port"]
-    options = {entry["name"]: {k: v for k, v in entry.items() if k != "name"} for entry in app_config.get("deployments", [])}
-    for name, override in settings.deployment_options.items():
-        base = dict(options.get(name, {}))
-        if "num_replicas" in override:  # a fixed count replaces autoscaling (Serve takes one or the other)
-            base.pop("autoscaling_config", None)
-        options[name] = {**base, **override}
     ray.init(
-        num_cpus=settings.num_cpus or max(os.cpu_count() or 1, _cpus_to_start(options)),
+        num_cpus=settings.num_cpus or max(os.cpu_count() or 1, _cpus_to_start(_deployment_options(config, settings))),
         include_dashboard=False,
         runtime_env={"env_vars": TRANSPORTS[settings.transport]},
         logging_level=logging.WARNING,
@@ -87,11 +78,34 @@ def start(settings: ServerSettings) -> str:
         http_options=HTTPOptions(host="127.0.0.1", port=config.get("http_options", {}).get("port", 8000)),
         grpc_options=gRPCOptions(port=port, grpc_servicer_functions=list(GRPC_SERVICERS)),
     )
-    args = {**app_config.get("args", {}), "store": store, **settings.args}
-    serve.run(application(args, options), name=APP_NAME, route_prefix="/")
+    deploy(settings)
     address = f"127.0.0.1:{port}"
     log.info("serving %s on %s (%s transport)", APP_NAME, address, settings.transport)
     return address
+
+
+def deploy(settings: ServerSettings) -> None:
+    """(Re)deploy the application on the running Serve: a changed config rolls its replicas over (Serve replaces
+    the deployments whose settings changed, a few at a time), as `serve deploy` or a RayService upgrade would."""
+    from ray import serve
+
+    config = read_config(settings.config)
+    app_config = next(app for app in config["applications"] if app["name"] == APP_NAME)
+    store = settings.redis or (_embedded.url if _embedded is not None else None)
+    args = {**app_config.get("args", {}), "store": store, **settings.args}
+    serve.run(application(args, _deployment_options(config, settings)), name=APP_NAME, route_prefix="/")
+
+
+def _deployment_options(config: dict[str, Any], settings: ServerSettings) -> dict[str, dict[str, Any]]:
+    """Each deployment's options: the config's, with the settings' overrides on top."""
+    app_config = next(app for app in config["applications"] if app["name"] == APP_NAME)
+    options = {entry["name"]: {k: v for k, v in entry.items() if k != "name"} for entry in app_config.get("deployments", [])}
+    for name, override in settings.deployment_options.items():
+        base = dict(options.get(name, {}))
+        if "num_replicas" in override:  # a fixed count replaces autoscaling (Serve takes one or the other)
+            base.pop("autoscaling_config", None)
+        options[name] = {**base, **override}
+    return options
 
 
 def _cpus_to_start(options: dict[str, dict[str, Any]]) -> int:

@@ -35,6 +35,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+_SETTINGS: list = []  # the running server's settings (a rolling upgrade redeploys them changed)
+
+
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint: Path):  # noqa: ANN201
     from deployments import server
@@ -48,6 +51,7 @@ def server(tiny_checkpoint: Path):  # noqa: ANN201
         deployment_options={"Ingress": one_cpu, "FeatureExtractor": one_cpu, "CausalEncoder": two, "Decoder": two},
     )
     address = server.start(settings)
+    _SETTINGS.append(settings)
     store = server._embedded  # the embedded session store `serve` started (no --redis)
     assert store is not None and store.running
     pid, data_dir = store.pid, store.data_dir
@@ -375,3 +379,35 @@ def test_the_ingress_replica_killed_mid_stream_the_client_resumes(server: str, t
     outcome.check_append_only()
     assert outcome.final.text == final.text and list(outcome.final.token_ids) == list(final.token_ids)
     assert outcome.resumed_from_sample > 0  # it continued from the durable roll, not from the start
+
+
+def test_a_rolling_upgrade_under_load_keeps_every_stream(server: str, tiny_checkpoint: Path) -> None:
+    """The application is redeployed with a changed config (the encoder and decoder batch sizes) while three
+    streams run: Serve replaces those replicas; the streams retry onto the new ones, replay their segments, and
+    finish with the undisturbed transcripts. The stall is the longest gap between results."""
+    from dataclasses import replace
+
+    from deployments import server as serving
+
+    recordings = [_audio(8.0, seed=111 + index) for index in range(3)]
+    stalls: list[float] = []
+
+    async def run():  # noqa: ANN202
+        async with RecognizerClient(server) as client:
+            tasks = [
+                asyncio.create_task(client.recognize(audio, StreamOptions(chunk_ms=100, realtime=True), max_resumes=8))
+                for audio in recordings
+            ]
+            await asyncio.sleep(2.5)
+            changed = replace(_SETTINGS[0], args={**_SETTINGS[0].args, "encoder_batch": 32, "decoder_batch": 32})
+            await asyncio.to_thread(serving.deploy, changed)
+            return await asyncio.gather(*tasks)
+
+    outcomes = asyncio.run(run())
+    expected = _expected_results(tiny_checkpoint, {str(i): _heard(a) for i, a in enumerate(recordings)})
+    for index, outcome in enumerate(outcomes):
+        _, final = expected[str(index)]
+        outcome.check_append_only()
+        assert outcome.final.text == final.text and list(outcome.final.token_ids) == list(final.token_ids)
+        stalls.append(float(np.diff([received for received, _ in outcome.results]).max()))
+    print(f"rolling upgrade: longest gap between results {max(stalls):.2f} s (a block is 1.92 s)")
