@@ -608,6 +608,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         redis=args.redis,
     )
     settings.args["device"] = _device(args.device)
+    if settings.args["device"].startswith("cuda"):  # the GPU stages share the GPU; Ray hides it from the others
+        gpu = {"ray_actor_options": {"num_cpus": 1, "num_gpus": 0.5}}
+        settings.deployment_options = {"CausalEncoder": gpu, "Decoder": gpu}
     if args.dtype != "auto":
         settings.args["dtype"] = args.dtype
     if args.max_new_tokens is not None:
