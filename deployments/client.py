@@ -544,32 +544,13 @@ class RecognizerClient:
         self,
         samples: np.ndarray | bytes | memoryview,
         options: StreamOptions = StreamOptions(),
-        on_result: Callable[[asr_pb2.Result], None] | None = None,
-        metadata: Sequence[tuple[str, str]] | None = None,
-        on_started: Callable[[asr_pb2.Started], None] | None = None,
-        on_chunk_sent: ChunkSent | None = None,
-        on_half_close: HalfClosed | None = None,
+        *,
         reconnect_after_s: float | None = None,
-        resume_from: StreamOutcome | None = None,
-        max_resumes: int = 0,
+        **keywords: Any,
     ) -> StreamOutcome:
-        """One stream over this client's channel; see :func:`recognize` (and :func:`recognize_reconnecting` for
-        `reconnect_after_s`)."""
-        if resume_from is not None or max_resumes:
-            return await recognize(
-                self.channel, samples, options, on_result=on_result, metadata=metadata, on_started=on_started,
-                on_chunk_sent=on_chunk_sent, on_half_close=on_half_close, resume_from=resume_from,
-                max_resumes=max_resumes,
-            )  # fmt: skip
-        callbacks = dict(
-            on_result=on_result,
-            metadata=metadata,
-            on_started=on_started,
-            on_chunk_sent=on_chunk_sent,
-            on_half_close=on_half_close,
-        )
+        """One stream over this client's channel: :func:`recognize` with the same keyword arguments (callbacks,
+        metadata, ``resume_from``, ``max_resumes``), or :func:`recognize_reconnecting` with
+        ``reconnect_after_s``."""
         if reconnect_after_s is not None:
-            return await recognize_reconnecting(
-                self.channel, samples, options, reconnect_after_s, max_resumes=max_resumes, **callbacks
-            )
-        return await recognize(self.channel, samples, options, **callbacks)
+            return await recognize_reconnecting(self.channel, samples, options, reconnect_after_s, **keywords)
+        return await recognize(self.channel, samples, options, **keywords)

@@ -229,27 +229,14 @@ class EncoderStage:
         other requests of the batch go on) when a new segment finds no free slot."""
         if len({r.stream_id for r in requests}) != len(requests):
             raise ValueError("a stream appears twice in one encode call; its blocks must go in order")
-        answers: list[Tensor | StageMiss | StageAtCapacity | None] = [None] * len(requests)
-        live: list[int] = []
-        for index, request in enumerate(requests):
-            encoder = self._encoder(request.block_frames)
-            entry = self.streams.resolve(
-                request.stream_id,
-                request.segment_index,
-                request.block_index - len(request.replay),
-                lambda slot: self.pool.new_state(encoder, slot),
-            )
-            if isinstance(entry, _StreamEntry):
-                live.append(index)
-            else:
-                answers[index] = entry
-        replaying = [i for i in live if requests[i].replay]
-        for round_index in range(max((len(requests[i].replay) for i in replaying), default=0)):
-            batch = [i for i in replaying if round_index < len(requests[i].replay)]
-            self._forward([requests[i] for i in batch], [requests[i].replay[round_index] for i in batch])
-        for index, embeddings in zip(live, self._forward([requests[i] for i in live], [requests[i].mel for i in live])):
-            answers[index] = embeddings
-        return answers  # type: ignore[return-value]
+        return _serve(
+            self.streams,
+            requests,
+            position=lambda r: r.block_index,
+            new_state=lambda r: lambda slot: self.pool.new_state(self._encoder(r.block_frames), slot),
+            own_input=lambda r: r.mel,
+            run=self._forward,
+        )
 
     def _forward(self, requests: list[EncodeRequest], blocks: list[Tensor]) -> list[Tensor]:
         """One forward per block size (streams of different block sizes cannot share one)."""
@@ -346,26 +333,14 @@ class DecoderStage:
         """Each request's update result; a miss; or `StageAtCapacity` when a new segment finds no free slot."""
         if len({r.stream_id for r in requests}) != len(requests):
             raise ValueError("a stream appears twice in one update call; its updates must go in order")
-        answers: list[UpdateResult | StageMiss | StageAtCapacity | None] = [None] * len(requests)
-        live: list[int] = []
-        for index, request in enumerate(requests):
-            entry = self.streams.resolve(
-                request.stream_id,
-                request.segment_index,
-                request.update_index - len(request.replay),
-                lambda slot: RollingDecoderState(cache=self.pool.new_cache(slot)),
-            )
-            if isinstance(entry, _StreamEntry):
-                live.append(index)
-            else:
-                answers[index] = entry
-        replaying = [i for i in live if requests[i].replay]
-        for round_index in range(max((len(requests[i].replay) for i in replaying), default=0)):
-            batch = [i for i in replaying if round_index < len(requests[i].replay)]
-            self._run([requests[i] for i in batch], [requests[i].replay[round_index] for i in batch])
-        for index, result in zip(live, self._run([requests[i] for i in live], [requests[i].audio for i in live])):
-            answers[index] = result
-        return answers  # type: ignore[return-value]
+        return _serve(
+            self.streams,
+            requests,
+            position=lambda r: r.update_index,
+            new_state=lambda r: lambda slot: RollingDecoderState(cache=self.pool.new_cache(slot)),
+            own_input=lambda r: r.audio,
+            run=self._run,
+        )
 
     def _run(self, requests: list[DecodeRequest], audio: list[Tensor]) -> list[UpdateResult]:
         """One batched rolling update per group of equal decoder settings."""
@@ -383,6 +358,36 @@ class DecoderStage:
                 entry.done += 1
                 out[i] = result
         return [out[i] for i in range(len(requests))]
+
+
+def _serve(
+    streams: _SegmentStates,
+    requests: Sequence[EncodeRequest | DecodeRequest],
+    position: Callable,
+    new_state: Callable,
+    own_input: Callable,
+    run: Callable,
+) -> list:
+    """The shape of every stateful stage call: resolve each request's stream state (a miss, no free slot, or the
+    entry it continues: `position` forwards into its segment, less its replay), replay the missed forwards round by
+    round (every replaying stream's k-th one in one batch), then run every live request's own input in one batch."""
+    answers: list = [None] * len(requests)
+    live: list[int] = []
+    for index, request in enumerate(requests):
+        entry = streams.resolve(
+            request.stream_id, request.segment_index, position(request) - len(request.replay), new_state(request)
+        )
+        if isinstance(entry, _StreamEntry):
+            live.append(index)
+        else:
+            answers[index] = entry
+    replaying = [i for i in live if requests[i].replay]
+    for round_index in range(max((len(requests[i].replay) for i in replaying), default=0)):
+        batch = [i for i in replaying if round_index < len(requests[i].replay)]
+        run([requests[i] for i in batch], [requests[i].replay[round_index] for i in batch])
+    for index, answer in zip(live, run([requests[i] for i in live], [own_input(requests[i]) for i in live])):
+        answers[index] = answer
+    return answers
 
 
 def _grouped(items: Iterable[int], key: Callable[[int], Hashable]) -> list[list[int]]:
