@@ -273,8 +273,9 @@ class Ingress:
         """Continue a session from its last durable boundary, taking it over from any earlier connection."""
         if store is None:
             raise NoSessionStore("this server keeps no session state (no Redis configured); start a new stream")
-        resumed = await store.resume(resume.session_id, resume.resume_token, self.owner)
-        if resumed is None:  # an unknown (or expired) session and a wrong token answer alike
+        well_formed = 0 < len(resume.session_id) <= 128 and not set("{}") & set(resume.session_id)
+        resumed = await store.resume(resume.session_id, resume.resume_token, self.owner) if well_formed else None
+        if resumed is None:  # an unknown (or expired) session, a malformed id and a wrong token answer alike
             raise UnknownSession("no session with that id and resume token (it may have expired)")
         lease, state = resumed
         config = asr_pb2.StreamConfig.FromString(state.config)
