@@ -29,6 +29,8 @@ from pipeline.config import AudioEncoderConfig
 
 #: Mel frames per causal step: three stride-2 convs turn 8 frames into one step (8 -> 4 -> 2 -> 1).
 STEP_FRAMES = 8
+#: The offline tower convolves 1 s chunks of mel (13 steps each).
+OFFLINE_CHUNK_FRAMES = 100
 
 #: Left attention window of the causal tower, in steps. The tower was trained with 15 s of left
 #: context counted in offline-tower steps: 1500 frames -> 15 chunks x 13 steps = 195.
@@ -53,7 +55,7 @@ def conv_output_length(frames: int) -> int:
     return frames
 
 
-def offline_output_steps(frames: int, chunk_frames: int = 100) -> int:
+def offline_output_steps(frames: int, chunk_frames: int = OFFLINE_CHUNK_FRAMES) -> int:
     """Embeddings the offline tower makes from `frames` mel frames: 13 per whole 1 s chunk + the rest.
 
     Equals transformers' `_get_feat_extract_output_lengths`, i.e. 13·(T//100) + ceil((T%100)/8).

@@ -48,6 +48,7 @@ from transformers.audio_utils import mel_filter_bank
 SAMPLE_RATE = 16_000
 N_FFT = 400
 HOP_LENGTH = 160
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
 N_MELS = 128
 FRAMES_PER_GROUP = 8  # one conv-stem step of the causal tower (80 ms)
 LOG_MEL_EPS = 1e-10

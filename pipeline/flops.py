@@ -53,7 +53,8 @@ from pipeline.commit import SegmentOptions, SegmentPolicy
 from pipeline.config import QWEN3_ASR_0_6B, Qwen3ASRConfig
 from pipeline.decoder import TextDecoder, ragged_causal_mask
 from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, STEP_FRAMES, AudioTower, offline_output_steps
-from pipeline.session import FRAMES_PER_SECOND, SessionOptions, StreamingSession, offline_step_end_frames
+from pipeline.features import FRAMES_PER_SECOND
+from pipeline.session import SessionOptions, StreamingSession, offline_step_end_frames
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR, make_tiny_checkpoint
 
 log = logging.getLogger(__name__)

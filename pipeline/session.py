@@ -41,8 +41,8 @@ from pipeline.causal_encoder import CausalEncoderOptions
 from pipeline.checkpoint import ASRModel
 from pipeline.commit import CommitOptions, CommittedWord, SegmentOptions, SegmentPolicy, TranscriptCommitState, TranscriptCommitter
 from pipeline.decoding import DecodeControls, DecodeOptions
-from pipeline.encoder import STEP_FRAMES, offline_output_steps
-from pipeline.features import N_MELS, LogMelState, StreamingLogMel
+from pipeline.encoder import OFFLINE_CHUNK_FRAMES, STEP_FRAMES, offline_output_steps
+from pipeline.features import FRAMES_PER_SECOND, N_MELS, LogMelState, StreamingLogMel
 from pipeline.prompt import CausalPrompt, build_causal_prompt, decode_asr_output
 from pipeline.rolling import UpdateResult, UpdateStats, decode_from_scratch
 from pipeline.stages import (
@@ -59,7 +59,6 @@ from pipeline.stages import (
 
 log = logging.getLogger(__name__)
 
-FRAMES_PER_SECOND = 100
 CHECKPOINT_VERSION = 2  # 2: per-segment final tokens; front-end state without a clamp restart
 
 
@@ -668,8 +667,8 @@ def offline_step_end_frames(frames: int) -> Tensor:
     8i + 7 of it (the 13th reaches the chunk's end), and a partial last chunk has ceil(len / 8) steps.
     """
     ends = []
-    for chunk_start in range(0, frames, 100):
-        length = min(100, frames - chunk_start)
+    for chunk_start in range(0, frames, OFFLINE_CHUNK_FRAMES):
+        length = min(OFFLINE_CHUNK_FRAMES, frames - chunk_start)
         for step in range(-(-length // 8)):
             ends.append(chunk_start + min(8 * step + 7, length - 1))
     return torch.tensor(ends, dtype=torch.long)
