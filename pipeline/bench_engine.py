@@ -395,36 +395,8 @@ def format_engine_table(
     return "\n".join(lines)
 
 
-def add_bench_engine_parser(benches) -> None:
-    parser = benches.add_parser("engine", help="multi-stream engine capacity at full size (random weights)")
-    parser.add_argument("--streams", default="1,2,4,8", help="comma-separated stream counts, measured in turn")
-    parser.add_argument("--blocks", type=int, default=9, help="blocks per stream (9 x 1.92 s spans a segment roll)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument(
-        "--dtypes", default="auto", help="comma-separated: auto (per device), float32, bfloat16; each measured in turn"
-    )
-    parser.add_argument("--blocks-per-update", type=int, default=1, help="decoder update every k blocks")
-    parser.add_argument(
-        "--arrivals",
-        default="aligned",
-        help="comma-separated: aligned (every stream's audio buffered, every step full: throughput) and/or "
-        "staggered (live streams at spread phases on a simulated real-time clock: latency with queueing)",
-    )
-    parser.add_argument(
-        "--catch-up-blocks",
-        default="1",
-        help="staggered runs, comma-separated: most blocks a lagging stream advances per step, decoded once",
-    )
-    parser.add_argument(
-        "--decode-steps",
-        default="auto",
-        help="comma-separated: how sequential steps run (auto, dynamic, static, cuda_graph), each measured in turn",
-    )
-    parser.set_defaults(run=run_bench_engine_command)
-
-
 def run_bench_engine_command(args) -> int:
+    """Handler body of `qwen3-stream bench engine` (cli.py parses and checks the arguments): prints the tables."""
     if args.threads:
         torch.set_num_threads(args.threads)
     counts = [int(part) for part in args.streams.split(",") if part.strip()]

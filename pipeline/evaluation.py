@@ -14,46 +14,32 @@ stream time and compute shows up only in the RTF (causal_runtime.md §5). The se
 `evaluate_manifest` returns a `ManifestEvaluation`: the per-file results (scores plus the texts and words
 they were computed from) and the overall `EvalReport`. It converts to and from plain JSON.
 
-The `eval` subcommand of `qwen3-stream` is defined here too (`add_eval_parser`, `run_eval`).
+The `eval` subcommand of `qwen3-stream` (parsing, model loading, printing) lives in `cli.py`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.audio_io import AudioFileError, read_audio
-from pipeline.checkpoint import (
-    DEFAULT_MODEL_ID,
-    DEFAULT_TOWER_ID,
-    ASRModel,
-    CheckpointError,
-    dtype_from_name,
-    load_model,
-)
+from pipeline.audio_io import read_audio
+from pipeline.checkpoint import ASRModel
 from pipeline.commit import CommittedWord
 from pipeline.features import SAMPLE_RATE
-from pipeline.prompt import canonical_language
 from pipeline.scoring import (
     EvalReport,
     FileScore,
     HypothesisEvent,
     ManifestEntry,
-    ManifestError,
     RealStreamingResult,
     StreamOutput,
     WordErrors,
-    format_report,
     percentile,
     read_manifest,
     score_file,
@@ -319,81 +305,3 @@ def evaluate_manifest(
         tail_ms=tail_ms,
         files=tuple(results),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI: qwen3-stream eval
-# ---------------------------------------------------------------------------------------------
-
-
-def add_eval_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `eval MANIFEST.jsonl [...]` on the CLI's subcommands."""
-    parser = subparsers.add_parser(
-        "eval",
-        help="streaming WER harness: replay a JSONL manifest, report WER, commit latency and RTF",
-        description="Replay every file of a JSONL manifest ({'audio', 'text', 'word_alignments'?} per line) "
-        "through a streaming session and report final, real-streaming and committed-only WER "
-        "(macro and corpus), commit latency p50/p95 and RTF, per file and overall.",
-    )
-    parser.add_argument("manifest", type=Path, help="JSONL manifest; audio paths relative to its folder")
-    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="base model: Hugging Face id or local directory")
-    parser.add_argument(
-        "--tower",
-        default=None,
-        help=f"causal tower overlay: Hugging Face id, .safetensors file or directory (default {DEFAULT_TOWER_ID} "
-        "with --backend causal; --backend windowed runs the base model's offline tower unless this is given)",
-    )
-    parser.add_argument("--backend", choices=("causal", "windowed"), default="causal")
-    parser.add_argument(
-        "--block-frames", type=int, choices=(192, 96), default=192, help="causal block size in mel frames"
-    )
-    parser.add_argument(
-        "--language",
-        type=_language_arg,
-        default="en",
-        help="forced output language, name or ISO code, or 'auto' to let the model name it",
-    )
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=SessionOptions.max_new_tokens, help="decoder token budget per update"
-    )
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument(
-        "--dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="weights dtype (auto: per device)"
-    )
-    parser.add_argument("--json", type=Path, dest="json_out", metavar="OUT", help="also write the full results as JSON")
-    parser.set_defaults(run=run_eval)
-    return parser
-
-
-def _language_arg(value: str) -> str | None:
-    if value.strip().lower() == "auto":
-        return None
-    try:
-        return canonical_language(value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from error
-
-
-def session_options_from_args(args: argparse.Namespace) -> SessionOptions:
-    settings = dict(block_frames=args.block_frames, language=args.language, max_new_tokens=args.max_new_tokens)
-    return SessionOptions.windowed(**settings) if args.backend == "windowed" else SessionOptions(**settings)
-
-
-def run_eval(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    """Handler of `qwen3-stream eval`: prints the report table, optionally writes JSON; returns the exit code."""
-    try:
-        options = session_options_from_args(args)
-        read_checked_manifest(args.manifest)  # fail on a bad manifest before the (slow) model load
-        tower = args.tower or (DEFAULT_TOWER_ID if args.backend == "causal" else None)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_model(args.model, tower, device=device, dtype=dtype_from_name(args.dtype))
-        evaluation = evaluate_manifest(model, args.manifest, options)
-    except (ManifestError, AudioFileError, FileNotFoundError, CheckpointError) as error:
-        log.error("%s", error)
-        return 2
-    out.write(format_report(evaluation.report) + "\n")
-    if args.json_out is not None:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(evaluation.to_json_dict(), indent=2, allow_nan=False) + "\n")
-        out.write(f"results written to {args.json_out}\n")
-    return 0

@@ -516,18 +516,22 @@ class PublishedComparison:
     per_audio_second: list[tuple[str, float, float, float]]  # (name, published, ours as published, ours total)
 
 
-#: Published steady-state shapes (seed_cpu_cost.md, causal_runtime.md §2, §5).
-CAUSAL_BLOCK_SEC = 1.92
-WINDOWED_UPDATE_SEC = 2.0
+#: Published steady-state shapes (seed_cpu_cost.md, causal_runtime.md §2, §5). The block, the update interval
+#: and the window are those of the default session options, i.e. of the published operating points.
+_CAUSAL, _WINDOWED = SessionOptions(), SessionOptions.windowed()
+CAUSAL_BLOCK_FRAMES = _CAUSAL.block_frames
+CAUSAL_BLOCK_STEPS = CAUSAL_BLOCK_FRAMES // STEP_FRAMES
+CAUSAL_BLOCK_SEC = _CAUSAL.update_interval_sec  # one block per update
+WINDOWED_UPDATE_SEC = _WINDOWED.update_interval_sec
+WINDOW_FRAMES = _WINDOWED.windowed_left_frames + _WINDOWED.windowed_right_frames
 STEADY_PASS_POSITIONS, STEADY_PASS_CACHED, STEADY_DRAFT_ROWS = 62, 120, 30
 STEADY_CAUSAL_STEPS, STEADY_STEP_PAST = 9, 250
-WINDOW_FRAMES = 1264
 PREFILL_AVERAGE, PREFILL_PEAK = 128, 212
 WINDOWED_STEPS_AVERAGE, WINDOWED_STEPS_PEAK = 28, 49
 
 
 def compare_with_published(counter: ModelFlopCounter) -> PublishedComparison:
-    block = counter.causal_block(24, CAUSAL_LEFT_CONTEXT_STEPS)
+    block = counter.causal_block(CAUSAL_BLOCK_STEPS, CAUSAL_LEFT_CONTEXT_STEPS)
     rolling = counter.text_model(STEADY_PASS_POSITIONS, STEADY_PASS_CACHED)
     step = counter.text_model(1, STEADY_STEP_PAST)
     window = counter.offline_window(WINDOW_FRAMES)
@@ -535,7 +539,14 @@ def compare_with_published(counter: ModelFlopCounter) -> PublishedComparison:
     prefill_peak = counter.text_model(PREFILL_PEAK, 0)
     one_row, no_rows = counter.lm_head(1), FlopCount()
     rows = [
-        ComponentRow("causal encoder: one 192-frame block, K/V full (195 steps)", 17.09, None, block, no_rows, True),
+        ComponentRow(
+            f"causal encoder: one {CAUSAL_BLOCK_FRAMES}-frame block, K/V full ({CAUSAL_LEFT_CONTEXT_STEPS} steps)",
+            17.09,
+            None,
+            block,
+            no_rows,
+            True,
+        ),
         ComponentRow(
             "rolling pass: 62 positions on 120 cached (+ lm_head on 30 rows)",
             54.6,
@@ -545,7 +556,9 @@ def compare_with_published(counter: ModelFlopCounter) -> PublishedComparison:
             False,
         ),
         ComponentRow("decode step: 1 position at past 250 (+ lm_head on 1 row)", 0.88, 1.19, step, one_row, False),
-        ComponentRow("windowed encoder: offline tower over 1264 frames", 114.5, None, window, no_rows, False),
+        ComponentRow(
+            f"windowed encoder: offline tower over {WINDOW_FRAMES} frames", 114.5, None, window, no_rows, False
+        ),
         ComponentRow("windowed prefill: 128 positions (average)", 112.7, None, prefill_average, one_row, False),
         ComponentRow("windowed prefill: 212 positions (peak)", 186.7, None, prefill_peak, one_row, False),
     ]
@@ -906,31 +919,9 @@ def build_flops_report(
     return FlopsReport(comparison=compare_with_published(counter), streams=streams, memory=memory)
 
 
-def add_bench_flops_parser(bench_commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """`bench flops`: add it to the `bench` command's subparsers."""
-    parser = bench_commands.add_parser(
-        "flops", help="GFLOPs per audio second of both backends on the full-size model (meta device, no download)"
-    )
-    parser.add_argument(
-        "--minutes",
-        type=float,
-        nargs="+",
-        default=list(DEFAULT_STREAM_MINUTES),
-        help="stream lengths for the cost-vs-length table (default: 10 s, 30 s, 1, 5, 10, 60 min)",
-    )
-    parser.add_argument("--out", type=Path, help=f"write report.md, flops.json and {PLOT_NAME} here")
-    parser.add_argument(
-        "--memory-minutes",
-        type=float,
-        default=0.0,
-        help="also stream this many minutes through a tiny causal session and sample process memory (0: skip)",
-    )
-    parser.set_defaults(run=run_flops_benchmark)
-    return parser
-
-
 def run_flops_benchmark(args: argparse.Namespace) -> int:
-    """Entry point of `qwen3-stream bench flops`: the report goes to stdout and, with --out, to files."""
+    """Handler body of `qwen3-stream bench flops` (cli.py parses the arguments): the report goes to stdout and,
+    with --out, to files."""
     if any(minutes <= 0 for minutes in args.minutes):
         raise ValueError(f"--minutes {args.minutes}; expected positive stream lengths")
     plot_path = args.out / PLOT_NAME if args.out else None

@@ -3,31 +3,29 @@
 The tiny model's transcripts are noise, so WER values mean nothing here; what is checked is the mechanics:
 each file's figures are the scores of the texts the session emitted (checked against a direct session run),
 overall figures follow from per-file ones, word alignments are used when the manifest has them, JSON
-round-trips, and the CLI handler runs.
+round-trips, and `qwen3-stream eval` runs.
 """
 
 from __future__ import annotations
 
-import argparse
-import io
 import json
-import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import soundfile as sf
 
+import cli
+from cli import main as cli_main
 from pipeline.audio_io import AudioFileError, read_audio
 from pipeline.checkpoint import ASRModel, load_model
 from pipeline.evaluation import (
     PUSH_SAMPLES,
     FileResult,
     ManifestEvaluation,
-    add_eval_parser,
     evaluate_manifest,
     read_checked_manifest,
-    session_options_from_args,
 )
 from pipeline.features import SAMPLE_RATE, prepare_pcm
 from pipeline.scoring import (
@@ -240,24 +238,23 @@ def test_json_round_trips(evaluation: ManifestEvaluation) -> None:
 # --- the CLI subcommand -----------------------------------------------------------------------------
 
 
-def eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen3-stream")
-    add_eval_parser(parser.add_subparsers(dest="command", required=True))
-    return parser
+def _run(argv: list[str]) -> int:
+    """`qwen3-stream ARGV`'s exit status, also when argparse exits."""
+    try:
+        return cli_main(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
 
 
 def test_cli_eval_prints_the_table_and_writes_json(
-    tiny_checkpoint: Path, corpus: tuple[Path, list[SpokenAudio]], tmp_path: Path
+    tiny_checkpoint: Path, corpus: tuple[Path, list[SpokenAudio]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     manifest, _ = corpus
     out_json = tmp_path / "results" / "eval.json"
-    args = eval_parser().parse_args(
-        ["eval", str(manifest), "--model", str(tiny_checkpoint), "--tower", str(tiny_checkpoint / TOWER_OVERLAY_DIR)]
-        + ["--block-frames", "96", "--max-new-tokens", "4", "--device", "cpu", "--json", str(out_json)]
-    )
-    printed = io.StringIO()
-    assert args.run(args, out=printed) == 0
-    table = printed.getvalue()
+    argv = ["eval", str(manifest), "--model", str(tiny_checkpoint), "--tower", str(tiny_checkpoint / TOWER_OVERLAY_DIR)]
+    argv += ["--block-frames", "96", "--max-new-tokens", "4", "--device", "cpu", "--json", str(out_json)]
+    assert cli_main(argv) == 0
+    table = capsys.readouterr().out
     for row in ("sentences.wav", "words.wav", "macro (mean of files)", "corpus (errors / words)"):
         assert row in table
     loaded = ManifestEvaluation.from_json_dict(json.loads(out_json.read_text()))
@@ -266,25 +263,38 @@ def test_cli_eval_prints_the_table_and_writes_json(
     assert all(isinstance(result, FileResult) for result in loaded.files) and len(loaded.files) == 2
 
 
-def test_cli_eval_options() -> None:
-    parser = eval_parser()
-    defaults = session_options_from_args(parser.parse_args(["eval", "m.jsonl"]))
+def test_cli_eval_options(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The session options `qwen3-stream eval` runs with; nothing read or loaded (the handler's steps are faked)."""
+    seen: list[SessionOptions] = []
+
+    def evaluate(model: None, manifest: Path, options: SessionOptions) -> SimpleNamespace:
+        seen.append(options)
+        return SimpleNamespace(report=None)
+
+    monkeypatch.setattr(cli, "_load", lambda args, device: None)
+    monkeypatch.setattr("pipeline.evaluation.read_checked_manifest", lambda path: [])
+    monkeypatch.setattr("pipeline.evaluation.evaluate_manifest", evaluate)
+    monkeypatch.setattr("pipeline.scoring.format_report", lambda report: "")
+
+    assert cli_main(["eval", "m.jsonl", "--device", "cpu"]) == 0
+    assert cli_main(["eval", "m.jsonl", "--device", "cpu", "--backend", "windowed", "--language", "auto"]) == 0
+    defaults, windowed = seen
     assert defaults == SessionOptions(language="English")
-    args = parser.parse_args(["eval", "m.jsonl", "--backend", "windowed", "--language", "auto"])
-    windowed = session_options_from_args(args)
     assert windowed == SessionOptions.windowed(language=None)
-    with pytest.raises(SystemExit):
-        parser.parse_args(["eval", "m.jsonl", "--language", "klingon"])
-    with pytest.raises(SystemExit):
-        parser.parse_args(["eval", "m.jsonl", "--block-frames", "100"])
+    capsys.readouterr()
+    for flags, named in ((["--language", "klingon"], "--language"), (["--block-frames", "100"], "--block-frames")):
+        assert _run(["eval", "m.jsonl", "--device", "cpu", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("qwen3-stream: error: ") and err.count("\n") == 1 and named in err, err
+    assert len(seen) == 2
 
 
 def test_cli_eval_reports_a_bad_manifest_without_loading_a_model(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text(json.dumps({"audio": "gone.wav", "text": "hello"}) + "\n")
-    args = eval_parser().parse_args(["eval", str(manifest), "--model", str(tmp_path / "no-model")])
-    with caplog.at_level(logging.ERROR):
-        assert args.run(args, out=io.StringIO()) == 2
-    assert "gone.wav" in caplog.text and "no-model" not in caplog.text
+    assert cli_main(["eval", str(manifest), "--model", str(tmp_path / "no-model")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qwen3-stream: error: ") and err.count("\n") == 1
+    assert "gone.wav" in err and "no-model" not in err

@@ -3,7 +3,6 @@ real `StreamingSession`, and the memory probe."""
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from cli import main as cli_main
 from pipeline import flops
 from pipeline.checkpoint import load_model
 from pipeline.config import QWEN3_ASR_0_6B, TINY_AUDIO, TINY_TEXT, Qwen3ASRConfig
@@ -179,14 +179,19 @@ def test_state_bound_of_the_full_size_model():
     assert bound.mib(2)["total"] == pytest.approx(bound.mib(4)["total"] / 2)
 
 
-def test_bench_flops_command_writes_its_report(tmp_path, monkeypatch):
+def test_published_shapes_are_the_default_session_options():
+    # Derived from SessionOptions: the published ledger was measured at these (1.92 s blocks, 2 s windowed updates
+    # over 12 s + 640 ms of mel).
+    assert (flops.CAUSAL_BLOCK_FRAMES, flops.CAUSAL_BLOCK_STEPS, flops.CAUSAL_BLOCK_SEC) == (192, 24, 1.92)
+    assert (flops.WINDOWED_UPDATE_SEC, flops.WINDOW_FRAMES) == (2.0, 1264)
+
+
+def test_bench_flops_command_writes_its_report(tmp_path, monkeypatch, capsys):
     # The command end to end on the tiny geometry (the full-size walks take minutes).
     monkeypatch.setattr(flops, "ModelFlopCounter", lambda: ModelFlopCounter(TINY, device="cpu"))
-    parser = argparse.ArgumentParser()
-    flops.add_bench_flops_parser(parser.add_subparsers())
-    args = parser.parse_args(["flops", "--minutes", "0.2", "--out", str(tmp_path)])
-    assert args.run(args) == 0
+    assert cli_main(["bench", "flops", "--minutes", "0.2", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
+    assert capsys.readouterr().out == report
     assert "| 12 s | causal |" in report and "| 12 s | windowed |" in report
     assert (tmp_path / "flops.json").exists()
     pytest.importorskip("matplotlib")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from cli import main as cli_main
+from pipeline import roofline
 from pipeline.config import Qwen3ASRConfig, TINY_AUDIO, TINY_TEXT
 from pipeline.roofline import CPU_2_CORES, H100_SXM, format_roofline, step_model
 
@@ -37,3 +39,16 @@ def test_slot_bytes_equal_the_pool_slot() -> None:
 
 def test_report_is_labelled_an_estimate() -> None:
     assert "ESTIMATE" in format_roofline(devices=(H100_SXM,), calibration=(1,)).splitlines()[0]
+
+
+def test_block_shapes_come_from_the_default_session_options() -> None:
+    assert (roofline.BLOCK_SEC, roofline.BLOCK_STEPS) == (1.92, 24)
+    assert (roofline.SEGMENT_BLOCKS, roofline.MEAN_ENCODER_CACHED) == (8, 84)  # mean of 0, 24, ..., 168
+
+
+def test_bench_roofline_prints_the_estimate(monkeypatch, capsys) -> None:
+    one_device = format_roofline(devices=(H100_SXM,), calibration=(1,))  # all of them take seconds
+    monkeypatch.setattr(roofline, "format_roofline", lambda: one_device)
+    assert cli_main(["bench", "roofline"]) == 0
+    out = capsys.readouterr().out
+    assert out == one_device + "\n" and out.startswith("Roofline ESTIMATE") and "by step <= 1.92 s" in out
