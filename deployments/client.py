@@ -140,6 +140,8 @@ class StreamOutcome:
     resumed_from_sample: int = 0
     # The connection was dropped on purpose (`drop_after_samples`) before the stream ended.
     dropped: bool = False
+    # Every Ack received (durable segment boundaries), in order.
+    acks: list[asr_pb2.Ack] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -176,6 +178,7 @@ class StreamOutcome:
             self.results.append(TimedResult(received_at, result))
             return result
         elif kind == "ack":
+            self.acks.append(response.ack)
             self.durable_sample_offset = response.ack.durable_sample_offset
             self.acked_words = response.ack.committed_words
         elif kind == "final":

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 #: How often a pending roll is written again while the store is unreachable.
 RETRY_INTERVAL_S = 1.0
+#: How long a finished session stays resumable. Serve's proxy ends a stream's input alike for a half-close and
+#: for a client that went away (the cancel flag can arrive later), so an "end" may be a drop: the client can
+#: still resume for this long, then the keys expire.
+FINISHED_KEEP_S = 120.0
 
 
 def store_url(url: str | None) -> str | None:
@@ -102,11 +106,12 @@ class DurableStream:
         )
 
     async def end(self, finished: bool) -> None:
-        """The stream is over: `finished` (its Final was sent) deletes its state; otherwise (the connection
-        dropped, an error) the lease goes and the state stays for a resume within the TTL."""
+        """The stream is over: `finished` (its Final was sent) lets its state expire after FINISHED_KEEP_S;
+        otherwise (the connection dropped, an error) the lease goes and the state stays for a resume within the
+        session TTL."""
         try:
             if finished:
-                await self.store.finish(self.lease)
+                await self.store.finish(self.lease, keep_s=min(FINISHED_KEEP_S, self.store.ttl_ms / 1000))
             else:
                 await self.store.release(self.lease)
         except StoreUnavailable as error:

@@ -233,6 +233,20 @@ class LocalRedisServer:
         if remove_dir if remove_dir is not None else (self._given_dir is None and not self.keep_dir):
             self._remove_dir()
 
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop the server, stay down `down_s`, start it again on the same port and data directory: what a Redis
+        restart looks like to its clients (they reconnect; the append-only file brings the data back)."""
+        port, data_dir = self.port, self.data_dir
+        if port is None or data_dir is None:
+            raise RuntimeError("the server is not started")
+        self.stop(remove_dir=False)
+        time.sleep(down_s)
+        self.data_dir = data_dir
+        path = shutil.which(self.binary) if os.sep not in self.binary else self.binary
+        if not self._launch(path, port):
+            raise ServerStartError(f"{self.binary} did not restart on port {port}: {self._log_tail()}")
+        self._atexit = atexit.register(_stop_all, weakref.ref(self))
+
     def _remove_dir(self) -> None:
         if self.data_dir is not None and self.data_dir.exists():
             shutil.rmtree(self.data_dir, ignore_errors=True)

@@ -20,6 +20,8 @@ from protos.qwen3stream.v1 import asr_pb2
 
 #: The most audio one chunk may carry (seconds): a live source sends far less; more is a client bug.
 MAX_CHUNK_SECONDS = 10.0
+#: The longest language name accepted (the longest supported is far shorter; longer is never echoed back).
+MAX_LANGUAGE_CHARS = 64
 #: Block size of a config that leaves it unset (0).
 DEFAULT_BLOCK_FRAMES = 192
 #: Bytes per sample of each accepted encoding.
@@ -43,6 +45,8 @@ def session_options(config: asr_pb2.StreamConfig, defaults: SessionOptions) -> S
     if block_frames not in TRAINED_BLOCK_FRAMES:
         raise InvalidRequest(f"block_frames is {config.block_frames}; expected one of {TRAINED_BLOCK_FRAMES}")
     language = defaults.language
+    if len(config.language) > MAX_LANGUAGE_CHARS:
+        raise InvalidRequest(f"language has {len(config.language)} characters; expected a name or code of at most {MAX_LANGUAGE_CHARS}")
     if config.language:
         try:
             language = canonical_language(config.language)

@@ -194,6 +194,8 @@ class Ingress:
             received = session.sample_offset
             while (request := await self._next(stream)) is not None:
                 kind = request.WhichOneof("request")
+                if kind is None:
+                    raise InvalidRequest("an empty RecognizeRequest (no config, audio or control); send audio or half-close")
                 if kind == "config":
                     raise InvalidRequest("a second StreamConfig; the config is sent once, first")
                 if kind != "audio":
@@ -211,12 +213,20 @@ class Ingress:
                             yield asr_pb2.RecognizeResponse(ack=ack)
                 if durable is not None and (ack := await durable.flush()) is not None:
                     yield asr_pb2.RecognizeResponse(ack=ack)
+            if stream.is_cancelled():
+                # The client went away (Serve's proxy ends the input as for a half-close, with this flag): no
+                # end of audio, no Final; the session stays resumable (`finally` releases its lease).
+                log.info("session %s: client gone; kept for a resume", session.stream_id)
+                return
             for event in await driver.finish():
                 yield writer.result(event)
-            if durable is not None:
-                await durable.end(finished=True)  # before Final: a fenced-out owner must not claim the end
-            finished = True
             yield writer.final(session.token_ids, session.final_hypothesis_text, self._stats(session, driver, writer))
+            # Only once the Final is out is the session over: a client that went away while it was being made
+            # (its cancel can reach this replica after the end of its input) is cancelled before this point, and
+            # its session stays resumable.
+            finished = True
+            if durable is not None:
+                await durable.end(finished=True)
         except InvalidRequest as error:
             self._fail(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
             raise

@@ -28,6 +28,9 @@ _embedded: EmbeddedStore | None = None
 
 #: How stage calls travel between deployments, and the environment that selects it.
 TRANSPORTS = {"grpc": {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}, "by_reference": {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}}
+#: The largest gRPC message Serve's proxy accepts (its default is 2 GiB: one client could make it buffer that
+#: much). 4 MiB holds two minutes of float32 audio, far past the 10 s a chunk may carry.
+MAX_MESSAGE_ENV = {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(4 * 2**20)}
 DEFAULT_TRANSPORT = "grpc"  # measured faster than by_reference in `bench serve` (BENCHMARKS.md)
 
 
@@ -71,9 +74,10 @@ def start(settings: ServerSettings) -> str:
     ray.init(
         num_cpus=settings.num_cpus or max(os.cpu_count() or 1, _cpus_to_start(_deployment_options(config, settings))),
         include_dashboard=False,
-        runtime_env={"env_vars": TRANSPORTS[settings.transport]},
+        runtime_env={"env_vars": {**TRANSPORTS[settings.transport], **MAX_MESSAGE_ENV}},
         logging_level=logging.WARNING,
     )
+    os.environ.update(MAX_MESSAGE_ENV)  # the proxy may read it in this process too
     serve.start(
         http_options=HTTPOptions(host="127.0.0.1", port=config.get("http_options", {}).get("port", 8000)),
         grpc_options=gRPCOptions(port=port, grpc_servicer_functions=list(GRPC_SERVICERS)),

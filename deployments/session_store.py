@@ -248,10 +248,18 @@ return 0
 )
 
 # finish: ARGV = fence, token_hash. Deletes all of the session's keys if the caller is the current owner.
+# finish: ARGV = fence, token_hash, keep_ms. keep_ms 0 deletes every key; otherwise the lease goes and the
+# other keys expire after keep_ms (a client whose drop looked like an end can still resume meanwhile).
 _FINISH = (
-    _CHECK
+    _TOUCH
+    + _CHECK
     + """
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+if tonumber(ARGV[3]) > 0 then
+  redis.call('DEL', KEYS[5])
+  touch(ARGV[3])
+else
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+end
 return {'ok', tonumber(ARGV[1])}
 """
 )
@@ -315,6 +323,9 @@ class SessionStore:
                 socket_connect_timeout=socket_timeout_s,
                 socket_timeout=socket_timeout_s,
                 retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
+                # A pooled connection idle this long is checked before use: after a server restart the pool
+                # holds dead sockets, and a stream's write must not be the one that finds out.
+                health_check_interval=1.0,
                 decode_responses=False,
             )
         except ValueError as exc:
@@ -443,10 +454,12 @@ class SessionStore:
             )
         self._check(reply, lease)
 
-    async def finish(self, lease: Lease) -> None:
-        """The stream ended normally: delete the session's keys (it cannot be resumed). StaleOwner if fenced out."""
+    async def finish(self, lease: Lease, keep_s: float = 0.0) -> None:
+        """The stream ended normally: delete the session's keys, or (`keep_s` > 0) let them expire after `keep_s`
+        (still resumable meanwhile). StaleOwner if fenced out."""
+        keep_ms = max(0, int(round(keep_s * 1000)))
         async with self._call():
-            reply = await self._finish(keys=self.keys(lease.session_id), args=[lease.fence, lease.token_hash])
+            reply = await self._finish(keys=self.keys(lease.session_id), args=[lease.fence, lease.token_hash, keep_ms])
         self._check(reply, lease)
 
     async def release(self, lease: Lease) -> bool:

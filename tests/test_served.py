@@ -411,3 +411,43 @@ def test_a_rolling_upgrade_under_load_keeps_every_stream(server: str, tiny_check
         assert outcome.final.text == final.text and list(outcome.final.token_ids) == list(final.token_ids)
         stalls.append(float(np.diff([received for received, _ in outcome.results]).max()))
     print(f"rolling upgrade: longest gap between results {max(stalls):.2f} s (a block is 1.92 s)")
+
+
+@pytest.mark.parametrize("down_s", [0.5, 4.0], ids=["restart", "unreachable-across-a-roll"])
+def test_the_session_store_restarting_mid_stream_loses_nothing(
+    server: str, tiny_checkpoint: Path, down_s: float
+) -> None:
+    """The store (append-only, as the k8s manifest runs Redis) goes down 3 s into a paced stream and comes back
+    after `down_s`: the stream goes on meanwhile, a roll whose write failed is retried (never skipped: its Ack
+    arrives late), and the transcript is the undisturbed one. New streams meanwhile get UNAVAILABLE."""
+    from deployments import server as serving
+
+    audio = _audio(9.0, seed=121)
+    refused: list = []
+
+    async def run():  # noqa: ANN202
+        async with RecognizerClient(server) as client:
+            task = asyncio.create_task(client.recognize(audio, StreamOptions(chunk_ms=100, realtime=True)))
+            await asyncio.sleep(3.0)
+            outage = asyncio.create_task(asyncio.to_thread(serving._embedded.restart, down_s))
+            if down_s > 1:
+                await asyncio.sleep(1.0)
+                refused.append(_raw_call_async(client.channel))
+                refused[-1] = await refused[-1]
+            await outage
+            return await task
+
+    outcome = asyncio.run(run())
+    _, final = _expected_results(tiny_checkpoint, {"s": _heard(audio)})["s"]
+    assert outcome.final.text == final.text and list(outcome.final.token_ids) == list(final.token_ids)
+    assert [ack.segment_index for ack in outcome.acks][-1] >= 1  # the roll at 5.76 s was stored, late or not
+    if refused:
+        assert isinstance(refused[0], grpc.aio.AioRpcError) and refused[0].code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def _raw_call_async(channel: grpc.aio.Channel):  # noqa: ANN202
+    call = asr_pb2_grpc.RecognizerStub(channel).Recognize(iter([_config(), _chunk(b"\0\0" * 1600)]))
+    try:
+        return [response async for response in call]
+    except grpc.aio.AioRpcError as error:
+        return error

@@ -485,3 +485,23 @@ def test_restart_on_the_same_dir_keeps_a_saved_roll(kind, tmp_path):
 def test_missing_binary_is_a_clear_error(tmp_path):
     with pytest.raises(ServerStartError, match="not found"):
         start_redis_server(str(tmp_path / "no-such-redis-server"))
+
+
+def test_finish_with_keep_leaves_a_resumable_session_that_expires(redis_server, namespace):
+    """An end that may have been a drop: the keys stay (lease gone) for keep_s, resumable, then expire."""
+
+    async def body():
+        async with await SessionStore.connect(redis_server.url, namespace=namespace) as store:
+            kept, left = await store.create("s8", "A", b"cfg"), await store.create("s9", "A", b"cfg")
+            for lease in (kept, left):
+                await store.save_roll(lease, state(1, ["x", "y"]))
+                await store.finish(lease, keep_s=0.4)
+            ttls = [await store._redis.pttl(key) for key in store.keys("s8")]
+            assert all(0 < ttl <= 400 for ttl in ttls[:4]) and ttls[4] == -2  # four keys expiring, no lease
+            resumed = await store.resume("s8", kept.resume_token, "B")  # within keep_s: a live session again
+            assert resumed is not None and resumed[1].committed_words == ["x", "y"]
+            await asyncio.sleep(0.5)
+            assert await store.resume("s9", left.resume_token, "B") is None  # past keep_s: gone
+            assert not any([await store._redis.exists(key) for key in store.keys("s9")])
+
+    asyncio.run(body())
