@@ -33,6 +33,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -72,6 +73,10 @@ def _pdeathsig_preexec():
         prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
     return preexec
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def _free_port() -> int:
@@ -198,7 +203,10 @@ class LocalRedisServer:
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir,
                 start_new_session=True,
-                preexec_fn=_pdeathsig_preexec() if self.die_with_parent else None,
+                # The kernel's parent-death signal fires when the *thread* that forked exits: only the main
+                # thread lives as long as the process (a restart from a worker thread must not tie the server
+                # to that thread).
+                preexec_fn=_pdeathsig_preexec() if self.die_with_parent and _on_main_thread() else None,
             )
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
