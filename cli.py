@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -591,6 +592,13 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         metavar="URL",
         help="session store redis://[:password@]host:port/db (rediss:// for TLS); default: an embedded server",
     )
+    parser.add_argument(
+        "--api-keys",
+        default=None,
+        metavar="FILE",
+        help="require `authorization: Bearer <key>`: one name:key[:max_streams] per line (default: open, or the "
+        "QWEN3_STREAM_API_KEYS variable)",
+    )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -615,6 +623,14 @@ def _run_serve(args: argparse.Namespace) -> int:
         settings.args["dtype"] = args.dtype
     if args.max_new_tokens is not None:
         settings.args["session"] = {"max_new_tokens": args.max_new_tokens}
+    if args.api_keys is not None:
+        from deployments.auth import load_keys
+
+        try:  # a missing or malformed file is one line here, not a replica's traceback
+            load_keys(args.api_keys)
+        except ValueError as error:
+            raise UsageError(f"--api-keys {args.api_keys}: {error}") from None
+        settings.args["api_keys_file"] = str(Path(args.api_keys).resolve())
     if args.config is not None:
         settings.config = Path(args.config)
     server.serve_until_interrupted(settings, announce=lambda line: print(line, file=sys.stderr, flush=True))
@@ -633,6 +649,11 @@ def _add_stream(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--wait", type=float, default=0.0, metavar="SECONDS", help="wait up to this long for the server to be ready"
+    )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="the API key to send (default: the QWEN3_STREAM_API_KEY variable; none: no authorization)",
     )
     parser.add_argument(
         "--max-resumes",
@@ -664,6 +685,8 @@ def _run_stream(args: argparse.Namespace) -> int:
         language=language, block_frames=args.block_frames, chunk_ms=args.chunk_ms, realtime=args.realtime
     )
     recordings = {path: read_audio(path) for path in dict.fromkeys(args.audio)}
+    key = args.api_key or os.environ.get("QWEN3_STREAM_API_KEY")
+    metadata = [("authorization", f"Bearer {key}")] if key else None
 
     def show(path: str):  # noqa: ANN202
         def on_result(result) -> None:  # noqa: ANN001
@@ -687,6 +710,7 @@ def _run_stream(args: argparse.Namespace) -> int:
                         on_result=show(path),
                         reconnect_after_s=args.reconnect_after,
                         max_resumes=args.max_resumes,
+                        metadata=metadata,
                     )
                     for path, audio in recordings.items()
                 )

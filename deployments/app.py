@@ -43,7 +43,8 @@ def build_app(args: dict[str, Any]) -> Application:
     session (the streams' default `SessionOptions` fields, e.g. {max_new_tokens: 64}), store (the session store's
     Redis URL; else the `REDIS_URL` environment variable; neither: no resume), session_ttl_s (how long an idle
     session's state is kept), max_streams_per_ingress (streams one ingress replica admits; more are refused at
-    once), idle_timeout_s (a silent client is ended). (Serve applies the config's per-deployment settings on top.)"""
+    once), idle_timeout_s (a silent client is ended), api_keys_file (`authorization: Bearer` keys with quotas,
+    `deployments.auth`; else `QWEN3_STREAM_API_KEYS`; neither: open). (Serve applies the config's per-deployment settings on top.)"""
     return application(args, {})
 
 
@@ -51,7 +52,7 @@ def application(args: dict[str, Any], deployment_options: dict[str, dict[str, An
     """`build_app`, with each deployment's options (the config's `deployments` entries, by name) applied here."""
     known = {
         "model", "tower", "device", "dtype", "slots", "encoder_batch", "decoder_batch", "batch_wait_ms", "session",
-        "store", "session_ttl_s", "max_streams_per_ingress", "idle_timeout_s",
+        "store", "session_ttl_s", "max_streams_per_ingress", "idle_timeout_s", "api_keys_file",
     }  # fmt: skip
     unknown = set(args) - known
     if unknown:
@@ -86,5 +87,6 @@ def application(args: dict[str, Any], deployment_options: dict[str, dict[str, An
         session_ttl_s=float(args.get("session_ttl_s", 3600)),
         max_streams=int(args.get("max_streams_per_ingress", 256)),
         idle_timeout_s=float(args.get("idle_timeout_s", 30)),
+        api_keys_file=args.get("api_keys_file"),
     )
     return ingress

@@ -35,6 +35,7 @@ from deployments.grpc_api import (
     session_options,
     stage_timings,
 )
+from deployments.auth import KeyRing, QuotaExceeded, Unauthenticated, load_keys
 from deployments.durability import DurableStream, StoreConnection, store_url
 from deployments.session_store import SessionStore, StaleOwner, StoreUnavailable
 from deployments.stage_replicas import ModelSpec, reserve_threads
@@ -141,11 +142,13 @@ class Ingress:
         session_ttl_s: float = 3600.0,
         max_streams: int = 256,
         idle_timeout_s: float = 30.0,
+        api_keys_file: str | None = None,
     ) -> None:
         """`store`: the session store's Redis URL (else `REDIS_URL`; neither: no resume). `session_ttl_s`: how
         long an idle session's state is kept for a resume. `max_streams`: streams this replica admits (more
         are refused with RESOURCE_EXHAUSTED at once, never queued). `idle_timeout_s`: a client silent this long
-        is ended (its session stays resumable)."""
+        is ended (its session stays resumable). `api_keys_file`: API keys (`deployments.auth`; else the
+        `QWEN3_STREAM_API_KEYS` variable; neither: no authentication)."""
         reserve_threads()
         # The tokenizer and config for prompts and text (the stages hold the K/V and do the model work), on the
         # CPU whatever the stages' device: ingress replicas run on CPU nodes.
@@ -155,6 +158,8 @@ class Ingress:
         self.store = StoreConnection(store_url(store), session_ttl_s)
         self.owner = f"ingress-{uuid.uuid4().hex[:12]}"  # this replica, in leases
         self.max_streams, self.idle_timeout_s = max_streams, idle_timeout_s
+        keys = load_keys(api_keys_file)
+        self.keys = None if keys is None else KeyRing(keys)
         self.active = Gauge("qwen3_stream_active_streams", "streams open on this ingress replica")
         self.update_latency = Histogram(
             "qwen3_stream_update_latency_ms",
@@ -171,6 +176,7 @@ class Ingress:
     ) -> AsyncIterator[asr_pb2.RecognizeResponse]:
         driver: StreamDriver | None = None
         durable: DurableStream | None = None
+        key = None
         finished = False
         self._open += 1
         self.active.set(self._open)
@@ -180,6 +186,9 @@ class Ingress:
                     f"this ingress replica holds {self.max_streams} streams; retry in {RETRY_AFTER_MS} ms "
                     "(another replica may have room)"
                 )
+            if self.keys is not None:
+                key = self.keys.authenticate(grpc_context.invocation_metadata() if grpc_context is not None else [])
+                self.keys.admit(key)
             first = await self._next(stream)
             if first is None or first.WhichOneof("request") != "config":
                 raise InvalidRequest("the first message must be a StreamConfig")
@@ -245,8 +254,11 @@ class Ingress:
         except StageAtCapacity as error:
             self._fail(grpc_context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error}; retry in {RETRY_AFTER_MS} ms or elsewhere")
             raise
-        except Overloaded as error:
+        except (Overloaded, QuotaExceeded) as error:
             self._fail(grpc_context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+            raise
+        except Unauthenticated as error:
+            self._fail(grpc_context, grpc.StatusCode.UNAUTHENTICATED, str(error))
             raise
         except Idle as error:
             self._fail(grpc_context, grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
@@ -254,6 +266,8 @@ class Ingress:
         finally:
             self._open -= 1
             self.active.set(self._open)
+            if key is not None:
+                self.keys.leave(key)
             if driver is not None:
                 for stage, count in (("encoder", driver.stats.encoder_replays), ("decoder", driver.stats.decoder_replays)):
                     if count:

@@ -68,9 +68,9 @@ def all_docs() -> list[tuple[str, int, dict[str, Any]]]:
     return [(path.name, i, doc) for path in MANIFESTS for i, doc in enumerate(load_docs(path))]
 
 
-def the_doc(kind: str) -> dict[str, Any]:
-    found = [doc for _, _, doc in all_docs() if doc["kind"] == kind]
-    assert len(found) == 1, f"expected one {kind} in k8s/, found {len(found)}"
+def the_doc(kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [doc for _, _, doc in all_docs() if doc["kind"] == kind and name in (None, doc["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''} in k8s/, found {len(found)}"
     return copy.deepcopy(found[0])
 
 
@@ -412,7 +412,7 @@ MANIFEST_TYPOS = [
 
 @pytest.mark.parametrize(("kind", "path", "old", "new"), MANIFEST_TYPOS, ids=[f"{t[0]}-{t[3]}" for t in MANIFEST_TYPOS])
 def test_a_manifest_typo_fails(kind, path, old, new):
-    doc = the_doc(kind)
+    doc = the_doc(kind, "qwen3-stream-redis" if kind == "Secret" else None)
     assert manifest_errors(doc) == []
     problems = manifest_errors(rename_key(doc, path, old, new))
     # "'replcias' was unexpected", or "'containerPort' is a required property" where the field is required.
@@ -534,7 +534,7 @@ def test_pods_get_the_model_cache_redis_secret_and_transport():
     from deployments.server import DEFAULT_TRANSPORT, TRANSPORTS
 
     rayservice = the_doc("RayService")
-    secret = the_doc("Secret")
+    secret = the_doc("Secret", "qwen3-stream-redis")
     pvc = the_doc("PersistentVolumeClaim")
     args = embedded_serve_config(rayservice)["applications"][0]["args"]
     secret_ref = {"url": None, "password": None}
@@ -569,7 +569,7 @@ def test_pods_get_the_model_cache_redis_secret_and_transport():
 
 
 def test_redis_matches_the_secret_and_the_url():
-    statefulset, service, secret = the_doc("StatefulSet"), the_doc("Service"), the_doc("Secret")
+    statefulset, service, secret = the_doc("StatefulSet"), the_doc("Service"), the_doc("Secret", "qwen3-stream-redis")
     spec = statefulset["spec"]
     assert spec["replicas"] == 1
     assert spec["serviceName"] == service["metadata"]["name"]

@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
-from deployments.client import RecognizerClient, StreamOptions, encode_pcm
+from deployments.client import RecognizerClient, StreamOptions, encode_pcm, wait_until_serving
 from deployments.grpc_api import ResponseWriter
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pipeline.checkpoint import load_model
@@ -451,3 +451,43 @@ async def _raw_call_async(channel: grpc.aio.Channel):  # noqa: ANN202
         return [response async for response in call]
     except grpc.aio.AioRpcError as error:
         return error
+
+
+def test_api_keys_guard_the_api_when_configured(server: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Last in this module: the app is redeployed with API keys. No key or an unknown one: UNAUTHENTICATED; a
+    key past its stream quota: RESOURCE_EXHAUSTED; a good key streams."""
+    from dataclasses import replace
+
+    from deployments import server as serving
+
+    keys = tmp_path_factory.mktemp("keys") / "api_keys"
+    keys.write_text("team-a:team-a-key-0123456789:1\n")
+    serving.deploy(replace(_SETTINGS[0], args={**_SETTINGS[0].args, "api_keys_file": str(keys)}))
+    good = [("authorization", "Bearer team-a-key-0123456789")]
+
+    async def run():  # noqa: ANN202
+        async with RecognizerClient(server) as client:
+            await wait_until_serving(client.channel, 60)
+            answers = {}
+            for name, metadata in (("none", None), ("wrong", [("authorization", "Bearer nope-nope-nope-nope")])):
+                try:
+                    await client.recognize(_audio(0.5, seed=131), StreamOptions(), metadata=metadata)
+                except grpc.aio.AioRpcError as error:
+                    answers[name] = error
+            held = asyncio.create_task(
+                client.recognize(_audio(4.0, seed=132), StreamOptions(realtime=True), metadata=good)
+            )
+            await asyncio.sleep(1.5)
+            try:
+                await client.recognize(_audio(0.5, seed=133), StreamOptions(), metadata=good)
+            except grpc.aio.AioRpcError as error:
+                answers["quota"] = error
+            answers["good"] = await held
+            return answers
+
+    answers = asyncio.run(run())
+    for name in ("none", "wrong"):
+        assert answers[name].code() == grpc.StatusCode.UNAUTHENTICATED
+        assert answers[name].details().startswith("missing or unknown API key")
+    assert answers["quota"].code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "quota is 1" in answers["quota"].details()
+    assert answers["good"].final is not None
