@@ -461,9 +461,11 @@ def test_api_keys_guard_the_api_when_configured(server: str, tmp_path_factory: p
     from deployments import server as serving
 
     keys = tmp_path_factory.mktemp("keys") / "api_keys"
-    keys.write_text("team-a:team-a-key-0123456789:1\n")
-    serving.deploy(replace(_SETTINGS[0], args={**_SETTINGS[0].args, "api_keys_file": str(keys)}))
+    keys.write_text("team-a:team-a-key-0123456789:1\nteam-b:team-b-key-0123456789\n")
+    args = {**_SETTINGS[0].args, "api_keys_file": str(keys), "max_streams_per_ingress": 2}
+    serving.deploy(replace(_SETTINGS[0], args=args))
     good = [("authorization", "Bearer team-a-key-0123456789")]
+    other = [("authorization", "Bearer team-b-key-0123456789")]
 
     async def run():  # noqa: ANN202
         async with RecognizerClient(server) as client:
@@ -482,7 +484,15 @@ def test_api_keys_guard_the_api_when_configured(server: str, tmp_path_factory: p
                 await client.recognize(_audio(0.5, seed=133), StreamOptions(), metadata=good)
             except grpc.aio.AioRpcError as error:
                 answers["quota"] = error
-            answers["good"] = await held
+            also_held = asyncio.create_task(
+                client.recognize(_audio(3.0, seed=134), StreamOptions(realtime=True), metadata=other)
+            )
+            await asyncio.sleep(1.0)
+            try:  # a third stream on an ingress that admits two
+                await client.recognize(_audio(0.5, seed=135), StreamOptions(), metadata=other)
+            except grpc.aio.AioRpcError as error:
+                answers["admission"] = error
+            answers["good"], answers["other"] = await held, await also_held
             return answers
 
     answers = asyncio.run(run())
@@ -490,4 +500,6 @@ def test_api_keys_guard_the_api_when_configured(server: str, tmp_path_factory: p
         assert answers[name].code() == grpc.StatusCode.UNAUTHENTICATED
         assert answers[name].details().startswith("missing or unknown API key")
     assert answers["quota"].code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "quota is 1" in answers["quota"].details()
-    assert answers["good"].final is not None
+    admission = answers["admission"]
+    assert admission.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "holds 2 streams; retry in" in admission.details()
+    assert answers["good"].final is not None and answers["other"].final is not None
