@@ -497,6 +497,11 @@ def test_three_realtime_streams_against_a_served_pipeline(server: str, tmp_path:
     u = summary["update_latency_ms"]
     assert 0 < u["p50"] <= u["p95"] <= u["p99"] <= u["max"]
     assert summary["server_metrics"]  # a report or a "not reachable" line, either way stated
+    # Checked against the server's own timings: an update's client-side latency contains its encoder and decoder
+    # calls as the ingress timed them, so on average it cannot be shorter than they were.
+    server = summary["server_stage_timings"]
+    timed = [latency_ms for *_, latency_ms in rows if latency_ms is not None]
+    assert sum(timed) / len(timed) >= 0.9 * (server["encoder"]["mean_ms"] + server["decoder"]["mean_ms"])
 
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["streams"]["with_final"] == 3 and saved["mode"] == "single"
