@@ -564,6 +564,28 @@ def _add_loadtest(commands: argparse._SubParsersAction) -> None:
     add_loadtest_parser(commands)
 
 
+def _add_soak(commands: argparse._SubParsersAction) -> None:
+    parser = _command(
+        commands,
+        "soak",
+        _run_soak,
+        help="long streams through a local served pipeline (tiny model), sampling memory, store keys and slots",
+    )
+    parser.add_argument("--streams", type=_count, default=4, help="concurrent streams")
+    parser.add_argument("--minutes", type=_minutes(allow_zero=False), default=60.0, help="audio per stream")
+    parser.add_argument("--interval", type=float, default=10.0, metavar="SECONDS", help="sampling interval")
+    parser.add_argument("--out", type=Path, default=Path("soak"), help="where soak.json, soak.md and soak.png go")
+
+
+def _run_soak(args: argparse.Namespace) -> int:
+    from deployments.soak import run_soak, write_report
+
+    logging.getLogger("deployments").setLevel(logging.INFO)
+    result = run_soak(args.streams, args.minutes, args.interval)
+    print(write_report(result, args.out))
+    return 0 if not result.errors and result.finals == args.streams else 1
+
+
 #: One function per subcommand, in `--help` order. A new subcommand is one `_add_<name>` (and its handler) here.
 def _add_serve(commands: argparse._SubParsersAction) -> None:
     parser = _command(
@@ -746,6 +768,7 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_serve,
     _add_stream,
     _add_loadtest,
+    _add_soak,
 )
 
 

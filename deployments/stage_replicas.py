@@ -77,6 +77,17 @@ class _StageHost:
         return await asyncio.get_running_loop().run_in_executor(self._worker, function, *args)
 
 
+class _KVStageHost(_StageHost):
+    """A host of a stage with per-stream K/V slots (encoder, decoder)."""
+
+    async def release(self, stream_id: str, segment_index: int) -> None:
+        await self.run(self.stage.release, stream_id, segment_index)
+
+    async def slots_in_use(self) -> tuple[str, int]:
+        """(this replica, K/V slots holding a stream): for soak runs and operators."""
+        return self.replica, self.stage.streams.slots.count - self.stage.free_slots
+
+
 @serve.deployment
 class FeatureExtractor(_StageHost):
     """Streaming log-mel (CPU); stateless, so any replica serves any stream."""
@@ -91,7 +102,7 @@ class FeatureExtractor(_StageHost):
 
 
 @serve.deployment
-class CausalEncoder(_StageHost):
+class CausalEncoder(_KVStageHost):
     """The causal tower over a K/V slot pool; one batched forward per batch of streams' blocks."""
 
     def __init__(self, spec: ModelSpec, slots: int, max_batch_size: int, batch_wait_timeout_s: float) -> None:
@@ -108,12 +119,9 @@ class CausalEncoder(_StageHost):
         self.batch_size.observe(len(requests))
         return [(self.replica, answer) for answer in await self.run(self.stage.encode, requests)]
 
-    async def release(self, stream_id: str, segment_index: int) -> None:
-        await self.run(self.stage.release, stream_id, segment_index)
-
 
 @serve.deployment
-class Decoder(_StageHost):
+class Decoder(_KVStageHost):
     """The text decoder over a K/V slot pool; one batched rolling update per batch of streams."""
 
     def __init__(
@@ -134,9 +142,6 @@ class Decoder(_StageHost):
     async def update(self, requests: list[DecodeRequest]) -> list[tuple[str, UpdateResult | StageMiss | StageAtCapacity]]:
         self.batch_size.observe(len(requests))
         return [(self.replica, answer) for answer in await self.run(self.stage.update, requests)]
-
-    async def release(self, stream_id: str, segment_index: int) -> None:
-        await self.run(self.stage.release, stream_id, segment_index)
 
 
 def _decoder_capacity(model: ASRModel, options: SessionOptions) -> int:
