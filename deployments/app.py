@@ -25,7 +25,7 @@ DEFAULT_CONFIG = Path(__file__).with_name("serve_config.yaml")
 APP_NAME = "qwen3-stream"
 #: gRPC servicers on Serve's proxy: the API and the standard health service.
 GRPC_SERVICERS = (
-    "protos.qwen3stream.v1.asr_pb2_grpc.add_RecognizerServicer_to_server",
+    "deployments.grpc_service.add_recognizer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 )
 

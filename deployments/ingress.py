@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import grpc
+from google.protobuf.message import DecodeError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
@@ -333,13 +334,22 @@ class Ingress:
         return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
 
     async def _next(self, stream: gRPCInputStream) -> asr_pb2.RecognizeRequest | None:
-        """The client's next message (None after its half-close); a client silent for `idle_timeout_s` ends."""
+        """The client's next message (None after its half-close); a client silent for `idle_timeout_s` ends.
+
+        The proxy forwards requests as bytes (`deployments.grpc_service`): they are parsed here, so a message
+        that does not parse is the client's INVALID_ARGUMENT, not a silent end of its stream."""
         try:
-            return await asyncio.wait_for(anext(stream, None), self.idle_timeout_s)
+            message = await asyncio.wait_for(anext(stream, None), self.idle_timeout_s)
         except TimeoutError:
             raise Idle(
                 f"no message for {self.idle_timeout_s:g} s; send audio (or resume the session later)"
             ) from None
+        if not isinstance(message, bytes):
+            return message
+        try:
+            return asr_pb2.RecognizeRequest.FromString(message)
+        except DecodeError as error:
+            raise InvalidRequest(f"a message does not parse as a RecognizeRequest ({error})") from None
 
     def _fail(self, grpc_context, code: grpc.StatusCode, message: str) -> None:  # noqa: ANN001
         log.info("stream refused: %s: %s", code.name, message)

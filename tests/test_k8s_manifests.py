@@ -484,10 +484,9 @@ def test_cluster_layout_matches_the_serve_config():
     head_ports = {p["name"]: p["containerPort"] for p in _ray_container(groups["head"])["ports"]}
     assert head_ports["serve-grpc"] == config["grpc_options"]["port"] == 50051
     assert head_ports["serve"] == config["http_options"]["port"]
-    assert config["grpc_options"]["grpc_servicer_functions"] == [
-        "protos.qwen3stream.v1.asr_pb2_grpc.add_RecognizerServicer_to_server",
-        "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-    ]
+    from deployments.app import GRPC_SERVICERS
+
+    assert config["grpc_options"]["grpc_servicer_functions"] == list(GRPC_SERVICERS)
     assert config["http_options"]["host"] == "0.0.0.0"
     # Every deployment fits exactly one worker group: CPU stages by the custom resource, GPU stages by num_gpus.
     deployments = {d["name"]: d for d in config["applications"][0]["deployments"]}
