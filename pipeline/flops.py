@@ -652,7 +652,7 @@ def probe_session_memory(
 @dataclass(frozen=True)
 class StateBound:
     """Per-stream K/V state of the causal backend at full size, at its largest: live values, which is what
-    a `KVSlotPool` slot holds (a growing `DecoderKVCache` may allocate up to twice its live length)."""
+    a stage's pool slot holds (a growing `DecoderKVCache` may allocate up to twice its live length)."""
 
     encoder_values: int  # layers x (K, V) x 195 steps x d_model
     decoder_positions: int  # head + segment cap + tail + max_new_tokens
