@@ -135,11 +135,14 @@ def stop() -> None:
 
 
 def serve_until_interrupted(settings: ServerSettings, announce) -> None:  # noqa: ANN001 (a print-like callable)
-    """`start`, tell the address, block until Ctrl-C or SIGTERM, then stop."""
-    address = start(settings)
+    """`start`, tell the address, block until Ctrl-C or SIGTERM, then stop.
+
+    The signals are caught before starting: one that arrives while the application is still deploying (clients
+    can already be served then) ends the server as soon as it is up, instead of being lost."""
     stopped = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopped.set())
+    address = start(settings)
     announce(f"qwen3-stream: serving on {address} (gRPC qwen3stream.v1.Recognizer); Ctrl-C stops")
     try:
         stopped.wait()
