@@ -140,9 +140,14 @@ def serve_until_interrupted(settings: ServerSettings, announce) -> None:  # noqa
     The signals are caught before starting: one that arrives while the application is still deploying (clients
     can already be served then) ends the server as soon as it is up, instead of being lost."""
     stopped = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stopped.set())
+
+    def catch_signals() -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stopped.set())
+
+    catch_signals()
     address = start(settings)
+    catch_signals()  # again: ray.init installs a SIGTERM handler of its own
     announce(f"qwen3-stream: serving on {address} (gRPC qwen3stream.v1.Recognizer); Ctrl-C stops")
     try:
         stopped.wait()
