@@ -3,21 +3,21 @@
 A `StreamingEngine` owns up to `max_streams` `StreamingSession`s (state and policy) and one of each stage
 (`pipeline.stages`: features, encoder, decoder), the same stage objects the served pipeline's deployments host.
 The encoder and decoder stages keep the streams' K/V in preallocated slot pools (`pipeline.kv_pool`), one slot
-per stream, so admission is a free-slot check (a clear `EngineAtCapacity` otherwise) and no cache memory is allocated per update: streams in neighbouring slots (the
-common case: slots are handed out lowest first) write their new K/V into their slots and attend over views of
-the pool; only a batch of scattered slots gathers a padded copy, and activations are per-step tensors (the
-CUDA caching allocator recycles them; the decode steps run in fixed buffers). The end of a stream frees its slot;
-at a segment roll, when its K/V starts empty, a stream's next segment starts in the lowest free slot, so the
-live streams stay packed at the low slots that batches and fixed-shape
-steps cover. Audio is buffered per stream (only the cheap log-mel front-end runs on
+per stream, so admission is a free-slot check (a clear `EngineAtCapacity` otherwise) and no cache memory is
+allocated per update: streams in neighbouring slots (the common case: slots are handed out lowest first) write
+their new K/V into their slots and attend over views of the pool; only a batch of scattered slots gathers a
+padded copy, and activations are per-step tensors (the CUDA caching allocator recycles them; the decode steps
+run in fixed buffers). The end of a stream frees its slots; at a segment roll, when its K/V starts empty, a
+stream's next segment starts in the lowest free slot, so the live streams stay packed at the low slots that
+batches and fixed-shape steps cover. Audio is buffered per stream (only the cheap log-mel front-end runs on
 arrival); `step()` then advances every stream that has a whole block buffered, or whose end was signalled, by
 one block (a stream that has fallen behind by up to `EngineOptions.catch_up_blocks`, see below):
 
 1. scheduling: each session's `next_block` rolls its segment if the block would pass the cap and hands out the
    block (the same code the single-stream session runs);
 2. one `EncoderStage.encode`: one forward over all those blocks, on their slots' K/V;
-3. one `DecoderStage.update`: one `RollingDecoder.update` over all those streams (one parallel pass, batched verification, batched
-   greedy steps with streams leaving as they stop, run by the engine's `DecodeStep`: a dynamic batch on CPU,
+3. one `DecoderStage.update`: one `RollingDecoder.update` over all those streams (one parallel pass, batched
+   verification, batched greedy steps with streams leaving as they stop, run by the engine's `DecodeStep`: a dynamic batch on CPU,
    fixed-shape steps over the pool replayed as CUDA graphs on a GPU; `EngineOptions.decode_step`);
 4. per stream, `complete_block` applies the commit and segment policy and makes the events; a stream whose end
    was signalled and whose last block is decoded is finalized and its slot freed.
@@ -200,13 +200,11 @@ class StreamingEngine:
 
     def push_audio(self, stream_id: str, pcm: np.ndarray) -> None:
         """Buffer 16 kHz mono float32 PCM for a stream; it is encoded by later `step` calls."""
-        session = self.session(stream_id)
-        session.accept_features(self.features.extract([session.feature_request(pcm)])[0])
+        self.session(stream_id).buffer_audio(pcm, self.features)
 
     def finish_stream(self, stream_id: str) -> None:
         """Signal the end of a stream's audio; later steps decode what is left, then finalize it."""
-        session = self.session(stream_id)
-        session.accept_features(self.features.extract([session.feature_request(end=True)])[0], end=True)
+        self.session(stream_id).begin_finish(self.features)
 
     @property
     def has_work(self) -> bool:

@@ -285,13 +285,14 @@ class StreamingSession:
         self._buffer_mel(result.mel)
         self.finishing = end
 
-    def buffer_audio(self, samples: np.ndarray) -> None:
-        """Causal backend: run the front-end on new PCM and buffer its mel; no block is encoded yet."""
-        self.accept_features(_FEATURES.extract([self.feature_request(samples)])[0])
+    def buffer_audio(self, samples: np.ndarray, features: FeatureStage | None = None) -> None:
+        """Causal backend: run the front-end (on `features`, e.g. an engine's stage) on new PCM and buffer its mel;
+        no block is encoded yet."""
+        self.accept_features((features or _FEATURES).extract([self.feature_request(samples)])[0])
 
-    def begin_finish(self) -> None:
+    def begin_finish(self, features: FeatureStage | None = None) -> None:
         """Causal backend: end of audio. The remaining blocks, then the partial one, come out of `next_block`."""
-        self.accept_features(_FEATURES.extract([self.feature_request(end=True)])[0], end=True)
+        self.accept_features((features or _FEATURES).extract([self.feature_request(end=True)])[0], end=True)
 
     def next_block(self, more_to_come: bool = False) -> CausalBlock | None:
         """The next block to encode (rolling the segment first if the block would pass the cap), or None.
@@ -669,8 +670,8 @@ def offline_step_end_frames(frames: int) -> Tensor:
     ends = []
     for chunk_start in range(0, frames, OFFLINE_CHUNK_FRAMES):
         length = min(OFFLINE_CHUNK_FRAMES, frames - chunk_start)
-        for step in range(-(-length // 8)):
-            ends.append(chunk_start + min(8 * step + 7, length - 1))
+        for step in range(-(-length // STEP_FRAMES)):
+            ends.append(chunk_start + min(STEP_FRAMES * step + STEP_FRAMES - 1, length - 1))
     return torch.tensor(ends, dtype=torch.long)
 
 
