@@ -75,9 +75,10 @@ class DurableStream:
     pending: DurableState | None = None
     last_try: float = 0.0
 
-    async def roll(self, event: TranscriptEvent, session: StreamingSession, words: list[str]) -> asr_pb2.Ack | None:
+    async def roll(self, event: TranscriptEvent, session: StreamingSession) -> asr_pb2.Ack | None:
         """Record the roll `event` (its words already sent); the Ack to send, or None while the store is away."""
         assert event.checkpoint is not None, "rolls carry checkpoints"
+        words = event.transcript.split()  # the committed words as of the roll (later events may follow it)
         self.pending = DurableState(
             checkpoint=event.checkpoint,
             segment_index=session.segment_index,

@@ -87,10 +87,9 @@ def decode_audio(data: bytes, encoding: int) -> np.ndarray:
 class ResponseWriter:
     """Turns a stream's events into responses, numbering committed words (an index is never reused)."""
 
-    def __init__(self, words: list[str] | None = None) -> None:
-        """`words`: the committed words a resumed stream already has (the next index follows them)."""
-        self.words: list[str] = list(words or [])
-        self.next_index = len(self.words)
+    def __init__(self, next_index: int = 0) -> None:
+        """`next_index`: how many committed words a resumed stream already has (the next index follows them)."""
+        self.next_index = next_index
 
     def result(self, event: TranscriptEvent) -> asr_pb2.RecognizeResponse:
         return asr_pb2.RecognizeResponse(
@@ -103,11 +102,14 @@ class ResponseWriter:
             )
         )
 
-    def final(self, token_ids: list[int], final_hypothesis_text: str, stats: asr_pb2.FinalStats) -> asr_pb2.RecognizeResponse:
-        """The transcript of record: the committed words, as the client received them."""
+    @staticmethod
+    def final(
+        transcript: str, token_ids: list[int], final_hypothesis_text: str, stats: asr_pb2.FinalStats
+    ) -> asr_pb2.RecognizeResponse:
+        """`transcript`: the transcript of record (the session's committed words, as the client received them)."""
         return asr_pb2.RecognizeResponse(
             final=asr_pb2.Final(
-                text=" ".join(self.words),
+                text=transcript,
                 token_ids=token_ids,
                 stats=stats,
                 final_hypothesis_text=final_hypothesis_text,
@@ -115,7 +117,6 @@ class ResponseWriter:
         )
 
     def _word(self, word: CommittedWord) -> asr_pb2.Word:
-        self.words.append(word.text)
         message = asr_pb2.Word(
             index=self.next_index, text=word.text, start_ms=round(word.start_sec * 1000), end_ms=round(word.end_sec * 1000)
         )

@@ -218,7 +218,7 @@ class Ingress:
                     self.update_latency.observe(1000 * (time.perf_counter() - arrived))
                     self.lag.set(received / SAMPLE_RATE - event.audio_sec)
                     if event.checkpoint is not None and durable is not None:
-                        ack = await durable.roll(event, session, writer.words)
+                        ack = await durable.roll(event, session)
                         if ack is not None:
                             yield asr_pb2.RecognizeResponse(ack=ack)
                 if durable is not None and (ack := await durable.flush()) is not None:
@@ -230,7 +230,8 @@ class Ingress:
                 return
             for event in await driver.finish():
                 yield writer.result(event)
-            yield writer.final(session.token_ids, session.final_hypothesis_text, self._stats(session, driver, writer))
+            stats = self._stats(session, driver, writer)
+            yield writer.final(session.transcript, session.token_ids, session.final_hypothesis_text, stats)
             # Only once the Final is out is the session over: a client that went away while it was being made
             # (its cancel can reach this replica after the end of its input) is cancelled before this point, and
             # its session stays resumable.
@@ -316,14 +317,14 @@ class Ingress:
             next_word_index=state.emitted_words,
         )
         log.info("session %s resumed at sample %d (%d words)", lease.session_id, state.sample_offset, state.emitted_words)
-        return session, ResponseWriter(words=state.committed_words), DurableStream(store, lease), started
+        return session, ResponseWriter(next_index=state.emitted_words), DurableStream(store, lease), started
 
     def _stats(self, session: StreamingSession, driver: StreamDriver, writer: ResponseWriter) -> asr_pb2.FinalStats:
         return asr_pb2.FinalStats(
             audio_ms=round(session.audio_sec * 1000),
             segments=session.segment_index + 1,
             updates=driver.stats.updates,
-            words=len(writer.words),
+            words=writer.next_index,
             replays=driver.stats.encoder_replays + driver.stats.decoder_replays,
             revised_words=session.revised_words,
             stage_timings=stage_timings(driver.stats.stage_seconds, self.stages.replicas_of(session.stream_id)),

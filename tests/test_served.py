@@ -78,7 +78,8 @@ def _expected_results(tiny_checkpoint: Path, recordings: dict[str, np.ndarray]) 
         for name, events in engine.step().items():
             results[name] += [writers[name].result(event).result for event in events]
     for name, session in sessions.items():
-        finals[name] = writers[name].final(session.token_ids, session.final_hypothesis_text, asr_pb2.FinalStats()).final
+        final = writers[name].final(session.transcript, session.token_ids, session.final_hypothesis_text, asr_pb2.FinalStats())
+        finals[name] = final.final
     return {name: (results[name], finals[name]) for name in recordings}
 
 
