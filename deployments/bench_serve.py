@@ -35,7 +35,7 @@ from pipeline.checkpoint import load_model
 from pipeline.engine import EngineOptions, StreamingEngine
 from pipeline.features import SAMPLE_RATE
 from pipeline.session import SessionOptions, StreamingSession
-from pipeline.stages import DecoderStage, EncoderStage, FeatureStage
+from pipeline.stages import FeatureStage
 from pipeline.stream_driver import LocalStages, StreamDriver
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR, make_random_checkpoint
 
@@ -126,11 +126,8 @@ async def served_update_latency(address: str, audio: np.ndarray) -> tuple[list[f
 async def local_update_latency(model, options: SessionOptions, audio: np.ndarray) -> tuple[list[float], dict]:  # noqa: ANN001
     """The same stream driven in process (the ingress's code over in-process stages): per update, the seconds
     from receiving the chunk that completed its block to its events; and the stage timings."""
-    from pipeline.session import decoder_positions_needed
-
-    capacity = decoder_positions_needed(StreamingSession(model, options).prompt, options)
-    stages = LocalStages(FeatureStage(), EncoderStage(model.audio_tower, 1), DecoderStage(model.text_decoder, 1, capacity))
-    driver = StreamDriver(StreamingSession(model, options, stream_id="local", keep_replay=True), stages)
+    session = StreamingSession(model, options, stream_id="local", keep_replay=True)
+    driver = StreamDriver(session, LocalStages(FeatureStage(), *session.own_stages))  # one-slot stages of its own
     chunk = LATENCY_CHUNK_MS * SAMPLE_RATE // 1000
     latencies = []
     for start in range(0, audio.size, chunk):

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -52,7 +53,7 @@ def session_options(config: asr_pb2.StreamConfig, defaults: SessionOptions) -> S
             language = canonical_language(config.language)
         except ValueError as error:
             raise InvalidRequest(str(error)) from None
-    return SessionOptions(**{**defaults.__dict__, "language": language, "block_frames": block_frames})
+    return replace(defaults, language=language, block_frames=block_frames)
 
 
 def effective_config(config: asr_pb2.StreamConfig, options: SessionOptions) -> asr_pb2.StreamConfig:
