@@ -241,10 +241,10 @@ def _session_options(args: argparse.Namespace) -> SessionOptions:
             language = canonical_language(args.language)
         except ValueError as error:
             raise UsageError(f"--language: {error}") from None
-    settings = {"block_frames": args.block_frames, "language": language}
+    settings: dict = {"encoder": {"block_frames": args.block_frames}, "language": language}
     if getattr(args, "max_new_tokens", None) is not None:
-        settings["max_new_tokens"] = args.max_new_tokens
-    return SessionOptions.windowed(**settings) if args.backend == "windowed" else SessionOptions(**settings)
+        settings["decode"] = {"max_new_tokens": args.max_new_tokens}
+    return SessionOptions.windowed(**settings) if args.backend == "windowed" else SessionOptions.from_dict(settings)
 
 
 def _tower(args: argparse.Namespace) -> str | None:

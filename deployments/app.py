@@ -40,7 +40,7 @@ STICKY = RequestRouterConfig(
 def build_app(args: dict[str, Any]) -> Application:
     """The application from the config's `args` (all optional): model, tower ("none": the offline tower),
     device, dtype, slots (K/V slots per encoder/decoder replica), encoder_batch, decoder_batch, batch_wait_ms,
-    session (the streams' default `SessionOptions` fields, e.g. {max_new_tokens: 64}), store (the session store's
+    session (the streams' default `SessionOptions` in their nested form, e.g. {decode: {max_new_tokens: 64}}), store (the session store's
     Redis URL; else the `REDIS_URL` environment variable; neither: no resume), session_ttl_s (how long an idle
     session's state is kept), max_streams_per_ingress (streams one ingress replica admits; more are refused at
     once), idle_timeout_s (a silent client is ended), api_keys_file (`authorization: Bearer` keys with quotas,
@@ -73,7 +73,7 @@ def application(args: dict[str, Any], deployment_options: dict[str, dict[str, An
     def configured(deployment, **options):  # noqa: ANN001, ANN202
         return deployment.options(**options, **deployment_options.get(deployment.name, {}))
 
-    defaults = SessionOptions(**args.get("session", {}))
+    defaults = SessionOptions.from_dict(args.get("session", {}))
     encoder_batch, decoder_batch = int(args.get("encoder_batch", 64)), int(args.get("decoder_batch", 64))
     encoder = configured(CausalEncoder, request_router_config=STICKY).bind(spec, slots, encoder_batch, wait_s)
     decoder = configured(Decoder, request_router_config=STICKY).bind(spec, slots, decoder_batch, wait_s, defaults)

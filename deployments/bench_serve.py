@@ -34,6 +34,7 @@ from deployments.client import RecognizerClient, StreamOptions, encode_pcm, wait
 from pipeline.checkpoint import load_model
 from pipeline.engine import EngineOptions, StreamingEngine
 from pipeline.features import SAMPLE_RATE
+from pipeline.decoding import DecodeOptions
 from pipeline.session import SessionOptions, StreamingSession
 from pipeline.stages import FeatureStage
 from pipeline.stream_driver import LocalStages, StreamDriver
@@ -159,7 +160,7 @@ def run_serve_bench(
         log.info("bench serve: writing the %s checkpoint", kind)
         checkpoint = make_random_checkpoint(Path(scratch) / "model", seed=0, with_tower=True, full_size=full_size)
         tower = checkpoint / TOWER_OVERLAY_DIR
-        options = SessionOptions(language="English", max_new_tokens=max_new_tokens)
+        options = SessionOptions(language="English", decode=DecodeOptions(max_new_tokens=max_new_tokens))
         recordings = [synthetic_audio(seconds, seed=index) for index in range(max(stream_counts))]
         torch.set_num_threads(2)  # the in-process engine uses the whole machine
         model = load_model(checkpoint, tower=tower, dtype=torch.float32)

@@ -18,6 +18,7 @@ import numpy as np
 from deployments.embedded_store import EmbeddedStore
 from deployments.session_store import DurableState, SessionStore
 from pipeline.checkpoint import load_model
+from pipeline.decoding import DecodeOptions
 from pipeline.session import SessionOptions, StreamingSession, checkpoint_offset
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR, make_tiny_checkpoint
 
@@ -41,7 +42,7 @@ def real_checkpoint() -> bytes:
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = make_tiny_checkpoint(Path(scratch) / "tiny", with_tower=True)
         model = load_model(checkpoint, tower=checkpoint / TOWER_OVERLAY_DIR)
-    session = StreamingSession(model, SessionOptions(max_new_tokens=8))
+    session = StreamingSession(model, SessionOptions(decode=DecodeOptions(max_new_tokens=8)))
     noise = (0.1 * np.random.default_rng(0).standard_normal(16_000 * 30)).astype(np.float32)
     for start in range(0, noise.size, 1600):
         for event in session.push_audio(noise[start : start + 1600]):

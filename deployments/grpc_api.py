@@ -53,7 +53,7 @@ def session_options(config: asr_pb2.StreamConfig, defaults: SessionOptions) -> S
             language = canonical_language(config.language)
         except ValueError as error:
             raise InvalidRequest(str(error)) from None
-    return replace(defaults, language=language, block_frames=block_frames)
+    return replace(defaults, language=language, encoder=replace(defaults.encoder, block_frames=block_frames))
 
 
 def effective_config(config: asr_pb2.StreamConfig, options: SessionOptions) -> asr_pb2.StreamConfig:
@@ -62,7 +62,7 @@ def effective_config(config: asr_pb2.StreamConfig, options: SessionOptions) -> a
         language=options.language or "",
         sample_rate_hz=SAMPLE_RATE,
         encoding=config.encoding,
-        block_frames=options.block_frames,
+        block_frames=options.encoder.block_frames,
         interim_results=config.interim_results,
     )
 

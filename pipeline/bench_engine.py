@@ -180,7 +180,7 @@ def run_engine_bench(
                 step_mean_sec=statistics.fmean(totals),
                 encoder_mean_sec=statistics.fmean(t.encoder_sec for t in timings),
                 decoder_mean_sec=statistics.fmean(t.decoder_sec for t in timings),
-                audio_per_step_sec=options.block_frames / FRAMES_PER_SECOND,
+                audio_per_step_sec=options.encoder.block_frames / FRAMES_PER_SECOND,
                 kv_bytes_per_stream=engine.kv_bytes_per_stream,
                 mean_draft=statistics.fmean(s.draft_tokens for s in stats),
                 mean_accepted=statistics.fmean(s.draft_accepted for s in stats),
@@ -199,7 +199,7 @@ def _budgeted_streams(
     options = engine.options
     words = tuple(engine.model.tokenizer.encode(word)[0] for word in (" the", " a", " one"))
     rng = np.random.default_rng(count)
-    samples = blocks_per_stream * options.block_frames * SAMPLE_RATE // FRAMES_PER_SECOND
+    samples = blocks_per_stream * options.encoder.block_frames * SAMPLE_RATE // FRAMES_PER_SECOND
     streams, budget = {}, None
     for index in range(count):
         stream_id = f"stream-{index}"
@@ -290,7 +290,7 @@ def run_live_engine_bench(
     look-ahead and up to one chunk of delivery).
     """
     options = options or SessionOptions(language="English")
-    block_sec = options.block_frames / FRAMES_PER_SECOND
+    block_sec = options.encoder.block_frames / FRAMES_PER_SECOND
     chunk_samples = round(LIVE_CHUNK_SEC * SAMPLE_RATE)
     catch_up = engine_options.catch_up_blocks
     results = []

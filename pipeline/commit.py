@@ -50,8 +50,6 @@ class CommitOptions:
 
     hold_back_words: int = 6
     stable_iterations: int = 1
-    # Seconds of audio between decoder updates; only the commit-lag estimate uses it.
-    update_interval_sec: float = 2.0
     # Shortest span an interpolated word gets (unless that would pass the audio heard so far).
     min_word_sec: float = 0.05
     # None derives the lag from the settings above (`commit_lag_sec`).
@@ -62,27 +60,25 @@ class CommitOptions:
             raise ValueError(f"hold_back_words is {self.hold_back_words}; expected >= 0")
         if self.stable_iterations < 1:
             raise ValueError(f"stable_iterations is {self.stable_iterations}; expected >= 1")
-        if self.update_interval_sec <= 0:
-            raise ValueError(f"update_interval_sec is {self.update_interval_sec}; expected > 0")
         if self.min_word_sec < 0:
             raise ValueError(f"min_word_sec is {self.min_word_sec}; expected >= 0")
         if self.commit_lag_override_sec is not None and self.commit_lag_override_sec < 0:
             raise ValueError(f"commit_lag_override_sec is {self.commit_lag_override_sec}; expected >= 0")
 
-    @property
-    def commit_lag_sec(self) -> float:
-        """Expected distance from the audio head back to the words being committed.
+    def commit_lag_sec(self, update_interval_sec: float) -> float:
+        """Expected distance from the audio head back to the words being committed, with decoder updates
+        every `update_interval_sec` seconds of audio.
 
         The held-back words take `hold_back_words / 2.4` s to speak, each extra stability
         iteration waits one more update, a word lands on average half an update before the
-        update that sees it, and decoding adds about 0.3 s: 3.8 s for the causal defaults.
+        update that sees it, and decoding adds about 0.3 s: 3.8 s for the causal defaults at 2 s updates.
         """
         if self.commit_lag_override_sec is not None:
             return self.commit_lag_override_sec
         return (
             self.hold_back_words / _SPEECH_WORDS_PER_SEC
-            + self.update_interval_sec * (self.stable_iterations - 1)
-            + self.update_interval_sec / 2
+            + update_interval_sec * (self.stable_iterations - 1)
+            + update_interval_sec / 2
             + _DECODE_OVERHEAD_SEC
         )
 
@@ -224,9 +220,18 @@ class TranscriptCommitter:
     the words to emit; emitted words are never changed afterwards.
     """
 
-    def __init__(self, options: CommitOptions | None = None, state: TranscriptCommitState | None = None) -> None:
+    def __init__(
+        self,
+        options: CommitOptions | None = None,
+        state: TranscriptCommitState | None = None,
+        update_interval_sec: float = 2.0,
+    ) -> None:
+        """`update_interval_sec`: seconds of audio between decoder updates (the word-time estimates use it)."""
+        if update_interval_sec <= 0:
+            raise ValueError(f"update_interval_sec is {update_interval_sec}; expected > 0")
         self.options = options or CommitOptions()
         self.state = state or TranscriptCommitState()
+        self.update_interval_sec = update_interval_sec
 
     @property
     def transcript(self) -> str:
@@ -307,7 +312,7 @@ class TranscriptCommitter:
             return ()
         count = len(new_texts)
         start = state.last_commit_sec
-        lagged_end = audio_sec if at_end_of_stream else audio_sec - self.options.commit_lag_sec
+        lagged_end = audio_sec if at_end_of_stream else audio_sec - self.options.commit_lag_sec(self.update_interval_sec)
         # At least min_word_sec per word, but never past the audio heard so far.
         end = max(start, min(max(lagged_end, start + self.options.min_word_sec * count), audio_sec))
         span = end - start
@@ -342,6 +347,8 @@ class SegmentOptions:
     segment_max_steps: int = 200  # 16 s: the causal tower was trained on chains of at most 16 s
     segment_punct_min_steps: int = 150  # 12 s: roll at a sentence end once the segment is this long
     roll_before_generate: bool = True  # never spend an update on a cache that is about to be dropped
+    # Roll after an update (at a sentence end, or past the cap). The windowed reference rolls only before one.
+    punctuation_rollover: bool = True
 
     def __post_init__(self) -> None:
         if self.segment_max_steps < 1:
@@ -376,6 +383,8 @@ class SegmentPolicy:
     def should_roll_after(self, segment_steps: int, hypothesis_text: str) -> Literal[True] | None:
         """Roll (True) after an update at a sentence end once long enough, or when past the cap; else None."""
         _check_steps(segment_steps=segment_steps)
+        if not self.options.punctuation_rollover:
+            return None
         if segment_steps > self.options.segment_max_steps:
             return True
         if segment_steps >= self.options.segment_punct_min_steps and ends_with_sentence_punctuation(

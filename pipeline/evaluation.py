@@ -197,7 +197,7 @@ class ManifestEvaluation:
             manifest=data["manifest"],
             model_source=data["model"],
             tower_source=data["tower"],
-            options=SessionOptions(**data["options"]),
+            options=SessionOptions.from_dict(data["options"]),
             tail_ms=data["tail_ms"],
             files=tuple(_file_from_json(item) for item in data["files"]),
         )

@@ -49,9 +49,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.causal_encoder import CausalAudioEncoder, CausalEncoderState
 from pipeline.checkpoint import load_model
-from pipeline.commit import SegmentOptions, SegmentPolicy
+from pipeline.commit import SegmentPolicy
 from pipeline.config import QWEN3_ASR_0_6B, Qwen3ASRConfig
 from pipeline.decoder import TextDecoder, ragged_causal_mask
+from pipeline.decoding import DecodeOptions
 from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, STEP_FRAMES, AudioTower, offline_output_steps
 from pipeline.features import FRAMES_PER_SECOND
 from pipeline.session import SessionOptions, StreamingSession, offline_step_end_frames
@@ -302,14 +303,6 @@ def rolling_text_work(
     )
 
 
-def _segment_policy(options: SessionOptions) -> SegmentPolicy:
-    return SegmentPolicy(
-        SegmentOptions(
-            segment_max_steps=options.segment_max_steps, segment_punct_min_steps=options.segment_punct_min_steps
-        )
-    )
-
-
 def causal_schedule(
     frames: int,
     options: SessionOptions = SessionOptions(),
@@ -317,8 +310,8 @@ def causal_schedule(
     budget: HypothesisBudget = CAUSAL_PUBLISHED_BUDGET,
 ) -> list[UpdateShape]:
     """The updates `StreamingSession` (causal) runs on a stream of `frames` mel frames, cap-only rolls."""
-    policy = _segment_policy(options)
-    block = options.block_frames
+    policy = SegmentPolicy(options.segment)
+    block = options.encoder.block_frames
     blocks = [(block, False)] * (frames // block)
     flush = frames % block // STEP_FRAMES * STEP_FRAMES
     if flush:
@@ -330,7 +323,7 @@ def causal_schedule(
         if policy.should_roll_before(segment_steps, block_steps) is not None:
             segment_index, segment_steps, hypothesis = segment_index + 1, 0, 0
         encoder = CausalBlock(block_steps, min(segment_steps, CAUSAL_LEFT_CONTEXT_STEPS))
-        new_hypothesis = budget.tokens(segment_steps + block_steps, options.max_new_tokens)
+        new_hypothesis = budget.tokens(segment_steps + block_steps, options.decode.max_new_tokens)
         text = rolling_text_work(
             prompt, segment_steps, segment_steps + block_steps, hypothesis, new_hypothesis, budget.steps_after_draft
         )
@@ -347,7 +340,7 @@ def causal_schedule(
                 is_flush=is_flush,
             )
         )
-        if segment_steps > options.segment_max_steps:
+        if segment_steps > options.segment.segment_max_steps:
             segment_index, segment_steps, hypothesis = segment_index + 1, 0, 0
     return shapes
 
@@ -359,11 +352,11 @@ def windowed_schedule(
     budget: HypothesisBudget = WINDOWED_PUBLISHED_BUDGET,
 ) -> list[UpdateShape]:
     """The updates `StreamingSession` (windowed) runs on a stream of `frames` mel frames."""
-    policy = _segment_policy(options)
-    update = options.windowed_update_frames
-    window_cap = options.windowed_left_frames + options.windowed_right_frames
+    policy = SegmentPolicy(options.segment)
+    update = options.window.update_frames
+    window_cap = options.window.left_frames + options.window.right_frames
     upcoming_steps = offline_output_steps(update)  # the session's look-ahead for its cap roll
-    chunks = [(update, options.windowed_right_frames, False)] * (frames // update)
+    chunks = [(update, options.window.right_frames, False)] * (frames // update)
     chunks.append((frames % update, 0, True))  # finish(): the rest, with no right context
     shapes: list[UpdateShape] = []
     segment_index, segment_steps = 0, 0
@@ -380,7 +373,7 @@ def windowed_schedule(
         if fresh.any():
             last_emitted_end = int(end_frames[fresh].max())
         segment_steps += int(fresh.sum())
-        hypothesis = budget.tokens(segment_steps, options.max_new_tokens)
+        hypothesis = budget.tokens(segment_steps, options.decode.max_new_tokens)
         shapes.append(
             UpdateShape(
                 stream_sec=frames_seen / FRAMES_PER_SECOND,
@@ -519,11 +512,11 @@ class PublishedComparison:
 #: Published steady-state shapes (seed_cpu_cost.md, causal_runtime.md §2, §5). The block, the update interval
 #: and the window are those of the default session options, i.e. of the published operating points.
 _CAUSAL, _WINDOWED = SessionOptions(), SessionOptions.windowed()
-CAUSAL_BLOCK_FRAMES = _CAUSAL.block_frames
+CAUSAL_BLOCK_FRAMES = _CAUSAL.encoder.block_frames
 CAUSAL_BLOCK_STEPS = CAUSAL_BLOCK_FRAMES // STEP_FRAMES
 CAUSAL_BLOCK_SEC = _CAUSAL.update_interval_sec  # one block per update
 WINDOWED_UPDATE_SEC = _WINDOWED.update_interval_sec
-WINDOW_FRAMES = _WINDOWED.windowed_left_frames + _WINDOWED.windowed_right_frames
+WINDOW_FRAMES = _WINDOWED.window.left_frames + _WINDOWED.window.right_frames
 STEADY_PASS_POSITIONS, STEADY_PASS_CACHED, STEADY_DRAFT_ROWS = 62, 120, 30
 STEADY_CAUSAL_STEPS, STEADY_STEP_PAST = 9, 250
 PREFILL_AVERAGE, PREFILL_PEAK = 128, 212
@@ -620,7 +613,7 @@ def probe_session_memory(
     with tempfile.TemporaryDirectory() as work_dir:
         model_dir = make_tiny_checkpoint(Path(work_dir) / "tiny", seed=seed, with_tower=True)
         model = load_model(model_dir, tower=model_dir / TOWER_OVERLAY_DIR)
-    session = StreamingSession(model, SessionOptions(max_new_tokens=16))
+    session = StreamingSession(model, SessionOptions(decode=DecodeOptions(max_new_tokens=16)))
     noise = np.random.default_rng(seed)
     chunk = round(chunk_sec * rate)
     total = round(minutes * 60 * rate)
@@ -675,10 +668,10 @@ def full_size_state_bound(
     most the rest of the hypothesis budget (as `pipeline.session.decoder_positions_needed`). Both are
     dropped at every segment roll."""
     audio, text = config.audio, config.text
-    segment_audio = max(options.segment_max_steps, options.block_frames // STEP_FRAMES)
+    segment_audio = max(options.segment.segment_max_steps, options.encoder.block_frames // STEP_FRAMES)
     return StateBound(
         encoder_values=audio.encoder_layers * 2 * CAUSAL_LEFT_CONTEXT_STEPS * audio.d_model,
-        decoder_positions=prompt.head + segment_audio + prompt.tail + options.max_new_tokens,
+        decoder_positions=prompt.head + segment_audio + prompt.tail + options.decode.max_new_tokens,
         decoder_values_per_position=text.num_hidden_layers * 2 * text.num_key_value_heads * text.head_dim,
     )
 

@@ -21,12 +21,12 @@ from pipeline.session import SessionOptions
 
 _OPTIONS = SessionOptions()  # the published causal operating point: one default block per update
 BLOCK_SEC = _OPTIONS.update_interval_sec
-BLOCK_STEPS = _OPTIONS.block_frames // STEP_FRAMES
+BLOCK_STEPS = _OPTIONS.encoder.block_frames // STEP_FRAMES
 TAIL_AND_DRAFT = 9 + 30  # official tail + published draft
 SEQUENTIAL_STEPS = 9
 HEAD = 9
 # Mean fill over a segment (segment_max_steps) of whole blocks: the k-th block (k = 0, 1, ...) sees k blocks cached.
-SEGMENT_BLOCKS = _OPTIONS.segment_max_steps // BLOCK_STEPS
+SEGMENT_BLOCKS = _OPTIONS.segment.segment_max_steps // BLOCK_STEPS
 MEAN_ENCODER_CACHED = BLOCK_STEPS * (SEGMENT_BLOCKS - 1) // 2
 MEAN_AUDIO_CACHED = MEAN_ENCODER_CACHED
 

@@ -30,7 +30,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -41,7 +42,7 @@ from pipeline.causal_encoder import CausalEncoderOptions
 from pipeline.checkpoint import ASRModel
 from pipeline.commit import CommitOptions, CommittedWord, SegmentOptions, SegmentPolicy, TranscriptCommitState, TranscriptCommitter
 from pipeline.decoding import DecodeControls, DecodeOptions
-from pipeline.encoder import OFFLINE_CHUNK_FRAMES, STEP_FRAMES, offline_output_steps
+from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, OFFLINE_CHUNK_FRAMES, STEP_FRAMES, offline_output_steps
 from pipeline.features import FRAMES_PER_SECOND, N_MELS, LogMelState, StreamingLogMel
 from pipeline.prompt import CausalPrompt, build_causal_prompt, decode_asr_output
 from pipeline.rolling import UpdateResult, UpdateStats, decode_from_scratch
@@ -59,59 +60,94 @@ from pipeline.stages import (
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 2  # 2: per-segment final tokens; front-end state without a clamp restart
+# 2: per-segment final tokens; front-end state without a clamp restart. 3: options nested by layer (version 2
+# checkpoints are still read, so that sessions outlive a rolling upgrade).
+CHECKPOINT_VERSION = 3
+
+
+@dataclass(frozen=True)
+class WindowOptions:
+    """The windowed backend: every `update_frames` re-encode `left_frames` of history + `right_frames` of
+    look-ahead (causal_runtime.md §2)."""
+
+    update_frames: int = 200
+    left_frames: int = 1200
+    right_frames: int = 64
 
 
 @dataclass(frozen=True)
 class SessionOptions:
-    """Per-stream settings. Defaults are the published causal operating point."""
+    """Per-stream settings, composed of each layer's own options. Defaults are the published causal operating
+    point. The decode options' token rules (suppressed and stop ids) come from the tokenizer, not from here."""
 
     backend: Literal["causal", "windowed"] = "causal"
-    block_frames: int = 192
     language: str | None = "English"
     context: str = ""
     speculative: bool = True
     # causal backend: run the decoder once per this many encoded blocks (1 = every block, the reference). More
     # blocks per update amortise the decoder over more audio (it dominates the cost) at the price of latency.
     blocks_per_update: int = 1
-    max_new_tokens: int = 256
-    repetition_penalty: float = 1.15
-    no_repeat_ngram_size: int = 3
-    hold_back_words: int = 6
-    stable_iterations: int = 1
-    segment_max_steps: int = 200
-    segment_punct_min_steps: int = 150
-    punctuation_rollover: bool = True
-    # windowed backend only: re-encode every update_frames over left_frames of history + right_frames of look-ahead
-    windowed_update_frames: int = 200
-    windowed_left_frames: int = 1200
-    windowed_right_frames: int = 64
+    encoder: CausalEncoderOptions = CausalEncoderOptions()
+    decode: DecodeOptions = DecodeOptions()
+    commit: CommitOptions = CommitOptions()
+    segment: SegmentOptions = SegmentOptions()
+    window: WindowOptions = WindowOptions()  # windowed backend only
 
     @property
     def update_interval_sec(self) -> float:
         """Seconds of audio between decoder updates (word-time estimates depend on it)."""
         if self.backend == "windowed":
-            return self.windowed_update_frames / FRAMES_PER_SECOND
-        return self.block_frames * self.blocks_per_update / FRAMES_PER_SECOND
+            return self.window.update_frames / FRAMES_PER_SECOND
+        return self.encoder.block_frames * self.blocks_per_update / FRAMES_PER_SECOND
 
     @classmethod
-    def windowed(cls, **overrides: Any) -> "SessionOptions":
-        """The reference defaults of the recompute backend (causal_runtime.md §2)."""
-        settings = dict(
-            backend="windowed",
-            repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
-            stable_iterations=2,
-            punctuation_rollover=False,
-        )
-        return cls(**(settings | overrides))
+    def windowed(cls, **changes: Any) -> "SessionOptions":
+        """The reference defaults of the recompute backend (causal_runtime.md §2), then `changes` (as in `merged`)."""
+        return cls().merged(_WINDOWED_DEFAULTS).merged(changes)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SessionOptions":
+        """From the JSON/YAML form (`dataclasses.asdict`): sub-options as nested mappings."""
+        return cls().merged(data)
+
+    def merged(self, changes: Mapping[str, Any]) -> "SessionOptions":
+        """A copy with `changes` applied: a field's new value, or for a sub-option a mapping of its fields
+        to change (the rest kept), e.g. `{"decode": {"max_new_tokens": 64}, "language": None}`."""
+        return _merged(self, changes, "session options")
 
     def __post_init__(self) -> None:
-        CausalEncoderOptions(block_frames=self.block_frames)  # checks the block size
         if self.backend not in ("causal", "windowed"):
             raise ValueError(f"backend is {self.backend!r}; expected 'causal' or 'windowed'")
         if self.blocks_per_update < 1:
             raise ValueError(f"blocks_per_update is {self.blocks_per_update}; expected at least 1")
+        if self.encoder.left_context_steps > CAUSAL_LEFT_CONTEXT_STEPS:
+            raise ValueError(
+                f"encoder.left_context_steps is {self.encoder.left_context_steps}; the encoder's K/V holds at most "
+                f"{CAUSAL_LEFT_CONTEXT_STEPS} steps"
+            )
+
+
+_WINDOWED_DEFAULTS: dict[str, Any] = {
+    "backend": "windowed",
+    "decode": {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0},
+    "commit": {"stable_iterations": 2},
+    "segment": {"punctuation_rollover": False},
+}
+
+
+def _merged(options: Any, changes: Mapping[str, Any], where: str) -> Any:
+    known = {item.name: item for item in fields(options)}
+    updates = {}
+    for name, value in changes.items():
+        if name not in known:
+            raise ValueError(f"{where} have no field {name!r}; expected one of {sorted(known)}")
+        current = getattr(options, name)
+        if is_dataclass(current) and isinstance(value, Mapping):
+            value = _merged(current, value, f"{where}.{name}")
+        elif isinstance(value, list):  # JSON has no tuples
+            value = tuple(value)
+        updates[name] = value
+    return replace(options, **updates)
 
 
 @dataclass(frozen=True)
@@ -191,24 +227,12 @@ class StreamingSession:
         self.keep_replay = keep_replay
         opts = self.options
         self.prompt = build_causal_prompt(model.tokenizer, language=opts.language, context=opts.context)
+        token_rules = DecodeOptions.causal(self.prompt.special)
         self.controls = DecodeControls(
-            replace(
-                DecodeOptions.causal(self.prompt.special),
-                repetition_penalty=opts.repetition_penalty,
-                no_repeat_ngram_size=opts.no_repeat_ngram_size,
-                max_new_tokens=opts.max_new_tokens,
-            )
+            replace(opts.decode, suppress_token_ids=token_rules.suppress_token_ids, stop_token_ids=token_rules.stop_token_ids)
         )
-        self.policy = SegmentPolicy(
-            SegmentOptions(segment_max_steps=opts.segment_max_steps, segment_punct_min_steps=opts.segment_punct_min_steps)
-        )
-        self.committer = TranscriptCommitter(
-            CommitOptions(
-                hold_back_words=opts.hold_back_words,
-                stable_iterations=opts.stable_iterations,
-                update_interval_sec=opts.update_interval_sec,
-            )
-        )
+        self.policy = SegmentPolicy(opts.segment)
+        self.committer = TranscriptCommitter(opts.commit, update_interval_sec=opts.update_interval_sec)
         self.decoder_settings = DecoderSettings(self.prompt, self.controls, opts.speculative)
         self.features = StreamingLogMel()
         self._own_stages: tuple[EncoderStage, DecoderStage] | None = None  # made on first use (`push_audio`)
@@ -277,7 +301,7 @@ class StreamingSession:
         """Whether `more_samples` more samples would complete a block (an owner whose front-end runs elsewhere
         calls it only then: a block cannot be encoded before its last sample, so earlier calls buy nothing)."""
         new_frames = self.features.frames_after(more_samples) - self.features.frames_emitted
-        return self.pending_mel.shape[0] + new_frames >= self.options.block_frames
+        return self.pending_mel.shape[0] + new_frames >= self.options.encoder.block_frames
 
     def accept_features(self, result: FeatureResult, *, end: bool = False) -> None:
         """Buffer a front-end result (its mel waits for `next_block`); `end`: it was the end-of-audio request."""
@@ -308,8 +332,8 @@ class StreamingSession:
         if not self.block_ready:
             return None
         pending = self.pending_mel.shape[0]
-        if pending >= self.options.block_frames:
-            return self._take_block(self.options.block_frames, more_to_come=more_to_come)
+        if pending >= self.options.encoder.block_frames:
+            return self._take_block(self.options.encoder.block_frames, more_to_come=more_to_come)
         self.final_update = True
         usable = pending // STEP_FRAMES * STEP_FRAMES
         if usable == 0:
@@ -321,11 +345,11 @@ class StreamingSession:
     @property
     def whole_blocks_buffered(self) -> int:
         """Whole blocks waiting to be encoded (a stream keeping up has at most one)."""
-        return self.pending_mel.shape[0] // self.options.block_frames
+        return self.pending_mel.shape[0] // self.options.encoder.block_frames
 
     def encode_request(self, block: CausalBlock) -> EncodeRequest:
         """The encoder stage request for `block`."""
-        return EncodeRequest(self.stream_id, block.segment_index, block.block_index, block.mel, self.options.block_frames)
+        return EncodeRequest(self.stream_id, block.segment_index, block.block_index, block.mel, self.options.encoder)
 
     def encoder_replay(self, request: EncodeRequest) -> EncodeRequest:
         """`request` again with the segment's earlier blocks, for a stage that lost this stream's state."""
@@ -366,7 +390,7 @@ class StreamingSession:
     def block_ready(self) -> bool:
         """Whether `next_block` has something to do: a whole block buffered, or the end of audio to process."""
         pending = self.pending_mel.shape[0]
-        return pending >= self.options.block_frames or (self.finishing and not self.final_update)
+        return pending >= self.options.encoder.block_frames or (self.finishing and not self.final_update)
 
     @property
     def done_encoding(self) -> bool:
@@ -467,7 +491,7 @@ class StreamingSession:
             return True
         if self.finishing and self.pending_mel.shape[0] < STEP_FRAMES:
             return True  # no block comes after this one
-        next_block_steps = self.options.block_frames // STEP_FRAMES
+        next_block_steps = self.options.encoder.block_frames // STEP_FRAMES
         if self.policy.should_roll_before(self.segment.steps, next_block_steps) is not None:
             return True
         return not more_to_come and len(self.segment.embeddings) + 1 >= self.options.blocks_per_update
@@ -481,10 +505,10 @@ class StreamingSession:
     def _consume_windowed(self, mel: Tensor) -> list[TranscriptEvent]:
         events = []
         self.pending_mel = torch.cat([self.pending_mel, mel])
-        update = self.options.windowed_update_frames
+        update = self.options.window.update_frames
         while self.pending_mel.shape[0] >= update:
             chunk, self.pending_mel = self.pending_mel[:update], self.pending_mel[update:]
-            events += self._windowed_update(chunk, right_context=self.options.windowed_right_frames)
+            events += self._windowed_update(chunk, right_context=self.options.window.right_frames)
         return events
 
     def _flush_windowed(self) -> list[TranscriptEvent]:
@@ -498,7 +522,7 @@ class StreamingSession:
         """Re-encode the window with the offline tower; append the steps that are now settled."""
         opts = self.options
         self.window_mel = torch.cat([self.window_mel, chunk])
-        excess = self.window_mel.shape[0] - (opts.windowed_left_frames + opts.windowed_right_frames)
+        excess = self.window_mel.shape[0] - (opts.window.left_frames + opts.window.right_frames)
         if excess > 0:
             self.window_mel = self.window_mel[excess:]
             self.window_start_frame += excess
@@ -527,7 +551,7 @@ class StreamingSession:
         events = [self._event("update", update.new_words, update.tentative_text, update.global_hypothesis, stats)]
         if self.final_update:
             return events
-        roll_after = self.options.punctuation_rollover and self.policy.should_roll_after(self.segment.steps, text)
+        roll_after = self.policy.should_roll_after(self.segment.steps, text)
         return events + self._roll_if(bool(roll_after) or self._segment_full())
 
     def _segment_full(self) -> bool:
@@ -537,8 +561,8 @@ class StreamingSession:
         update's steps could cross the cap, so that its rolls, like the causal ones, fall between updates.
         """
         if self.options.backend == "causal":
-            return self.segment.steps > self.options.segment_max_steps
-        upcoming = offline_output_steps(self.options.windowed_update_frames)
+            return self.segment.steps > self.options.segment.segment_max_steps
+        upcoming = offline_output_steps(self.options.window.update_frames)
         return self.policy.should_roll_before(self.segment.steps, upcoming) is not None
 
     # ------------------------------------------------------------------ segments and checkpoints
@@ -644,16 +668,47 @@ def decoder_positions_needed(prompt: CausalPrompt, options: SessionOptions) -> i
     longer; an update forwards the tail and a draft of at most `max_new_tokens`, and greedy steps never
     forward more than `max_new_tokens` tokens.
     """
-    audio_steps = max(options.segment_max_steps, options.block_frames // STEP_FRAMES)
-    return len(prompt.head_ids) + audio_steps + len(prompt.tail_ids) + options.max_new_tokens
+    audio_steps = max(options.segment.segment_max_steps, options.encoder.block_frames // STEP_FRAMES)
+    return len(prompt.head_ids) + audio_steps + len(prompt.tail_ids) + options.decode.max_new_tokens
 
 
 def checkpoint_options(checkpoint: bytes) -> SessionOptions:
     """The session options a checkpoint was taken under (checks its version)."""
     payload = json.loads(checkpoint)
-    if payload.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint version {payload.get('version')!r}; expected {CHECKPOINT_VERSION}")
-    return SessionOptions(**payload["options"])
+    version = payload.get("version")
+    if version == 2:
+        return SessionOptions.from_dict(_nested_v2_options(payload["options"]))
+    if version != CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint version {version!r}; expected {CHECKPOINT_VERSION} (or 2)")
+    return SessionOptions.from_dict(payload["options"])
+
+
+# Version 2 checkpoints held the options flat: where each flat field lives now.
+_V2_OPTION_HOMES = {
+    "block_frames": ("encoder", "block_frames"),
+    "max_new_tokens": ("decode", "max_new_tokens"),
+    "repetition_penalty": ("decode", "repetition_penalty"),
+    "no_repeat_ngram_size": ("decode", "no_repeat_ngram_size"),
+    "hold_back_words": ("commit", "hold_back_words"),
+    "stable_iterations": ("commit", "stable_iterations"),
+    "segment_max_steps": ("segment", "segment_max_steps"),
+    "segment_punct_min_steps": ("segment", "segment_punct_min_steps"),
+    "punctuation_rollover": ("segment", "punctuation_rollover"),
+    "windowed_update_frames": ("window", "update_frames"),
+    "windowed_left_frames": ("window", "left_frames"),
+    "windowed_right_frames": ("window", "right_frames"),
+}
+
+
+def _nested_v2_options(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for name, value in flat.items():
+        if name in _V2_OPTION_HOMES:
+            group, field_name = _V2_OPTION_HOMES[name]
+            nested.setdefault(group, {})[field_name] = value
+        else:
+            nested[name] = value
+    return nested
 
 
 def checkpoint_offset(checkpoint: bytes) -> int:

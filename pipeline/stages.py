@@ -188,8 +188,8 @@ class EncodeRequest:
     stream_id: str
     segment_index: int
     block_index: int  # blocks of this segment encoded before `mel`
-    mel: Tensor  # [frames, mel_bins], a multiple of 8 frames up to block_frames
-    block_frames: int
+    mel: Tensor  # [frames, mel_bins], a multiple of 8 frames up to the block size
+    encoder: CausalEncoderOptions  # the stream's block size and attention window
     replay: tuple[Tensor, ...] = ()  # after a miss: the segment's blocks 0 .. block_index - 1
 
     def with_replay(self, blocks: Sequence[Tensor]) -> "EncodeRequest":
@@ -205,7 +205,7 @@ class EncoderStage:
         self.tower = tower
         self.pool = EncoderKVPool(tower, slots)
         self.streams = _SegmentStates(slots)
-        self._encoders: dict[int, CausalAudioEncoder] = {}
+        self._encoders: dict[CausalEncoderOptions, CausalAudioEncoder] = {}
 
     @property
     def free_slots(self) -> int:
@@ -233,18 +233,18 @@ class EncoderStage:
             self.streams,
             requests,
             position=lambda r: r.block_index,
-            new_state=lambda r: lambda slot: self.pool.new_state(self._encoder(r.block_frames), slot),
+            new_state=lambda r: lambda slot: self.pool.new_state(self._encoder(r.encoder), slot),
             own_input=lambda r: r.mel,
             run=self._forward,
         )
 
     def _forward(self, requests: list[EncodeRequest], blocks: list[Tensor]) -> list[Tensor]:
-        """One forward per block size (streams of different block sizes cannot share one)."""
+        """One forward per encoder setting (streams of different block sizes cannot share one)."""
         out: dict[int, Tensor] = {}
-        for group in _grouped(range(len(requests)), lambda i: requests[i].block_frames):
+        for group in _grouped(range(len(requests)), lambda i: requests[i].encoder):
             entries = [self.streams.entries[requests[i].stream_id] for i in group]
             encoded = self.pool.encode_blocks(
-                self._encoder(requests[group[0]].block_frames),
+                self._encoder(requests[group[0]].encoder),
                 [entry.slot for entry in entries],
                 [entry.state for entry in entries],  # type: ignore[misc]
                 [blocks[i] for i in group],
@@ -254,10 +254,10 @@ class EncoderStage:
                 out[i] = embeddings
         return [out[i] for i in range(len(requests))]
 
-    def _encoder(self, block_frames: int) -> CausalAudioEncoder:
-        if block_frames not in self._encoders:
-            self._encoders[block_frames] = CausalAudioEncoder(self.tower, CausalEncoderOptions(block_frames))
-        return self._encoders[block_frames]
+    def _encoder(self, options: CausalEncoderOptions) -> CausalAudioEncoder:
+        if options not in self._encoders:
+            self._encoders[options] = CausalAudioEncoder(self.tower, options)
+        return self._encoders[options]
 
 
 # ---------------------------------------------------------------------------------------------------- decoder

@@ -21,7 +21,7 @@ from pipeline.session import SessionOptions, StreamingSession
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
 
 SAMPLE_RATE = 16000
-OPTIONS = SessionOptions(max_new_tokens=12, segment_max_steps=60, segment_punct_min_steps=40)
+OPTIONS = SessionOptions.from_dict({"decode": {"max_new_tokens": 12}, "segment": {"segment_max_steps": 60, "segment_punct_min_steps": 40}})
 
 
 def _scribble_heap() -> list[torch.Tensor]:

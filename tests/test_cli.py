@@ -253,7 +253,7 @@ def test_cli_defaults_are_the_pipeline_defaults() -> None:
     assert cli.DTYPES == ("auto", *DTYPES) and cli.DECODE_STEPS == ("auto", *DECODE_STEP_KINDS)
     eval_parser = _subcommand_parsers(cli.build_parser())["eval"]
     budget = next(action for action in eval_parser._actions if "--max-new-tokens" in action.option_strings)
-    assert f"(default {SessionOptions.max_new_tokens})" in budget.help
+    assert f"(default {SessionOptions().decode.max_new_tokens})" in budget.help
 
 
 def test_device_auto_is_cuda_when_available_else_cpu() -> None:

@@ -114,10 +114,10 @@ def test_options_validate() -> None:
 
 
 def test_commit_lag_matches_the_reference_model() -> None:
-    assert CommitOptions().commit_lag_sec == pytest.approx(6 / 2.4 + 1.0 + 0.3)  # 3.8 s
-    assert CommitOptions(stable_iterations=2).commit_lag_sec == pytest.approx(5.8)
-    assert CommitOptions(hold_back_words=2).commit_lag_sec == pytest.approx(2 / 2.4 + 1.3)
-    assert CommitOptions(commit_lag_override_sec=1.5).commit_lag_sec == 1.5
+    assert CommitOptions().commit_lag_sec(2.0) == pytest.approx(6 / 2.4 + 1.0 + 0.3)  # 3.8 s
+    assert CommitOptions(stable_iterations=2).commit_lag_sec(2.0) == pytest.approx(5.8)
+    assert CommitOptions(hold_back_words=2).commit_lag_sec(2.0) == pytest.approx(2 / 2.4 + 1.3)
+    assert CommitOptions(commit_lag_override_sec=1.5).commit_lag_sec(2.0) == 1.5
 
 
 # --- whole stream: segments and append-only emission ------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from pipeline.checkpoint import ASRModel, load_model
+from pipeline.commit import SegmentOptions
+from pipeline.decoding import DecodeOptions
 from pipeline.engine import AsyncStreamingEngine, EngineAtCapacity, EngineFailed, EngineOptions, StreamingEngine
 from pipeline.kv_pool import EncoderKVPool
 from pipeline.rolling import RollingDecoder
@@ -113,7 +115,7 @@ def test_every_stream_gets_the_single_stream_events(
 
 def test_streams_with_different_decoder_settings_share_steps(model: ASRModel) -> None:
     plans = _plans(3)
-    other = SessionOptions(max_new_tokens=5, speculative=False, segment_max_steps=60, segment_punct_min_steps=40)
+    other = replace(CAUSAL, speculative=False, decode=DecodeOptions(max_new_tokens=5))
     engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=3))
     engine.open_stream("odd", other)
     engine.push_audio("odd", plans[0].audio)
@@ -196,7 +198,7 @@ def test_streams_queued_for_slots_reuse_them_and_stay_exact(model: ASRModel) -> 
 
 def test_a_stream_that_needs_longer_slots_is_refused(model: ASRModel) -> None:
     engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=2))
-    longer = SessionOptions(max_new_tokens=64, segment_max_steps=60, segment_punct_min_steps=40)
+    longer = replace(CAUSAL, decode=DecodeOptions(max_new_tokens=64))
     with pytest.raises(ValueError, match="decoder positions per segment"):
         engine.open_stream("long", longer)
     assert engine.free_slots == 2
@@ -259,7 +261,7 @@ def test_async_engine_serves_concurrent_clients(model: ASRModel) -> None:
 def test_streams_decoding_every_few_blocks_match_their_sessions(model: ASRModel) -> None:
     """Streams that hold encoded blocks for a later decoder update share steps with every-block streams."""
     plans = _plans(4)
-    slow = SessionOptions(**{**CAUSAL.__dict__, "blocks_per_update": 2, "segment_max_steps": 100, "segment_punct_min_steps": 80})
+    slow = replace(CAUSAL, blocks_per_update=2, segment=SegmentOptions(segment_max_steps=100, segment_punct_min_steps=80))
     engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=4, decoder_capacity=400))
     events: dict[str, list[TranscriptEvent]] = {}
     for index, plan in enumerate(plans):
@@ -362,11 +364,11 @@ def test_lagging_streams_catch_up_with_one_update_per_step(model: ASRModel) -> N
     encodes up to three of its blocks and decodes once, which is the session's `blocks_per_update = 3` schedule
     (rolls and the end still force their updates), with every block's audio decoded. (Whole blocks of audio: a
     short last block is decoded on its own, where the session would hold the block before it.)"""
-    block = CAUSAL.block_frames * SAMPLE_RATE // 100
+    block = CAUSAL.encoder.block_frames * SAMPLE_RATE // 100
     audio = {str(i): plan.audio[: plan.audio.size // block * block] for i, plan in enumerate(_plans(3))}
     engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=3, catch_up_blocks=3))
     events = _drain(engine, audio)
-    every_third = SessionOptions(**{**CAUSAL.__dict__, "blocks_per_update": 3})
+    every_third = replace(CAUSAL, blocks_per_update=3)
 
     def untimed(stream_events: list[TranscriptEvent]) -> list[tuple]:
         # Word times are estimates from each stream's own update interval, which catch-up does not change.
@@ -393,7 +395,7 @@ def test_streams_that_keep_up_are_not_affected_by_catch_up(model: ASRModel) -> N
 def test_catch_up_with_held_blocks_decodes_every_block(model: ASRModel) -> None:
     """Catch-up on streams that also decode every 2 blocks: fewer updates than either alone, and the last update of
     each stream still hears its whole audio (no block is dropped between held blocks and catch-up rounds)."""
-    every_other = SessionOptions(**{**CAUSAL.__dict__, "blocks_per_update": 2})
+    every_other = replace(CAUSAL, blocks_per_update=2)
     audio = {str(i): plan.audio for i, plan in enumerate(_plans(3))}
     engine = StreamingEngine(model, every_other, EngineOptions(max_streams=3, catch_up_blocks=3, decode_step="static"))
     events = _drain(engine, audio)

@@ -48,9 +48,11 @@ WORDS = "hello world how are you today".split()
 # Small decode budget keeps the test fast. Without the repetition controls and hold-back, the random tiny
 # model settles into repeating one token as audio accumulates, so consecutive hypotheses agree and words
 # are committed mid-stream (the committed-only path is exercised, not just the end-of-stream flush).
-OPTIONS = SessionOptions(
-    block_frames=96, max_new_tokens=8, hold_back_words=0, repetition_penalty=1.0, no_repeat_ngram_size=0
-)
+OPTIONS = SessionOptions.from_dict({
+    "encoder": {"block_frames": 96},
+    "decode": {"max_new_tokens": 8, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0},
+    "commit": {"hold_back_words": 0},
+})
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +260,7 @@ def test_cli_eval_prints_the_table_and_writes_json(
     for row in ("sentences.wav", "words.wav", "macro (mean of files)", "corpus (errors / words)"):
         assert row in table
     loaded = ManifestEvaluation.from_json_dict(json.loads(out_json.read_text()))
-    assert loaded.options == SessionOptions(block_frames=96, max_new_tokens=4, language="English")
+    assert loaded.options == SessionOptions.from_dict({"encoder": {"block_frames": 96}, "decode": {"max_new_tokens": 4}})
     assert loaded.tower_source == str(tiny_checkpoint / TOWER_OVERLAY_DIR / "model.safetensors")
     assert all(isinstance(result, FileResult) for result in loaded.files) and len(loaded.files) == 2
 

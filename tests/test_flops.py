@@ -134,9 +134,9 @@ def test_schedules_follow_the_session(tiny_checkpoint, backend):
     # apart from the (random-weight) hypothesis.
     model = load_model(tiny_checkpoint, tower=tiny_checkpoint / TOWER_OVERLAY_DIR)
     if backend == "causal":
-        options = SessionOptions(max_new_tokens=8, punctuation_rollover=False)
+        options = SessionOptions.from_dict({"decode": {"max_new_tokens": 8}, "segment": {"punctuation_rollover": False}})
     else:
-        options = SessionOptions.windowed(max_new_tokens=8)
+        options = SessionOptions.windowed(decode={"max_new_tokens": 8})
     session, updates, prompt = session_updates(model, options, seconds=37.3)
     walk = (causal_schedule if backend == "causal" else windowed_schedule)(session.frames_encoded, options, prompt)
 
@@ -163,7 +163,7 @@ def test_memory_probe_runs_on_a_short_stream():
 
 def test_state_bound_agrees_with_the_session(tiny_checkpoint):
     model = load_model(tiny_checkpoint, tower=tiny_checkpoint / TOWER_OVERLAY_DIR)
-    options = SessionOptions(max_new_tokens=40)
+    options = SessionOptions.from_dict({"decode": {"max_new_tokens": 40}})
     prompt = StreamingSession(model, options).prompt
     shape = PromptShape(head=len(prompt.head_ids), tail=len(prompt.tail_ids))
     bound = flops.full_size_state_bound(options=options, prompt=shape)

@@ -25,8 +25,8 @@ from protos.qwen3stream.v1 import asr_pb2, asr_pb2_grpc
 from tests.test_session import _audio
 
 # Short segments and a small token budget: the tiny random model decodes to its budget every update.
-SESSION = {"max_new_tokens": 12, "segment_max_steps": 60, "segment_punct_min_steps": 40}
-OPTIONS = SessionOptions(language="English", **SESSION)
+SESSION = {"decode": {"max_new_tokens": 12}, "segment": {"segment_max_steps": 60, "segment_punct_min_steps": 40}}
+OPTIONS = SessionOptions.from_dict(SESSION)
 
 
 def _free_port() -> int:

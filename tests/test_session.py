@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline.checkpoint import ASRModel, load_model
-from pipeline.session import SessionOptions, StreamingSession, TranscriptEvent, checkpoint_offset
+from pipeline.session import SessionOptions, StreamingSession, TranscriptEvent, checkpoint_offset, checkpoint_options
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
 
 SAMPLE_RATE = 16000
 # Short segments so that a 20 s stream rolls several times (the tiny random model never writes punctuation
 # reliably, so most rolls come from the cap).
-CAUSAL = SessionOptions(max_new_tokens=12, segment_max_steps=60, segment_punct_min_steps=40)
-WINDOWED = SessionOptions.windowed(max_new_tokens=12, segment_max_steps=60, segment_punct_min_steps=40)
+SMALL = {"decode": {"max_new_tokens": 12}, "segment": {"segment_max_steps": 60, "segment_punct_min_steps": 40}}
+CAUSAL = SessionOptions.from_dict(SMALL)
+WINDOWED = SessionOptions.windowed(**SMALL)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +117,7 @@ def test_committed_words_are_append_only(model: ASRModel) -> None:
 def test_speculative_off_gives_the_same_events(model: ASRModel) -> None:
     audio = _audio(8.0, seed=5)
     on, _ = _run(model, audio, 8000, CAUSAL)
-    off, _ = _run(model, audio, 8000, SessionOptions(**{**CAUSAL.__dict__, "speculative": False}))
+    off, _ = _run(model, audio, 8000, replace(CAUSAL, speculative=False))
     strip = lambda events: [c[:-1] for c in _comparable(events)]  # stats differ by design
     assert strip(on) == strip(off)
     assert sum(e.stats.draft_tokens for e in on if e.stats) > 0
@@ -148,7 +151,7 @@ def test_bf16_model_runs_the_whole_path_on_cpu(tiny_checkpoint: Path) -> None:
 
 @pytest.mark.parametrize("blocks", [2, 3])
 def test_decoding_every_few_blocks_loses_no_audio_and_stays_deterministic(model: ASRModel, blocks: int) -> None:
-    options = SessionOptions(**{**CAUSAL.__dict__, "blocks_per_update": blocks})
+    options = replace(CAUSAL, blocks_per_update=blocks)
     audio = _audio(17.0, seed=7)
     events, session = _run(model, audio, 3000, options)
     updates = [e for e in events if e.kind == "update"]
@@ -173,3 +176,43 @@ def test_decoding_every_few_blocks_loses_no_audio_and_stays_deterministic(model:
 def test_blocks_per_update_must_be_positive() -> None:
     with pytest.raises(ValueError, match="blocks_per_update is 0"):
         SessionOptions(blocks_per_update=0)
+
+
+def test_options_compose_and_round_trip_through_their_json_form() -> None:
+    for options in (CAUSAL, WINDOWED, SessionOptions(), replace(CAUSAL, language=None, blocks_per_update=2)):
+        assert SessionOptions.from_dict(json.loads(json.dumps(asdict(options)))) == options
+    assert WINDOWED.decode.max_new_tokens == 12 and WINDOWED.decode.repetition_penalty == 1.0  # merged, not replaced
+    assert not WINDOWED.segment.punctuation_rollover and WINDOWED.commit.stable_iterations == 2
+    with pytest.raises(ValueError, match=r"session options.decode have no field 'max_tokens'"):
+        SessionOptions().merged({"decode": {"max_tokens": 3}})
+    with pytest.raises(ValueError, match="block_frames=100"):
+        SessionOptions.from_dict({"encoder": {"block_frames": 100}})
+
+
+def test_a_version_2_checkpoint_with_flat_options_still_restores(model: ASRModel) -> None:
+    """Sessions saved before the options were nested resume after a rolling upgrade."""
+    audio = _audio(12.0, seed=1)
+    events, _ = _run(model, audio, 7000, CAUSAL)
+    roll = next(i for i, e in enumerate(events) if e.kind == "segment")
+    payload = json.loads(events[roll].checkpoint)
+    nested = payload["options"]
+    flat = {name: value for name, value in nested.items() if not isinstance(value, dict)}
+    flat |= {
+        "block_frames": nested["encoder"]["block_frames"],
+        "max_new_tokens": nested["decode"]["max_new_tokens"],
+        "repetition_penalty": nested["decode"]["repetition_penalty"],
+        "no_repeat_ngram_size": nested["decode"]["no_repeat_ngram_size"],
+        "hold_back_words": nested["commit"]["hold_back_words"],
+        "stable_iterations": nested["commit"]["stable_iterations"],
+        "segment_max_steps": nested["segment"]["segment_max_steps"],
+        "segment_punct_min_steps": nested["segment"]["segment_punct_min_steps"],
+        "punctuation_rollover": nested["segment"]["punctuation_rollover"],
+        "windowed_update_frames": nested["window"]["update_frames"],
+        "windowed_left_frames": nested["window"]["left_frames"],
+        "windowed_right_frames": nested["window"]["right_frames"],
+    }
+    old = json.dumps(payload | {"version": 2, "options": flat}).encode()
+    assert checkpoint_options(old) == CAUSAL
+    restored = StreamingSession.restore(model, old)
+    rest = restored.push_audio(audio[checkpoint_offset(old) :]) + restored.finish()
+    assert _comparable(rest) == _comparable(events[roll + 1 :])

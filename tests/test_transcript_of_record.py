@@ -7,6 +7,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.causal_encoder import CausalEncoderOptions
 from pipeline.checkpoint import ASRModel
 from pipeline.session import SessionOptions, StreamingSession
 from tests.test_session import _audio, model  # noqa: F401  (model is a fixture)
@@ -23,10 +24,12 @@ from tests.test_session import _audio, model  # noqa: F401  (model is a fixture)
 def test_committed_words_are_the_transcript_everywhere(
     model: ASRModel, seconds: float, seed: int, chunk: int, block_frames: int, hold_back: int
 ) -> None:
-    options = SessionOptions(
-        max_new_tokens=10, segment_max_steps=40, segment_punct_min_steps=30, block_frames=block_frames,
-        hold_back_words=hold_back,
-    )
+    options = SessionOptions.from_dict({
+        "decode": {"max_new_tokens": 10},
+        "segment": {"segment_max_steps": 40, "segment_punct_min_steps": 30},
+        "encoder": {"block_frames": block_frames},
+        "commit": {"hold_back_words": hold_back},
+    })
     session = StreamingSession(model, options)
     audio = _audio(seconds, seed=seed)
     events = []
@@ -49,18 +52,18 @@ def test_word_times_follow_the_real_update_interval() -> None:
     """The commit-lag estimate uses the audio between updates: 1.92 s at 192 frames, 0.96 s at 96, doubled by
     two blocks per update (the reference's 2.0 s is its windowed update)."""
     assert SessionOptions().update_interval_sec == 1.92
-    assert SessionOptions(block_frames=96).update_interval_sec == 0.96
-    assert SessionOptions(block_frames=96, blocks_per_update=2).update_interval_sec == 1.92
+    assert SessionOptions(encoder=CausalEncoderOptions(96)).update_interval_sec == 0.96
+    assert SessionOptions(encoder=CausalEncoderOptions(96), blocks_per_update=2).update_interval_sec == 1.92
     assert SessionOptions(blocks_per_update=2).update_interval_sec == 3.84
     assert SessionOptions.windowed().update_interval_sec == 2.0
 
 
 def test_sessions_time_words_with_their_interval(model: ASRModel) -> None:  # noqa: F811
     lags = {}
-    for options in (SessionOptions(block_frames=96), SessionOptions(), SessionOptions(blocks_per_update=2)):
+    for options in (SessionOptions(encoder=CausalEncoderOptions(96)), SessionOptions(), SessionOptions(blocks_per_update=2)):
         session = StreamingSession(model, options)
-        assert session.committer.options.update_interval_sec == options.update_interval_sec
-        lags[options.update_interval_sec] = session.committer.options.commit_lag_sec
+        assert session.committer.update_interval_sec == options.update_interval_sec
+        lags[options.update_interval_sec] = session.committer.options.commit_lag_sec(options.update_interval_sec)
     # Each extra second between updates adds half a second to the expected lag.
     assert abs(lags[1.92] - lags[0.96] - 0.48) < 1e-9
     assert abs(lags[3.84] - lags[1.92] - 0.96) < 1e-9
