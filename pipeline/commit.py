@@ -212,6 +212,23 @@ def _checked_fields(cls: type, data: Any, what: str) -> dict[str, Any]:
     return values
 
 
+class HypothesisStability:
+    """How many consecutive updates have agreed on each word of a segment's hypothesis and the words before it
+    (a word that changes, and every word after it, starts again at 1)."""
+
+    def __init__(self) -> None:
+        self.words: list[str] = []
+        self.ages: list[int] = []
+
+    def update(self, words: Sequence[str]) -> list[int]:
+        """Feed the update's hypothesis words; returns their ages."""
+        kept = common_prefix_length(self.words, words)
+        self.ages = self.ages[:kept] + [0] * (len(words) - kept)
+        self.ages = [age + 1 for age in self.ages]
+        self.words = list(words)
+        return list(self.ages)
+
+
 class TranscriptCommitter:
     """One stream's output contract: commit per update, finalize per segment, finish at the end.
 

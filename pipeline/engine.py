@@ -222,7 +222,7 @@ class StreamingEngine:
         takers = list(self._sessions)
         rounds = self.engine_options.catch_up_blocks
         for round_index in range(rounds):  # a lagging stream's further blocks, each round one batched forward
-            blocks = self._next_blocks(takers, last_round=round_index == rounds - 1)
+            blocks = self._next_blocks(takers, last_round=round_index == rounds - 1, events=events)
             schedule_sec += clock.lap()
             if not blocks:
                 break
@@ -251,15 +251,20 @@ class StreamingEngine:
             log.debug("step: %d blocks over %d open streams", advanced, len(self._sessions))
         return {stream_id: stream_events for stream_id, stream_events in events.items() if stream_events}
 
-    def _next_blocks(self, stream_ids: list[str], last_round: bool) -> dict[str, CausalBlock]:
+    def _next_blocks(
+        self, stream_ids: list[str], last_round: bool, events: dict[str, list[TranscriptEvent]]
+    ) -> dict[str, CausalBlock]:
         """Scheduling: the next block of each stream that has one; a stream with more ready is asked to hold
-        this one for a joint update unless this is the step's last round."""
+        this one for a joint update unless this is the step's last round. Blocks the voice gate skips need no
+        forward: their events go to `events` and the stream's next block is taken instead."""
         blocks = {}
         for stream_id in stream_ids:
             session = self._sessions[stream_id]
-            block = session.next_block(more_to_come=not last_round and session.whole_blocks_buffered >= 2)
-            if block is not None:
-                blocks[stream_id] = block
+            while (block := session.next_block(more_to_come=not last_round and session.whole_blocks_buffered >= 2)) is not None:
+                if not block.skipped:
+                    blocks[stream_id] = block
+                    break
+                events[stream_id] += block.roll_events
         return blocks
 
     def _close(self, stream_id: str) -> None:

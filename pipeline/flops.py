@@ -55,6 +55,7 @@ from pipeline.decoder import TextDecoder, ragged_causal_mask
 from pipeline.decoding import DecodeOptions
 from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, STEP_FRAMES, AudioTower, offline_output_steps
 from pipeline.features import FRAMES_PER_SECOND
+from pipeline.prompt import MAX_CONTEXT_TOKENS
 from pipeline.session import SessionOptions, StreamingSession, offline_step_end_frames
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR, make_tiny_checkpoint
 
@@ -663,7 +664,8 @@ def full_size_state_bound(
     prompt: PromptShape = PromptShape(),
 ) -> StateBound:
     """The bound, analytically. The encoder keeps <= 195 steps. The decoder cache holds `head + audio`
-    between updates; during one it holds at most `head + audio + tail + max_new_tokens`, since the draft
+    between updates; during one it holds at most `head + audio + tail + max_new_tokens` (the head with room
+    for the longest biasing context, `MAX_CONTEXT_TOKENS`), since the draft
     is capped at max_new_tokens and, after the crop to the accepted prefix, the sequential steps add at
     most the rest of the hypothesis budget (as `pipeline.session.decoder_positions_needed`). Both are
     dropped at every segment roll."""
@@ -671,7 +673,7 @@ def full_size_state_bound(
     segment_audio = max(options.segment.segment_max_steps, options.encoder.block_frames // STEP_FRAMES)
     return StateBound(
         encoder_values=audio.encoder_layers * 2 * CAUSAL_LEFT_CONTEXT_STEPS * audio.d_model,
-        decoder_positions=prompt.head + segment_audio + prompt.tail + options.decode.max_new_tokens,
+        decoder_positions=prompt.head + MAX_CONTEXT_TOKENS + segment_audio + prompt.tail + options.decode.max_new_tokens,
         decoder_values_per_position=text.num_hidden_layers * 2 * text.num_key_value_heads * text.head_dim,
     )
 

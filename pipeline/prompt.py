@@ -125,10 +125,16 @@ class CausalPrompt:
     tail_ids: tuple[int, ...]
     special: SpecialTokenIds
     language: str | None  # canonical name when forced, None to let the model detect it
+    context_tokens: int = 0  # of head_ids, the biasing context's
 
     def input_ids(self, audio_steps: int) -> list[int]:
         """The whole prompt, with one placeholder per audio step."""
         return [*self.head_ids, *[self.special.audio_pad] * audio_steps, *self.tail_ids]
+
+
+#: The most tokens of biasing context (names, terms) a stream's prompt may carry, about 40 words; every decoder
+#: slot keeps room for them, so that a context can change mid-stream.
+MAX_CONTEXT_TOKENS = 64
 
 
 def build_causal_prompt(
@@ -141,6 +147,10 @@ def build_causal_prompt(
     """
     special = SpecialTokenIds.from_tokenizer(tokenizer)
     context_ids = _text_ids(tokenizer, context)
+    if len(context_ids) > MAX_CONTEXT_TOKENS:
+        raise ValueError(
+            f"context is {len(context_ids)} tokens ({len(context)} characters); expected at most {MAX_CONTEXT_TOKENS}"
+        )
     reserved = set(tokenizer.all_special_ids) | set(vars(special).values())
     if reserved.intersection(context_ids):
         raise ValueError(f"context {context!r} contains special tokens; expected plain text")
@@ -166,7 +176,9 @@ def build_causal_prompt(
     forced = None if language is None else canonical_language(language)
     if forced is not None:
         tail += [*_text_ids(tokenizer, f"{_LANGUAGE_PREFIX}{forced}"), special.asr_text]
-    return CausalPrompt(head_ids=tuple(head), tail_ids=tuple(tail), special=special, language=forced)
+    return CausalPrompt(
+        head_ids=tuple(head), tail_ids=tuple(tail), special=special, language=forced, context_tokens=len(context_ids)
+    )
 
 
 def _text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

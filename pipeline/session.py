@@ -40,11 +40,19 @@ from torch import Tensor
 
 from pipeline.causal_encoder import CausalEncoderOptions
 from pipeline.checkpoint import ASRModel
-from pipeline.commit import CommitOptions, CommittedWord, SegmentOptions, SegmentPolicy, TranscriptCommitState, TranscriptCommitter
+from pipeline.commit import (
+    CommitOptions,
+    CommittedWord,
+    HypothesisStability,
+    SegmentOptions,
+    SegmentPolicy,
+    TranscriptCommitState,
+    TranscriptCommitter,
+)
 from pipeline.decoding import DecodeControls, DecodeOptions
 from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, OFFLINE_CHUNK_FRAMES, STEP_FRAMES, offline_output_steps
-from pipeline.features import FRAMES_PER_SECOND, N_MELS, LogMelState, StreamingLogMel
-from pipeline.prompt import CausalPrompt, build_causal_prompt, decode_asr_output
+from pipeline.features import FRAMES_PER_SECOND, HOP_LENGTH, N_MELS, LogMelState, StreamingLogMel
+from pipeline.prompt import MAX_CONTEXT_TOKENS, CausalPrompt, build_causal_prompt, canonical_language, decode_asr_output
 from pipeline.rolling import UpdateResult, UpdateStats, decode_from_scratch
 from pipeline.stages import (
     DecoderSettings,
@@ -57,6 +65,8 @@ from pipeline.stages import (
     FeatureStage,
     answer_of,
 )
+from pipeline.vad import VadState
+from pipeline.voice_gate import BlockVoice, VadOptions, VoiceGate
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +102,10 @@ class SessionOptions:
     commit: CommitOptions = CommitOptions()
     segment: SegmentOptions = SegmentOptions()
     window: WindowOptions = WindowOptions()  # windowed backend only
+    vad: VadOptions = VadOptions()  # causal backend only: skip silence, end utterances at pauses
+    # The causal tower was distilled on English only: another forced language is refused unless this is set
+    # (then the session carries a warning). The windowed backend accepts every language.
+    allow_untrained_language: bool = False
 
     @property
     def update_interval_sec(self) -> float:
@@ -99,6 +113,14 @@ class SessionOptions:
         if self.backend == "windowed":
             return self.window.update_frames / FRAMES_PER_SECOND
         return self.encoder.block_frames * self.blocks_per_update / FRAMES_PER_SECOND
+
+    @property
+    def untrained_language(self) -> str | None:
+        """The forced language, when the causal tower was not trained on it (None otherwise)."""
+        if self.backend != "causal" or self.language is None:
+            return None
+        language = canonical_language(self.language)
+        return None if language == TRAINED_LANGUAGE else language
 
     @classmethod
     def windowed(cls, **changes: Any) -> "SessionOptions":
@@ -120,12 +142,24 @@ class SessionOptions:
             raise ValueError(f"backend is {self.backend!r}; expected 'causal' or 'windowed'")
         if self.blocks_per_update < 1:
             raise ValueError(f"blocks_per_update is {self.blocks_per_update}; expected at least 1")
+        if self.vad.enabled and (self.backend != "causal" or self.blocks_per_update != 1):
+            raise ValueError(
+                f"the voice activity gate needs the causal backend with one block per update; got backend "
+                f"{self.backend!r}, blocks_per_update {self.blocks_per_update}"
+            )
+        if self.untrained_language and not self.allow_untrained_language:
+            raise ValueError(
+                f"language {self.untrained_language!r}: the causal tower was distilled on English only; use the "
+                "windowed backend, or allow an untrained language explicitly (expect lower accuracy)"
+            )
         if self.encoder.left_context_steps > CAUSAL_LEFT_CONTEXT_STEPS:
             raise ValueError(
                 f"encoder.left_context_steps is {self.encoder.left_context_steps}; the encoder's K/V holds at most "
                 f"{CAUSAL_LEFT_CONTEXT_STEPS} steps"
             )
 
+
+TRAINED_LANGUAGE = "English"  # the causal tower's distillation data
 
 _WINDOWED_DEFAULTS: dict[str, Any] = {
     "backend": "windowed",
@@ -150,11 +184,14 @@ def _merged(options: Any, changes: Mapping[str, Any], where: str) -> Any:
     return replace(options, **updates)
 
 
+EventKind = Literal["update", "segment", "final", "speech_begin", "speech_end"]
+
+
 @dataclass(frozen=True)
 class TranscriptEvent:
     """What a client sees after one decoder update, a segment roll, or the end of the stream."""
 
-    kind: Literal["update", "segment", "final"]
+    kind: EventKind
     new_words: tuple[CommittedWord, ...]  # append-only; times are interpolated estimates
     tentative: str  # the uncommitted tail of the current hypothesis, for display only
     # The transcript of record: every word committed so far, as the client received them (never contradicted).
@@ -166,6 +203,15 @@ class TranscriptEvent:
     audio_sec: float  # audio encoded so far
     stats: UpdateStats | None = None
     checkpoint: bytes | None = None  # at segment rolls: restore point (see StreamingSession.restore)
+    # The stream samples [start, end) the event is about: an update's block(s), a segment's encoded audio, the
+    # sample of a speech boundary (start == end). Exact: counted in samples, never in wall time.
+    span: tuple[int, int] | None = None
+    # "segment" events: why it rolled: "cap" (16 s), "sentence" (a sentence end past 12 s), "utterance_end"
+    # (the voice gate heard enough silence) or "finalize" (the client asked).
+    reason: str | None = None
+    # Per word of `tentative`: how many consecutive updates (this one included) have agreed on it and the words
+    # before it. Committed words are not in it: they never change.
+    stability: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view (the checkpoint bytes are left out: they go to a session store, not to clients)."""
@@ -177,6 +223,9 @@ class TranscriptEvent:
             "hypothesis": self.hypothesis,
             "segment_index": self.segment_index,
             "audio_sec": self.audio_sec,
+            "span": None if self.span is None else list(self.span),
+            "reason": self.reason,
+            "stability": list(self.stability),
             "stats": None if self.stats is None else asdict(self.stats),
         }
 
@@ -188,8 +237,10 @@ class CausalBlock:
     segment_index: int
     block_index: int  # blocks of the segment before this one
     mel: Tensor  # [frames, mel_bins], frames a multiple of 8 up to block_frames
-    roll_events: list[TranscriptEvent]  # the segment roll that had to happen before this block
+    roll_events: list[TranscriptEvent]  # the segment roll that had to happen before this block, speech events
     decode: bool  # whether the decoder updates after this block (else its embeddings wait: `hold_block`)
+    # The voice gate dropped this silent block: nothing to encode or decode; its events are `roll_events`.
+    skipped: bool = False
 
 
 @dataclass
@@ -197,6 +248,9 @@ class SegmentState:
     """The session's view of its current segment (the K/V lives in the stages): everything a roll drops."""
 
     steps: int = 0
+    start_frame: int | None = None  # causal: stream mel frame where its first encoded block starts
+    end_frame: int = 0  # ... and where its last one ends
+    decoded_until: int = 0  # ... and where the audio of its last decoder update ends
     blocks: int = 0  # causal: blocks handed out for encoding
     updates: int = 0  # causal: decoder updates requested
     # windowed: the segment's audio steps; causal: encoded blocks waiting for the next decoder update
@@ -226,15 +280,20 @@ class StreamingSession:
         self.stream_id = stream_id
         self.keep_replay = keep_replay
         opts = self.options
-        self.prompt = build_causal_prompt(model.tokenizer, language=opts.language, context=opts.context)
-        token_rules = DecodeOptions.causal(self.prompt.special)
-        self.controls = DecodeControls(
-            replace(opts.decode, suppress_token_ids=token_rules.suppress_token_ids, stop_token_ids=token_rules.stop_token_ids)
-        )
+        self._set_prompt(opts.context)
         self.policy = SegmentPolicy(opts.segment)
         self.committer = TranscriptCommitter(opts.commit, update_interval_sec=opts.update_interval_sec)
-        self.decoder_settings = DecoderSettings(self.prompt, self.controls, opts.speculative)
+        self.stability = HypothesisStability()
         self.features = StreamingLogMel()
+        # The voice gate (off by default) and its detector's state, which travels with feature requests.
+        self.gate = VoiceGate(opts.vad) if opts.vad.enabled else None
+        self.vad = VadState.initial() if opts.vad.enabled else None
+        self.finalize_at_frame: int | None = None  # a Finalize asked for: encode up to here, then roll
+        self.next_context: str | None = None  # an UpdateContext waiting for the next segment
+        self._end_after_update: tuple[str, int | None] | None = None  # roll after this update: reason, speech end
+        # Work counters of this session object (not checkpointed): what the voice gate saves.
+        self.blocks_encoded = 0
+        self.blocks_skipped = 0
         self._own_stages: tuple[EncoderStage, DecoderStage] | None = None  # made on first use (`push_audio`)
         # Stream-level state that survives segment rolls.
         self.segment_index = 0
@@ -281,6 +340,41 @@ class StreamingSession:
             events += self._flush_windowed()
         return events + self.finalize()
 
+    @property
+    def warnings(self) -> list[str]:
+        """What the client should know about how its stream runs (e.g. an untrained language it allowed)."""
+        language = self.options.untrained_language
+        if language is None:
+            return []
+        return [f"language {language}: the causal tower was distilled on English only; expect lower accuracy"]
+
+    def finalize_now(self) -> list[TranscriptEvent]:
+        """Causal backend: commit the tail now and keep listening. The audio so far is encoded (a short last
+        block if need be) and decoded, then the segment rolls; its last event is that roll (`reason`
+        "finalize"), unless there was nothing to finalize (then there are no events)."""
+        self.request_finalize()
+        return self._run_ready_blocks()
+
+    def request_finalize(self) -> None:
+        """Causal backend: the next blocks end the segment at the audio buffered now (see `finalize_now`); an
+        owner then runs `next_block` as usual."""
+        self._check_open()
+        self._check_causal()
+        self.finalize_at_frame = self.frames_encoded + self.pending_mel.shape[0] // STEP_FRAMES * STEP_FRAMES
+
+    def update_context(self, context: str) -> int:
+        """Replace the biasing context (names, terms) from the next segment on (it changes the decoder's prompt,
+        so the current segment keeps its own); at once if the segment holds no audio yet. Returns the index
+        of the segment it takes effect in. Raises ValueError for a context that is too long."""
+        self._check_open()
+        build_causal_prompt(self.model.tokenizer, language=self.options.language, context=context)  # checks it
+        if self.segment.blocks == 0:
+            self._set_prompt(context)
+            self.next_context = None
+            return self.segment_index
+        self.next_context = context
+        return self.segment_index + 1
+
     # ------------------------------------------------------------------ causal blocks, in halves
     #
     # A causal block runs in three phases: `next_block` (scheduling, segment roll, taking the block out of the
@@ -295,7 +389,7 @@ class StreamingSession:
         if self.finishing:
             raise RuntimeError("the end of the stream was signalled; no more audio is accepted")
         pcm = np.zeros(0, dtype=np.float32) if samples is None else samples
-        return FeatureRequest(self.features, pcm, flush=end and not self.features.flushed)
+        return FeatureRequest(self.features, pcm, flush=end and not self.features.flushed, vad=self.vad)
 
     def completes_block_with(self, more_samples: int) -> bool:
         """Whether `more_samples` more samples would complete a block (an owner whose front-end runs elsewhere
@@ -307,6 +401,9 @@ class StreamingSession:
         """Buffer a front-end result (its mel waits for `next_block`); `end`: it was the end-of-audio request."""
         self.features = result.frontend
         self._buffer_mel(result.mel)
+        if self.gate is not None:
+            self.vad = result.vad
+            self.gate.add(result.speech)
         self.finishing = end
 
     def buffer_audio(self, samples: np.ndarray, features: FeatureStage | None = None) -> None:
@@ -332,8 +429,15 @@ class StreamingSession:
         if not self.block_ready:
             return None
         pending = self.pending_mel.shape[0]
-        if pending >= self.options.encoder.block_frames:
-            return self._take_block(self.options.encoder.block_frames, more_to_come=more_to_come)
+        block_frames = self.options.encoder.block_frames
+        if self.finalize_at_frame is not None:
+            wanted = min(block_frames, self.finalize_at_frame - self.frames_encoded)
+            if wanted == 0:  # everything before the Finalize is encoded: roll now
+                self.finalize_at_frame = None
+                return self._skipped_block(self._roll_if(True, "finalize"))
+            return self._take_block(wanted, more_to_come=False)
+        if pending >= block_frames:
+            return self._take_block(block_frames, more_to_come=more_to_come)
         self.final_update = True
         usable = pending // STEP_FRAMES * STEP_FRAMES
         if usable == 0:
@@ -390,6 +494,8 @@ class StreamingSession:
     def block_ready(self) -> bool:
         """Whether `next_block` has something to do: a whole block buffered, or the end of audio to process."""
         pending = self.pending_mel.shape[0]
+        if self.finalize_at_frame is not None:
+            return True
         return pending >= self.options.encoder.block_frames or (self.finishing and not self.final_update)
 
     @property
@@ -435,6 +541,9 @@ class StreamingSession:
         encoder, decoder = self.own_stages
         events = []
         while (block := self.next_block()) is not None:
+            if block.skipped:
+                events += block.roll_events
+                continue
             embeddings = answer_of(encoder.encode([self.encode_request(block)])[0])
             if not block.decode:
                 events += self.hold_block(block, embeddings)
@@ -459,23 +568,51 @@ class StreamingSession:
         self.pending_mel = torch.cat([self.pending_mel, mel.to(self.pending_mel)])
 
     def _take_block(self, frames: int, dropped_frames: int = 0, more_to_come: bool = False) -> CausalBlock:
-        """Roll if the block would pass the cap, then take the first `frames` pending frames as the next block.
+        """Roll if the block would pass the cap (or the voice gate ended the utterance), then take the first
+        `frames` pending frames as the next block, or skip them if the gate finds no speech.
 
         The block leaves the pending mel only now that its segment is decided, so a checkpoint taken at the
-        roll still holds every frame not yet encoded.
+        roll still holds every frame not yet encoded (and the gate's state from before it judged them). A block
+        the gate skips leaves first: a roll at the end of an utterance does not hold it.
         """
         steps = frames // STEP_FRAMES
-        roll_events = self._roll_if(self.policy.should_roll_before(self.segment.steps, steps) is not None)
+        start = self.frames_encoded
+        voice: BlockVoice | None = None
+        if self.gate is not None:
+            # The gate adopts its verdict's state only with the block: a checkpoint at a roll before the block
+            # holds the block, and a restored session judges it again.
+            voice, judged = self.gate.judge(start * HOP_LENGTH, (start + frames) * HOP_LENGTH)
+            if not voice.encode:  # silence: the block goes before any roll, so a checkpoint does not hold it
+                self.gate.state = judged
+                self.pending_mel = self.pending_mel[frames + dropped_frames :]
+                self.frames_encoded += frames + dropped_frames
+                self.blocks_skipped += 1
+                events = [] if voice.speech_end is None else self._speech_event("speech_end", voice.speech_end)
+                return self._skipped_block(events + self._roll_if(voice.speech_end is not None, "utterance_end"))
+        events = self._roll_if(self.policy.should_roll_before(self.segment.steps, steps) is not None, "cap")
+        if self.gate is not None:
+            self.gate.state = judged
         mel = self.pending_mel[:frames]
         self.pending_mel = self.pending_mel[frames + dropped_frames :]
         self.frames_encoded += frames + dropped_frames
+        self.blocks_encoded += 1
+        if voice is not None and voice.speech_begin is not None:
+            events += self._speech_event("speech_begin", voice.speech_begin)
+        if voice is not None and voice.speech_end is not None:
+            self._end_after_update = ("utterance_end", voice.speech_end)
+        if self.finalize_at_frame is not None and self.frames_encoded + STEP_FRAMES > self.finalize_at_frame:
+            self.finalize_at_frame = None  # this block reaches the Finalize: roll after its update
+            self._end_after_update = ("finalize", None)
         segment = self.segment
+        if segment.start_frame is None:
+            segment.start_frame = start
+        segment.end_frame = start + frames
         segment.steps += steps
         block = CausalBlock(
             segment_index=self.segment_index,
             block_index=segment.blocks,
             mel=mel,
-            roll_events=roll_events,
+            roll_events=events,
             decode=self._update_due(more_to_come),
         )
         segment.blocks += 1
@@ -483,12 +620,18 @@ class StreamingSession:
             segment.mel_blocks.append(mel)
         return block
 
+    def _skipped_block(self, events: list[TranscriptEvent]) -> CausalBlock:
+        return CausalBlock(self.segment_index, self.segment.blocks, self.pending_mel[:0], events, decode=False, skipped=True)
+
+    def _speech_event(self, kind: EventKind, sample: int) -> list[TranscriptEvent]:
+        return [replace(self._event(kind, (), tentative="", hypothesis=self.committer.transcript), span=(sample, sample))]
+
     def _update_due(self, more_to_come: bool) -> bool:
         """Decode after this block? Every `blocks_per_update` blocks unless the caller takes the next block with
         it, and always at the end of the stream and before any roll, so that no encoded audio is dropped
         undecoded: a roll comes before a whole block that would pass the cap."""
-        if self.final_update:
-            return True
+        if self.final_update or self.gate is not None or self._end_after_update is not None:
+            return True  # the end, or the voice gate or a Finalize may roll the segment after this block
         if self.finishing and self.pending_mel.shape[0] < STEP_FRAMES:
             return True  # no block comes after this one
         next_block_steps = self.options.encoder.block_frames // STEP_FRAMES
@@ -545,14 +688,29 @@ class StreamingSession:
         return self._after_update(tokens, stats)
 
     def _after_update(self, tokens: list[int], stats: UpdateStats) -> list[TranscriptEvent]:
-        self.segment.tokens = tokens
+        segment = self.segment
+        segment.tokens = tokens
         text = self._text(tokens)
         update = self.committer.update(text, self.audio_sec)
-        events = [self._event("update", update.new_words, update.tentative_text, update.global_hypothesis, stats)]
+        ages = self.stability.update(text.split())
+        span = None
+        if segment.start_frame is not None:  # causal: the blocks this update decoded
+            span = (max(segment.start_frame, segment.decoded_until) * HOP_LENGTH, segment.end_frame * HOP_LENGTH)
+            segment.decoded_until = segment.end_frame
+        event = self._event("update", update.new_words, update.tentative_text, update.global_hypothesis, stats)
+        tentative_ages = tuple(ages[len(ages) - len(update.tentative_text.split()) :]) if update.tentative_text else ()
+        events = [replace(event, span=span, stability=tentative_ages)]
+        end_after, self._end_after_update = self._end_after_update, None
+        if end_after is not None and end_after[1] is not None:
+            events += self._speech_event("speech_end", end_after[1])
         if self.final_update:
             return events
-        roll_after = self.policy.should_roll_after(self.segment.steps, text)
-        return events + self._roll_if(bool(roll_after) or self._segment_full())
+        if end_after is not None:
+            return events + self._roll_if(True, end_after[0])
+        if self.policy.should_roll_after(segment.steps, text):
+            reason = "cap" if segment.steps > self.options.segment.segment_max_steps else "sentence"
+            return events + self._roll_if(True, reason)
+        return events + self._roll_if(self._segment_full(), "cap")
 
     def _segment_full(self) -> bool:
         """Whether the segment must roll now rather than before the next update.
@@ -567,17 +725,38 @@ class StreamingSession:
 
     # ------------------------------------------------------------------ segments and checkpoints
 
-    def _roll_if(self, condition: bool) -> list[TranscriptEvent]:
+    def _roll_if(self, condition: bool, reason: str) -> list[TranscriptEvent]:
+        """Roll the segment (for `reason`, see `TranscriptEvent.reason`) if `condition` and it holds audio."""
         if not condition or self.segment.steps == 0:
             return []
         if self.options.backend == "causal" and self.segment.embeddings:
             raise RuntimeError("segment roll with encoded blocks not yet decoded; `_update_due` must prevent this")
         new_words = self.committer.finalize_segment(self.audio_sec)
         self.completed_segments.append(list(self.segment.tokens))
+        rolled = self.segment
+        span = None if rolled.start_frame is None else (rolled.start_frame * HOP_LENGTH, rolled.end_frame * HOP_LENGTH)
         self.segment_index += 1
         self.segment = SegmentState()
+        self.stability = HypothesisStability()
+        if self.next_context is not None:  # an UpdateContext takes effect with the new segment
+            self._set_prompt(self.next_context)
+            self.next_context = None
         event = self._event("segment", new_words, tentative="", hypothesis=self.committer.transcript)
-        return [replace(event, checkpoint=self.checkpoint())]
+        return [replace(event, checkpoint=self.checkpoint(), span=span, reason=reason)]
+
+    def _set_prompt(self, context: str) -> None:
+        """The decoder's prompt and controls for `context` (at the start, or at a segment roll)."""
+        self.options = replace(self.options, context=context)
+        self.prompt = build_causal_prompt(self.model.tokenizer, language=self.options.language, context=context)
+        token_rules = DecodeOptions.causal(self.prompt.special)
+        self.controls = DecodeControls(
+            replace(
+                self.options.decode,
+                suppress_token_ids=token_rules.suppress_token_ids,
+                stop_token_ids=token_rules.stop_token_ids,
+            )
+        )
+        self.decoder_settings = DecoderSettings(self.prompt, self.controls, self.options.speculative)
 
     def checkpoint(self) -> bytes:
         """Plain-data restore point; valid only at a segment boundary (no segment audio encoded yet)."""
@@ -598,7 +777,11 @@ class StreamingSession:
             "window_mel": _encode_array(self.window_mel.float().cpu().numpy()),
             "window_start_frame": self.window_start_frame,
             "last_emitted_end_frame": self.last_emitted_end_frame,
+            "finalize_at_frame": self.finalize_at_frame,
         }
+        if self.gate is not None:
+            payload["gate"] = self.gate.to_dict()
+            payload["vad"] = _encode_vad(self.vad)
         return json.dumps(payload).encode()
 
     @classmethod
@@ -622,6 +805,10 @@ class StreamingSession:
         session.window_mel = torch.from_numpy(_decode_array(payload["window_mel"]))
         session.window_start_frame = payload["window_start_frame"]
         session.last_emitted_end_frame = payload["last_emitted_end_frame"]
+        session.finalize_at_frame = payload.get("finalize_at_frame")  # not in version 2
+        if session.gate is not None:
+            session.gate = VoiceGate.from_dict(session.options.vad, payload["gate"])
+            session.vad = _decode_vad(payload["vad"])
         return session
 
     # ------------------------------------------------------------------ helpers
@@ -631,7 +818,7 @@ class StreamingSession:
 
     def _event(
         self,
-        kind: Literal["update", "segment", "final"],
+        kind: EventKind,
         new_words: tuple[CommittedWord, ...],
         tentative: str,
         hypothesis: str,
@@ -666,10 +853,12 @@ def decoder_positions_needed(prompt: CausalPrompt, options: SessionOptions) -> i
 
     A segment holds at most `segment_max_steps` audio steps (a roll comes first), or one block if that is
     longer; an update forwards the tail and a draft of at most `max_new_tokens`, and greedy steps never
-    forward more than `max_new_tokens` tokens.
+    forward more than `max_new_tokens` tokens. The head has room for the longest context (`MAX_CONTEXT_TOKENS`),
+    whatever `prompt` holds now: a stream's context may change at any segment.
     """
     audio_steps = max(options.segment.segment_max_steps, options.encoder.block_frames // STEP_FRAMES)
-    return len(prompt.head_ids) + audio_steps + len(prompt.tail_ids) + options.decode.max_new_tokens
+    head = len(prompt.head_ids) - prompt.context_tokens + MAX_CONTEXT_TOKENS
+    return head + audio_steps + len(prompt.tail_ids) + options.decode.max_new_tokens
 
 
 def checkpoint_options(checkpoint: bytes) -> SessionOptions:
@@ -728,6 +917,16 @@ def offline_step_end_frames(frames: int) -> Tensor:
         for step in range(-(-length // STEP_FRAMES)):
             ends.append(chunk_start + min(STEP_FRAMES * step + STEP_FRAMES - 1, length - 1))
     return torch.tensor(ends, dtype=torch.long)
+
+
+def _encode_vad(state: VadState) -> dict[str, Any]:
+    arrays = {name: _encode_array(getattr(state, name)) for name in ("h", "c", "context", "pending")}
+    return arrays | {"windows_done": state.windows_done}
+
+
+def _decode_vad(encoded: dict[str, Any]) -> VadState:
+    arrays = {name: _decode_array(encoded[name]) for name in ("h", "c", "context", "pending")}
+    return VadState(**arrays, windows_done=encoded["windows_done"])
 
 
 def _encode_array(array: np.ndarray) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from pipeline.features import N_MELS, StreamingLogMel
 from pipeline.kv_pool import DecoderKVPool, EncoderKVPool
 from pipeline.prompt import CausalPrompt
 from pipeline.rolling import RollingDecoder, RollingDecoderState, UpdateResult
+from pipeline.vad import SileroVAD, VadState, load_silero_vad, score_streams
 
 Answer = TypeVar("Answer")
 
@@ -78,16 +79,24 @@ class FeatureRequest:
     frontend: StreamingLogMel  # the stream's front-end; comes back advanced
     pcm: np.ndarray  # 16 kHz mono float32
     flush: bool = False  # end of stream: also emit the last (end-padded) frames
+    vad: VadState | None = None  # the stream's voice activity detector, if its gate is on; comes back advanced
 
 
 @dataclass
 class FeatureResult:
     frontend: StreamingLogMel
     mel: Tensor  # [frames, mel_bins] completed by this request's audio
+    vad: VadState | None = None
+    speech: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))  # new windows' probabilities
 
 
 class FeatureStage:
-    """Streaming log-mel for many streams. Holds no stream state: the front-end travels with the request."""
+    """Streaming log-mel, and voice activity for the streams that gate on it, for many streams. Holds no stream
+    state: the front-end and the detector travel with the request. The detector's windows of all requests go
+    through one batched forward."""
+
+    def __init__(self) -> None:
+        self._vad_model: SileroVAD | None = None  # loaded on the first request that needs it
 
     def extract(self, requests: Sequence[FeatureRequest]) -> list[FeatureResult]:
         results = []
@@ -96,6 +105,13 @@ class FeatureStage:
             if request.flush:
                 mel.append(request.frontend.flush())
             results.append(FeatureResult(request.frontend, torch.cat(mel) if mel else torch.zeros(0, N_MELS)))
+        gated = [i for i, request in enumerate(requests) if request.vad is not None]
+        if gated:
+            if self._vad_model is None:
+                self._vad_model = load_silero_vad()
+            scored = score_streams(self._vad_model, [requests[i].vad for i in gated], [requests[i].pcm for i in gated])
+            for i, (state, speech) in zip(gated, scored):
+                results[i].vad, results[i].speech = state, speech
         return results
 
 

@@ -135,6 +135,9 @@ class StreamDriver:
     async def _run_ready_blocks(self) -> list[TranscriptEvent]:
         session, events = self.session, []
         while (block := session.next_block()) is not None:
+            if block.skipped:  # silence the voice gate dropped: no stage work
+                events += block.roll_events
+                continue
             await self._enter_segment(block)
             embeddings = await self._encode(block)
             if not block.decode:

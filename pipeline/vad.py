@@ -10,6 +10,7 @@ Every 512 samples (32 ms) of a stream give one speech probability.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 
@@ -69,7 +70,9 @@ def load_silero_vad() -> SileroVAD:
         path = resources.files(WEIGHTS_PACKAGE).joinpath(WEIGHTS_FILE)
     except ModuleNotFoundError:
         raise RuntimeError("voice activity detection needs the silero-vad package: pip install silero-vad") from None
-    shipped = torch.jit.load(str(path), map_location="cpu")._model.state_dict()
+    with warnings.catch_warnings():  # TorchScript is deprecated; we only read the weights out of it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        shipped = torch.jit.load(str(path), map_location="cpu")._model.state_dict()
     model = SileroVAD()
     model.load_state_dict({ours: shipped[theirs] for ours, theirs in _SHIPPED_NAMES.items()})
     return model.eval()

@@ -174,8 +174,8 @@ def test_state_bound_of_the_full_size_model():
     bound = flops.full_size_state_bound()
     assert bound.encoder_values == 18 * 2 * 195 * 896
     assert bound.decoder_values_per_position == 28 * 2 * 8 * 128
-    assert bound.decoder_positions == 9 + 200 + 9 + 256
-    assert bound.mib(4)["total"] == pytest.approx((18 * 2 * 195 * 896 + 474 * 28 * 2 * 8 * 128) * 4 / 2**20)
+    assert bound.decoder_positions == 9 + 64 + 200 + 9 + 256  # head, context room, segment cap, tail, token budget
+    assert bound.mib(4)["total"] == pytest.approx((18 * 2 * 195 * 896 + 538 * 28 * 2 * 8 * 128) * 4 / 2**20)
     assert bound.mib(2)["total"] == pytest.approx(bound.mib(4)["total"] / 2)
 
 
