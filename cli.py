@@ -192,6 +192,32 @@ def _add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--language", default="en", help="forced output language, name or ISO code, or 'auto' to let the model name it"
     )
+    parser.add_argument(
+        "--allow-untrained-language",
+        action="store_true",
+        help="run a language other than English in causal mode (the causal tower was distilled on English only)",
+    )
+    parser.add_argument("--context", default="", help="biasing text for the decoder's prompt: names, terms (<= 64 tokens)")
+    parser.add_argument(
+        "--update-context",
+        action="append",
+        default=[],
+        metavar="SECONDS=TEXT",
+        help="replace the context once this much audio is sent (from the next segment on); repeatable",
+    )
+    parser.add_argument(
+        "--vad", action="store_true", help="voice activity gate: skip silence, end utterances at pauses (causal)"
+    )
+    parser.add_argument(
+        "--end-silence-ms", type=_count, default=800, help="with --vad: the pause that ends an utterance (default 800)"
+    )
+    parser.add_argument(
+        "--finalize-every",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="commit the tail every this much audio and keep going (a Finalize control)",
+    )
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -241,10 +267,40 @@ def _session_options(args: argparse.Namespace) -> SessionOptions:
             language = canonical_language(args.language)
         except ValueError as error:
             raise UsageError(f"--language: {error}") from None
-    settings: dict = {"encoder": {"block_frames": args.block_frames}, "language": language}
+    settings: dict = {
+        "encoder": {"block_frames": args.block_frames},
+        "language": language,
+        "context": args.context,
+        "allow_untrained_language": args.allow_untrained_language,
+        "vad": {"enabled": args.vad, "end_silence_ms": args.end_silence_ms},
+    }
     if getattr(args, "max_new_tokens", None) is not None:
         settings["decode"] = {"max_new_tokens": args.max_new_tokens}
-    return SessionOptions.windowed(**settings) if args.backend == "windowed" else SessionOptions.from_dict(settings)
+    try:
+        return SessionOptions.windowed(**settings) if args.backend == "windowed" else SessionOptions.from_dict(settings)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _context_updates(args: argparse.Namespace) -> list[tuple[float, str]]:
+    """`--update-context SECONDS=TEXT` flags as (seconds, text), in time order."""
+    updates = []
+    for value in args.update_context:
+        seconds, separator, text = value.partition("=")
+        try:
+            at = float(seconds)
+        except ValueError:
+            at = -1.0
+        if not separator or at < 0:
+            raise UsageError(f"--update-context {value!r}: expected SECONDS=TEXT, e.g. 12.5='Kubernetes, KubeRay'")
+        updates.append((at, text))
+    return sorted(updates)
+
+
+def _finalize_every(args: argparse.Namespace) -> float | None:
+    if args.finalize_every is not None and args.finalize_every <= 0:
+        raise UsageError(f"--finalize-every {args.finalize_every}: expected a positive number of seconds")
+    return args.finalize_every
 
 
 def _tower(args: argparse.Namespace) -> str | None:
@@ -325,11 +381,18 @@ def _run_transcribe(args: argparse.Namespace) -> int:
     if len(args.audio) > 1:
         return _transcribe_many(args)
     options = _session_options(args)
+    updates, finalize_every = _context_updates(args), _finalize_every(args)
     device = _device(args.device)
     audio = read_audio(args.audio[0])
-    session = StreamingSession(_load(args, device), options)
+    try:
+        session = StreamingSession(_load(args, device), options)
+    except ValueError as error:  # the context's token count
+        raise UsageError(f"--context: {error}") from None
     status = None if args.json else StatusLine(duration_sec=audio.size / SAMPLE_RATE)
-    for event in stream_recording(session, audio, realtime=args.realtime):
+    events = stream_recording(
+        session, audio, realtime=args.realtime, finalize_every_sec=finalize_every, context_updates=updates
+    )
+    for event in events:
         if status is None:
             print(json.dumps(event.to_dict()), flush=True)
         else:
@@ -359,8 +422,11 @@ def _transcribe_many(args: argparse.Namespace) -> int:
     from pipeline.audio_io import read_audio
     from pipeline.transcribe import terminal_text, transcribe_recordings
 
-    if args.realtime or args.backend != "causal":
-        raise UsageError("several files run through the multi-stream engine: causal backend, no --realtime")
+    if args.realtime or args.backend != "causal" or args.finalize_every or args.update_context:
+        raise UsageError(
+            "several files run through the multi-stream engine: causal backend, no --realtime, --finalize-every "
+            "or --update-context"
+        )
     options = _session_options(args)
     device = _device(args.device)
     recordings = {path: read_audio(path) for path in dict.fromkeys(args.audio)}
@@ -703,8 +769,18 @@ def _run_stream(args: argparse.Namespace) -> int:
     from pipeline.transcribe import terminal_text
 
     language = "" if args.language.strip().lower() == "auto" else args.language
+    finalize_every = _finalize_every(args)
     options = StreamOptions(
-        language=language, block_frames=args.block_frames, chunk_ms=args.chunk_ms, realtime=args.realtime
+        language=language,
+        block_frames=args.block_frames,
+        chunk_ms=args.chunk_ms,
+        realtime=args.realtime,
+        context=args.context,
+        voice_activity=args.vad,
+        end_silence_ms=args.end_silence_ms,
+        allow_untrained_language=args.allow_untrained_language,
+        finalize_every_ms=0 if finalize_every is None else round(finalize_every * 1000),
+        context_updates=tuple(_context_updates(args)),
     )
     recordings = {path: read_audio(path) for path in dict.fromkeys(args.audio)}
     key = args.api_key or os.environ.get("QWEN3_STREAM_API_KEY")
@@ -747,7 +823,13 @@ def _run_stream(args: argparse.Namespace) -> int:
     for path, outcome in zip(recordings, outcomes):
         final = outcome.final
         if args.json:
-            print(json.dumps({"file": path, "text": outcome.text, **_message_dict(final)}), flush=True)
+            live = {
+                "warnings": outcome.warnings,
+                "speech": [_message_dict(event) for event in outcome.speech],
+                "finalized": [_message_dict(answer) for answer in outcome.finalized],
+                "context_updated": [_message_dict(answer) for answer in outcome.context_updates],
+            }
+            print(json.dumps({"file": path, "text": outcome.text, **live, **_message_dict(final)}), flush=True)
         else:
             print(f"{terminal_text(path)}\t{terminal_text(outcome.text)}", flush=True)
     return 0

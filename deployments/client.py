@@ -62,6 +62,17 @@ class StreamOptions:
     chunk_ms: int = 100
     # Send chunks at the pace of the audio (like a microphone) instead of as fast as possible.
     realtime: bool = False
+    # Biasing text (names, terms) for the decoder's prompt, at most 64 tokens.
+    context: str = ""
+    # The server's voice activity gate: skip silence, end utterances after end_silence_ms of it (0: 800).
+    voice_activity: bool = False
+    end_silence_ms: int = 0
+    # Let a causal stream run a language other than English (the server then sends a warning in Started).
+    allow_untrained_language: bool = False
+    # Send a Control.finalize after every this much audio (0: never); the server answers each with Finalized.
+    finalize_every_ms: int = 0
+    # (seconds, text): send Control.update_context once this much audio is sent.
+    context_updates: tuple[tuple[float, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.encoding not in _ENCODINGS:
@@ -83,7 +94,25 @@ class StreamOptions:
             encoding=_ENCODINGS[self.encoding][0],
             block_frames=self.block_frames,
             interim_results=self.interim_results,
+            context=self.context,
+            voice_activity=asr_pb2.VoiceActivity(enabled=True, end_silence_ms=self.end_silence_ms)
+            if self.voice_activity
+            else None,
+            allow_untrained_language=self.allow_untrained_language,
         )
+
+    def controls_after(self, start_sample: int, end_sample: int) -> list[asr_pb2.Control]:
+        """The controls due once the audio [start_sample, end_sample) is sent (context updates, then Finalize)."""
+        rate = self.sample_rate_hz
+        controls = [
+            asr_pb2.Control(update_context=asr_pb2.UpdateContext(context=text))
+            for seconds, text in self.context_updates
+            if start_sample < round(seconds * rate) <= end_sample
+        ]
+        every = self.finalize_every_ms * rate // 1000
+        if every and end_sample // every > start_sample // every:
+            controls.append(asr_pb2.Control(finalize=asr_pb2.Finalize()))
+        return controls
 
 
 def encode_pcm(samples: np.ndarray, encoding: EncodingName) -> bytes:
@@ -142,6 +171,12 @@ class StreamOutcome:
     dropped: bool = False
     # Every Ack received (durable segment boundaries), in order.
     acks: list[asr_pb2.Ack] = field(default_factory=list)
+    # Live semantics: Started's warnings, the voice gate's speech boundaries, the answers to Finalize and
+    # UpdateContext controls, in order.
+    warnings: list[str] = field(default_factory=list)
+    speech: list[asr_pb2.SpeechEvent] = field(default_factory=list)
+    finalized: list[asr_pb2.Finalized] = field(default_factory=list)
+    context_updates: list[asr_pb2.ContextUpdated] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -166,6 +201,7 @@ class StreamOutcome:
             self.started_received_at = received_at
             self.resume_token = started.resume_token or self.resume_token
             self.resumed_from_sample = started.resume_from_sample
+            self.warnings = list(started.warnings)
         elif kind == "result":
             result = response.result
             # After a resume the server may send words again with their original indices: keep one of each.
@@ -184,6 +220,12 @@ class StreamOutcome:
         elif kind == "final":
             self.final = response.final
             self.final_received_at = received_at
+        elif kind == "speech":
+            self.speech.append(response.speech)
+        elif kind == "finalized":
+            self.finalized.append(response.finalized)
+        elif kind == "context_updated":
+            self.context_updates.append(response.context_updated)
         else:  # a newer server's message kind: ignore, per proto3 forward compatibility
             log.debug("ignoring unknown response kind %r", kind)
         return None
@@ -231,8 +273,11 @@ async def _send(
                 await asyncio.sleep(delay)
         data = audio[start : start + step]
         await call.write(asr_pb2.RecognizeRequest(audio=asr_pb2.AudioChunk(data=bytes(data))))
+        end = min(start + step, len(audio)) // width
         if on_chunk_sent is not None:
-            on_chunk_sent(min(start + step, len(audio)) // width, time.monotonic())
+            on_chunk_sent(end, time.monotonic())
+        for control in options.controls_after(start // width, end):
+            await call.write(asr_pb2.RecognizeRequest(control=control))
     await call.done_writing()
     if on_half_close is not None:
         on_half_close(time.monotonic())

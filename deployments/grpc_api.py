@@ -15,8 +15,9 @@ import numpy as np
 from pipeline.causal_encoder import TRAINED_BLOCK_FRAMES
 from pipeline.commit import CommittedWord
 from pipeline.features import SAMPLE_RATE
-from pipeline.prompt import canonical_language
+from pipeline.prompt import MAX_CONTEXT_TOKENS, canonical_language
 from pipeline.session import SessionOptions, TranscriptEvent
+from pipeline.voice_gate import VadOptions
 from protos.qwen3stream.v1 import asr_pb2
 
 #: The most audio one chunk may carry (seconds): a live source sends far less; more is a client bug.
@@ -25,6 +26,8 @@ MAX_CHUNK_SECONDS = 10.0
 MAX_LANGUAGE_CHARS = 64
 #: Block size of a config that leaves it unset (0).
 DEFAULT_BLOCK_FRAMES = 192
+#: The longest context accepted before it is tokenized (its real bound is MAX_CONTEXT_TOKENS tokens).
+MAX_CONTEXT_CHARS = 1024
 #: Bytes per sample of each accepted encoding.
 SAMPLE_BYTES = {asr_pb2.PCM_S16LE: 2, asr_pb2.F32LE: 4}
 
@@ -53,7 +56,32 @@ def session_options(config: asr_pb2.StreamConfig, defaults: SessionOptions) -> S
             language = canonical_language(config.language)
         except ValueError as error:
             raise InvalidRequest(str(error)) from None
-    return replace(defaults, language=language, encoder=replace(defaults.encoder, block_frames=block_frames))
+    check_context(config.context)
+    gate = config.voice_activity
+    try:
+        vad = VadOptions(
+            enabled=gate.enabled,
+            threshold=gate.threshold or VadOptions.threshold,
+            end_silence_ms=gate.end_silence_ms or VadOptions.end_silence_ms,
+        )
+        return replace(
+            defaults,
+            language=language,
+            context=config.context,
+            encoder=replace(defaults.encoder, block_frames=block_frames),
+            vad=vad,
+            allow_untrained_language=config.allow_untrained_language,
+        )
+    except ValueError as error:  # the options' own checks: a language the tower was not trained on, a bad gate
+        raise InvalidRequest(str(error)) from None
+
+
+def check_context(context: str) -> None:
+    """A context's length before it is tokenized (the session checks its token count)."""
+    if len(context) > MAX_CONTEXT_CHARS:
+        raise InvalidRequest(
+            f"context has {len(context)} characters; expected at most {MAX_CONTEXT_CHARS} ({MAX_CONTEXT_TOKENS} tokens)"
+        )
 
 
 def effective_config(config: asr_pb2.StreamConfig, options: SessionOptions) -> asr_pb2.StreamConfig:
@@ -64,6 +92,13 @@ def effective_config(config: asr_pb2.StreamConfig, options: SessionOptions) -> a
         encoding=config.encoding,
         block_frames=options.encoder.block_frames,
         interim_results=config.interim_results,
+        context=options.context,
+        voice_activity=asr_pb2.VoiceActivity(
+            enabled=options.vad.enabled, threshold=options.vad.threshold, end_silence_ms=options.vad.end_silence_ms
+        )
+        if options.vad.enabled
+        else None,
+        allow_untrained_language=options.allow_untrained_language,
     )
 
 
@@ -88,11 +123,18 @@ def decode_audio(data: bytes, encoding: int) -> np.ndarray:
 class ResponseWriter:
     """Turns a stream's events into responses, numbering committed words (an index is never reused)."""
 
-    def __init__(self, next_index: int = 0) -> None:
-        """`next_index`: how many committed words a resumed stream already has (the next index follows them)."""
+    def __init__(self, next_index: int = 0, time_precision_sec: float = 0.0) -> None:
+        """`next_index`: how many committed words a resumed stream already has (the next index follows them).
+        `time_precision_sec`: how far word times may be off (`StreamingSession.word_time_precision_sec`)."""
         self.next_index = next_index
+        self.time_precision_ms = round(time_precision_sec * 1000)
 
-    def result(self, event: TranscriptEvent) -> asr_pb2.RecognizeResponse:
+    def response(self, event: TranscriptEvent) -> asr_pb2.RecognizeResponse:
+        """A `SpeechEvent` for a speech boundary, else a `Result`."""
+        if event.kind in ("speech_begin", "speech_end"):
+            kind = asr_pb2.SpeechEvent.SPEECH_BEGIN if event.kind == "speech_begin" else asr_pb2.SpeechEvent.SPEECH_END
+            return asr_pb2.RecognizeResponse(speech=asr_pb2.SpeechEvent(kind=kind, sample=event.span[0]))
+        start, end = event.span or (0, 0)
         return asr_pb2.RecognizeResponse(
             result=asr_pb2.Result(
                 committed=[self._word(word) for word in event.new_words],
@@ -100,6 +142,10 @@ class ResponseWriter:
                 segment_index=event.segment_index,
                 audio_processed_ms=round(event.audio_sec * 1000),
                 segment_final=event.kind == "segment",
+                interim_stability=event.stability,
+                start_sample=start,
+                end_sample=end,
+                segment_end_reason=event.reason or "",
             )
         )
 
@@ -119,7 +165,11 @@ class ResponseWriter:
 
     def _word(self, word: CommittedWord) -> asr_pb2.Word:
         message = asr_pb2.Word(
-            index=self.next_index, text=word.text, start_ms=round(word.start_sec * 1000), end_ms=round(word.end_sec * 1000)
+            index=self.next_index,
+            text=word.text,
+            start_ms=round(word.start_sec * 1000),
+            end_ms=round(word.end_sec * 1000),
+            time_precision_ms=self.time_precision_ms,
         )
         self.next_index += 1
         return message

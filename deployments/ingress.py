@@ -31,6 +31,7 @@ from torch import Tensor
 from deployments.grpc_api import (
     InvalidRequest,
     ResponseWriter,
+    check_context,
     decode_audio,
     effective_config,
     session_options,
@@ -42,7 +43,7 @@ from deployments.session_store import SessionStore, StaleOwner, StoreUnavailable
 from deployments.stage_replicas import ModelSpec, reserve_threads
 from grpc_health.v1 import health_pb2
 from pipeline.rolling import UpdateResult
-from pipeline.features import SAMPLE_RATE
+from pipeline.features import HOP_LENGTH, SAMPLE_RATE
 from pipeline.session import SessionOptions, StreamingSession
 from pipeline.stages import DecodeRequest, EncodeRequest, FeatureRequest, FeatureResult, StageAtCapacity, StageMiss
 from pipeline.stream_driver import StreamDriver
@@ -208,13 +209,24 @@ class Ingress:
                     raise InvalidRequest("an empty RecognizeRequest (no config, audio or control); send audio or half-close")
                 if kind == "config":
                     raise InvalidRequest("a second StreamConfig; the config is sent once, first")
-                if kind != "audio":
-                    raise InvalidRequest(f"{kind} messages are not supported yet; send audio or half-close")
-                pcm = decode_audio(request.audio.data, config.encoding)
-                received += pcm.size
                 arrived = time.perf_counter()
-                for event in await driver.push_audio(pcm):
-                    yield writer.result(event)
+                if kind == "audio":
+                    pcm = decode_audio(request.audio.data, config.encoding)
+                    received += pcm.size
+                    events = await driver.push_audio(pcm)
+                else:
+                    control = request.control.WhichOneof("control")
+                    if control is None:
+                        raise InvalidRequest("an empty Control; set finalize, keep_alive or update_context")
+                    if control == "keep_alive":  # any message resets the idle clock; nothing else to do
+                        continue
+                    if control == "update_context":
+                        yield asr_pb2.RecognizeResponse(context_updated=self._update_context(session, request.control))
+                        continue
+                    first_word = writer.next_index
+                    events = await driver.finalize_now()
+                for event in events:
+                    yield writer.response(event)
                     self.update_latency.observe(1000 * (time.perf_counter() - arrived))
                     self.lag.set(received / SAMPLE_RATE - event.audio_sec)
                     if event.checkpoint is not None and durable is not None:
@@ -223,13 +235,21 @@ class Ingress:
                             yield asr_pb2.RecognizeResponse(ack=ack)
                 if durable is not None and (ack := await durable.flush()) is not None:
                     yield asr_pb2.RecognizeResponse(ack=ack)
+                if kind == "control":  # the Finalize's answer, after the Results it caused
+                    yield asr_pb2.RecognizeResponse(
+                        finalized=asr_pb2.Finalized(
+                            first_word_index=first_word,
+                            end_word_index=writer.next_index,
+                            through_sample=session.frames_encoded * HOP_LENGTH,
+                        )
+                    )
             if stream.is_cancelled():
                 # The client went away (Serve's proxy ends the input as for a half-close, with this flag): no
                 # end of audio, no Final; the session stays resumable (`finally` releases its lease).
                 log.info("session %s: client gone; kept for a resume", session.stream_id)
                 return
             for event in await driver.finish():
-                yield writer.result(event)
+                yield writer.response(event)
             stats = self._stats(session, driver, writer)
             yield writer.final(session.transcript, session.token_ids, session.final_hypothesis_text, stats)
             # Only once the Final is out is the session over: a client that went away while it was being made
@@ -285,13 +305,16 @@ class Ingress:
         options = session_options(config, self.defaults)
         session_id = uuid.uuid4().hex
         effective = effective_config(config, options)
+        try:
+            session = StreamingSession(self.model, options, stream_id=session_id, keep_replay=True)
+        except ValueError as error:  # what only the tokenizer can check: the context's token count
+            raise InvalidRequest(str(error)) from None
         durable, token = None, ""
         if store is not None:
             lease = await store.create(session_id, self.owner, effective.SerializeToString())
             durable, token = DurableStream(store, lease), lease.resume_token or ""
-        session = StreamingSession(self.model, options, stream_id=session_id, keep_replay=True)
-        started = asr_pb2.Started(session_id=session_id, config=effective, resume_token=token)
-        return session, ResponseWriter(), durable, started
+        started = asr_pb2.Started(session_id=session_id, config=effective, resume_token=token, warnings=session.warnings)
+        return session, ResponseWriter(time_precision_sec=session.word_time_precision_sec), durable, started
 
     async def _resume(
         self, resume: asr_pb2.Resume, store: SessionStore | None
@@ -315,9 +338,21 @@ class Ingress:
             config=config,
             resume_from_sample=state.sample_offset,
             next_word_index=state.emitted_words,
+            warnings=session.warnings,
         )
         log.info("session %s resumed at sample %d (%d words)", lease.session_id, state.sample_offset, state.emitted_words)
-        return session, ResponseWriter(next_index=state.emitted_words), DurableStream(store, lease), started
+        writer = ResponseWriter(next_index=state.emitted_words, time_precision_sec=session.word_time_precision_sec)
+        return session, writer, DurableStream(store, lease), started
+
+    @staticmethod
+    def _update_context(session: StreamingSession, control: asr_pb2.Control) -> asr_pb2.ContextUpdated:
+        context = control.update_context.context
+        check_context(context)
+        try:
+            segment = session.update_context(context)
+        except ValueError as error:  # too many tokens
+            raise InvalidRequest(str(error)) from None
+        return asr_pb2.ContextUpdated(effective_segment_index=segment)
 
     def _stats(self, session: StreamingSession, driver: StreamDriver, writer: ResponseWriter) -> asr_pb2.FinalStats:
         return asr_pb2.FinalStats(

@@ -341,6 +341,11 @@ class StreamingSession:
         return events + self.finalize()
 
     @property
+    def word_time_precision_sec(self) -> float:
+        """How far a committed word's interpolated times may be off: the commit lag they are placed by."""
+        return self.committer.options.commit_lag_sec(self.committer.update_interval_sec)
+
+    @property
     def warnings(self) -> list[str]:
         """What the client should know about how its stream runs (e.g. an untrained language it allowed)."""
         language = self.options.untrained_language
@@ -507,9 +512,13 @@ class StreamingSession:
         """Finalize the transcript after the last update; the session is finished afterwards."""
         self._check_open()
         self.finished = True
+        speech_end = []
+        if self.gate is not None and self.gate.state.in_utterance:  # the audio ended inside an utterance
+            self.gate.state.in_utterance = False
+            speech_end = self._speech_event("speech_end", self.gate.state.last_speech_end)
         new_words = self.committer.finish(self.audio_sec)
         self.completed_segments.append(list(self.segment.tokens))
-        return [self._event("final", new_words, tentative="", hypothesis=self.committer.transcript)]
+        return speech_end + [self._event("final", new_words, tentative="", hypothesis=self.committer.transcript)]
 
     @property
     def transcript(self) -> str:

@@ -112,6 +112,14 @@ class StreamDriver:
         await self._extract(end=False)
         return await self._run_ready_blocks()
 
+    async def finalize_now(self) -> list[TranscriptEvent]:
+        """Commit the tail now and keep the stream open (`StreamingSession.finalize_now`): the audio held so far
+        goes through the front-end first, so everything received is finalized."""
+        if self._held_pcm:
+            await self._extract(end=False)
+        self.session.request_finalize()
+        return await self._run_ready_blocks()
+
     async def finish(self) -> list[TranscriptEvent]:
         """End of audio: decode what is left, finalize, and release the stream's stage state."""
         await self._extract(end=True)

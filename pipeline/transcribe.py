@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TextIO
 
 import numpy as np
@@ -18,23 +18,36 @@ from pipeline.session import SessionOptions, StreamingSession, TranscriptEvent
 
 
 def stream_recording(
-    session: StreamingSession, audio: np.ndarray, chunk_sec: float = 0.1, realtime: bool = False
+    session: StreamingSession,
+    audio: np.ndarray,
+    chunk_sec: float = 0.1,
+    realtime: bool = False,
+    finalize_every_sec: float | None = None,
+    context_updates: Sequence[tuple[float, str]] = (),
 ) -> Iterator[TranscriptEvent]:
     """Feed `audio` (16 kHz mono float32) in `chunk_sec` pieces and yield every event, then finish.
 
     With `realtime`, a chunk is fed no earlier than its end time on the wall clock since the start, as a
     microphone would deliver it; if decoding falls behind, chunks are fed as soon as possible (no skipping).
+    `finalize_every_sec`: after each chunk that completes this much more audio, `finalize_now`.
+    `context_updates`: (seconds, text): after the chunk that reaches that much audio, `update_context(text)`.
     """
     if chunk_sec <= 0:
         raise ValueError(f"chunk_sec is {chunk_sec}; expected > 0")
     chunk = max(1, round(chunk_sec * SAMPLE_RATE))
+    finalize_every = None if finalize_every_sec is None else round(finalize_every_sec * SAMPLE_RATE)
+    updates = sorted((round(seconds * SAMPLE_RATE), text) for seconds, text in context_updates)
     started = time.monotonic()
     for start in range(0, audio.size, chunk):
         piece = audio[start : start + chunk]
+        end = start + piece.size
         if realtime:
-            due = (start + piece.size) / SAMPLE_RATE
-            time.sleep(max(0.0, due - (time.monotonic() - started)))
+            time.sleep(max(0.0, end / SAMPLE_RATE - (time.monotonic() - started)))
         yield from session.push_audio(piece)
+        while updates and updates[0][0] <= end:
+            session.update_context(updates.pop(0)[1])
+        if finalize_every is not None and end // finalize_every > start // finalize_every:
+            yield from session.finalize_now()
     yield from session.finish()
 
 

@@ -283,7 +283,7 @@ def _fake_run(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(cli, "_load", lambda args, device: None)
     monkeypatch.setattr("pipeline.session.StreamingSession", FakeSession)
-    monkeypatch.setattr("pipeline.transcribe.stream_recording", lambda session, audio, realtime: iter([FakeEvent()]))
+    monkeypatch.setattr("pipeline.transcribe.stream_recording", lambda session, audio, **options: iter([FakeEvent()]))
 
 
 def test_terminal_text_escapes_control_characters(bad_audio: dict[str, Path], monkeypatch, capsys) -> None:

@@ -58,6 +58,9 @@ def test_response_round_trip_and_service_shape() -> None:
     assert method.client_streaming and method.server_streaming
     assert service.full_name == "qwen3stream.v1.Recognizer"
     assert hasattr(asr_pb2_grpc, "RecognizerStub") and hasattr(asr_pb2_grpc, "add_RecognizerServicer_to_server")
-    # Field 6 is resume; 7..15 of StreamConfig stay free for context and endpointing.
-    assert max(f.number for f in asr_pb2.StreamConfig.DESCRIPTOR.fields) == 6
-    assert asr_pb2.StreamConfig.DESCRIPTOR.fields_by_name["resume"].number == 6
+    # Field 6 is resume, 7..9 live semantics; 10..15 of StreamConfig stay free.
+    numbers = {f.name: f.number for f in asr_pb2.StreamConfig.DESCRIPTOR.fields}
+    assert max(numbers.values()) == 9 and numbers["resume"] == 6
+    assert (numbers["context"], numbers["voice_activity"], numbers["allow_untrained_language"]) == (7, 8, 9)
+    controls = {f.name for f in asr_pb2.Control.DESCRIPTOR.oneofs_by_name["control"].fields}
+    assert controls == {"finalize", "keep_alive", "update_context"}

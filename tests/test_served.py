@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -19,9 +20,12 @@ from deployments.grpc_api import ResponseWriter
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pipeline.checkpoint import load_model
 from pipeline.engine import EngineOptions, StreamingEngine
-from pipeline.session import SessionOptions
+from pipeline.session import SessionOptions, StreamingSession
+from pipeline.transcribe import stream_recording
+from pipeline.voice_gate import VadOptions
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
 from protos.qwen3stream.v1 import asr_pb2, asr_pb2_grpc
+from tests.speech import synthesize
 from tests.test_session import _audio
 
 # Short segments and a small token budget: the tiny random model decodes to its budget every update.
@@ -76,7 +80,7 @@ def _expected_results(tiny_checkpoint: Path, recordings: dict[str, np.ndarray]) 
     sessions = {name: engine.session(name) for name in recordings}
     while engine.has_work:
         for name, events in engine.step().items():
-            results[name] += [writers[name].result(event).result for event in events]
+            results[name] += [writers[name].response(event).result for event in events]
     for name, session in sessions.items():
         final = writers[name].final(session.transcript, session.token_ids, session.final_hypothesis_text, asr_pb2.FinalStats())
         finals[name] = final.final
@@ -115,6 +119,43 @@ def test_served_streams_equal_the_in_process_engine(server: str, tiny_checkpoint
         assert outcome.final.final_hypothesis_text == final.final_hypothesis_text
         outcome.check_append_only()
         assert outcome.final.stats.replays == 0
+
+
+def test_live_controls_and_the_voice_gate_served_equal_a_session(server: str, tiny_checkpoint: Path) -> None:
+    """Voice gate, Finalize every 2.5 s and a context update, through gRPC: the same results as a session."""
+    quiet = np.random.default_rng(5).standard_normal(3 * 16000).astype(np.float32) * 10 ** (-50 / 20)
+    speech = synthesize("the quick brown fox jumps over the lazy dog")
+    audio = np.concatenate([quiet[:16000], speech, quiet, speech])
+    options = StreamOptions(
+        encoding="f32le", voice_activity=True, finalize_every_ms=2500, context_updates=((1.5, "KubeRay"),)
+    )
+
+    async def run():  # noqa: ANN202
+        async with RecognizerClient(server) as client:
+            return await client.recognize(audio, options)
+
+    outcome = asyncio.run(run())
+    model = load_model(tiny_checkpoint, tower=tiny_checkpoint / TOWER_OVERLAY_DIR)
+    session = StreamingSession(model, replace(OPTIONS, vad=VadOptions(enabled=True)))
+    writer = ResponseWriter()
+    responses = [
+        writer.response(event)
+        for event in stream_recording(session, audio, finalize_every_sec=2.5, context_updates=[(1.5, "KubeRay")])
+    ]
+    expected = [r.result for r in responses if r.WhichOneof("response") == "result"]
+    assert [_live(r) for _, r in outcome.results] == [_live(r) for r in expected]
+    assert list(outcome.speech) == [r.speech for r in responses if r.WhichOneof("response") == "speech"]
+    assert len(outcome.speech) == 4  # two utterances, each begins and ends
+    assert len(outcome.finalized) == audio.size // 40000 and [u.effective_segment_index for u in outcome.context_updates] == [0]  # no block before 1.5 s
+    assert "utterance_end" in {r.segment_end_reason for _, r in outcome.results}
+    assert "finalize" in {r.segment_end_reason for _, r in outcome.results}
+    assert outcome.final.text == session.transcript == outcome.text
+    outcome.check_append_only()
+
+
+def _live(result: asr_pb2.Result) -> tuple:
+    return (*_comparable(result), tuple(result.interim_stability), result.start_sample, result.end_sample,
+            result.segment_end_reason)  # fmt: skip
 
 
 def test_a_stage_that_loses_a_stream_mid_segment_is_replayed(server: str, tiny_checkpoint: Path) -> None:

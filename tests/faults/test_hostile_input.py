@@ -250,7 +250,7 @@ def _check_valid_stream(answer: Answer) -> None:
     """An OK call: Started first, then Results and Acks, then exactly one Final, last."""
     kinds = [r.WhichOneof("response") for r in answer.responses]
     assert kinds and kinds[0] == "started" and kinds[-1] == "final", answer
-    assert set(kinds[1:-1]) <= {"result", "ack"}, answer
+    assert set(kinds[1:-1]) <= {"result", "ack", "speech", "finalized", "context_updated"}, answer
 
 
 GOOD = asr_pb2.StreamConfig(language="en", sample_rate_hz=RATE, encoding=asr_pb2.PCM_S16LE)
@@ -262,6 +262,8 @@ def config(**changes) -> asr_pb2.RecognizeRequest:  # noqa: ANN003
     for name, value in changes.items():
         if isinstance(value, asr_pb2.Resume):
             message.resume.CopyFrom(value)
+        elif isinstance(value, asr_pb2.VoiceActivity):
+            message.voice_activity.CopyFrom(value)
         else:
             setattr(message, name, value)
     return asr_pb2.RecognizeRequest(config=message)
@@ -270,6 +272,10 @@ def config(**changes) -> asr_pb2.RecognizeRequest:  # noqa: ANN003
 def resume(session_id: str, token: str) -> asr_pb2.RecognizeRequest:
     """A config that resumes this session with this token (a config that is otherwise good)."""
     return config(resume=asr_pb2.Resume(session_id=session_id, resume_token=token))
+
+
+def control(**which) -> asr_pb2.RecognizeRequest:  # noqa: ANN003
+    return asr_pb2.RecognizeRequest(control=asr_pb2.Control(**which))
 
 
 def chunk(data: bytes) -> asr_pb2.RecognizeRequest:
@@ -473,6 +479,17 @@ def _block_frames_is(expected: int) -> Callable[[Answer], None]:
     return check
 
 
+def _warned(answer: Answer, warning: str) -> None:
+    assert any(warning in text for text in answer.responses[0].started.warnings), answer
+
+
+def _answered_controls(answer: Answer) -> None:
+    kinds = [r.WhichOneof("response") for r in answer.responses]
+    assert kinds.count("finalized") == 1 and kinds.count("context_updated") == 1, kinds
+    finalized = next(r.finalized for r in answer.responses if r.WhichOneof("response") == "finalized")
+    assert finalized.through_sample > 0 and finalized.end_word_index >= finalized.first_word_index
+
+
 def _resumed_from_start(answer: Answer) -> None:
     started = answer.responses[0].started
     assert started.resume_from_sample == 0 and started.next_word_index == 0 and not started.resume_token
@@ -527,8 +544,26 @@ CASES = [
     Case("unknown-fields-ignored",
          lambda s: [_field(1, GOOD.SerializeToString() + _field(9, b"future")) + _field(15, b"x"), chunk(pcm(0.3))],
          OK),
-    Case("control-after-config", lambda s: [config(), asr_pb2.RecognizeRequest(control=asr_pb2.Control())], IA,
-         "control messages are not supported yet"),
+    Case("empty-control-after-config", lambda s: [config(), asr_pb2.RecognizeRequest(control=asr_pb2.Control())], IA,
+         "an empty Control; set finalize, keep_alive or update_context"),
+    Case("context-too-long", lambda s: [config(context="x" * 5000)], IA,
+         "context has 5000 characters; expected at most 1024"),
+    Case("context-too-many-tokens", lambda s: [config(context="Zanzibar Quetzalcoatl " * 40)], IA,
+         "tokens (880 characters); expected at most 64"),
+    Case("context-invalid-utf8", lambda s: [_field(1, GOOD.SerializeToString() + _field(7, b"\xff\xfe"))], IA,
+         "does not parse as a RecognizeRequest"),
+    Case("update-context-too-long", lambda s: [config(), control(update_context=asr_pb2.UpdateContext(context="y" * 2000))],
+         IA, "context has 2000 characters; expected at most 1024"),
+    Case("untrained-language-refused", lambda s: [config(language="fr")], IA,
+         "language 'French': the causal tower was distilled on English only"),
+    Case("untrained-language-allowed-warns", lambda s: [config(language="fr", allow_untrained_language=True), chunk(pcm(0.3))],
+         OK, check=lambda answer: _warned(answer, "language French")),
+    Case("vad-threshold-2", lambda s: [config(voice_activity=asr_pb2.VoiceActivity(enabled=True, threshold=2.0))], IA,
+         "vad threshold is 2.0; expected between 0 and 1"),
+    Case("finalize-keep-alive-and-context-accepted",
+         lambda s: [config(), chunk(pcm(1.0)), control(keep_alive=asr_pb2.KeepAlive()), control(finalize=asr_pb2.Finalize()),
+                    control(update_context=asr_pb2.UpdateContext(context="KubeRay")), chunk(pcm(0.5))],
+         OK, check=lambda answer: _answered_controls(answer)),
     Case("empty-request-after-config", lambda s: [config(), asr_pb2.RecognizeRequest()], IA,
          "an empty RecognizeRequest"),
     Case("resume-unknown-session", lambda s: [resume("0" * 32, "t" * 43)],
@@ -672,9 +707,11 @@ def _predicted(sequence: list[asr_pb2.RecognizeRequest]) -> tuple[grpc.StatusCod
         return IA, f"block_frames is {first.block_frames}; expected one of (96, 192)"
     if first.language:
         try:
-            canonical_language(first.language)
+            language = canonical_language(first.language)
         except ValueError:
             return IA, "unknown language"
+        if language != "English":
+            return IA, "the causal tower was distilled on English only"
     width = 2 if first.encoding == 1 else 4
     for message in sequence[1:]:
         kind = message.WhichOneof("request")
@@ -682,8 +719,8 @@ def _predicted(sequence: list[asr_pb2.RecognizeRequest]) -> tuple[grpc.StatusCod
             return IA, "an empty RecognizeRequest"
         if kind == "config":
             return IA, "a second StreamConfig"
-        if kind != "audio":
-            return IA, "not supported yet"
+        if kind == "control":  # the fuzzer's controls are empty
+            return IA, "an empty Control"
         data = message.audio.data
         if len(data) % width:
             return IA, f"audio chunk has {len(data)} bytes; expected a multiple of {width}"

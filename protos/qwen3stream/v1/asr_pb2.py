@@ -24,41 +24,57 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/qwen3stream/v1/asr.proto\x12\x0eqwen3stream.v1\"\xa6\x01\n\x10RecognizeRequest\x12.\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.qwen3stream.v1.StreamConfigH\x00\x12+\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x1a.qwen3stream.v1.AudioChunkH\x00\x12*\n\x07\x63ontrol\x18\x03 \x01(\x0b\x32\x17.qwen3stream.v1.ControlH\x00\x42\t\n\x07request\"\xbb\x01\n\x0cStreamConfig\x12\x10\n\x08language\x18\x01 \x01(\t\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\x12*\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x18.qwen3stream.v1.Encoding\x12\x14\n\x0c\x62lock_frames\x18\x04 \x01(\x05\x12\x17\n\x0finterim_results\x18\x05 \x01(\x08\x12&\n\x06resume\x18\x06 \x01(\x0b\x32\x16.qwen3stream.v1.Resume\"2\n\x06Resume\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\"\x1a\n\nAudioChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\t\n\x07\x43ontrol\"\xc1\x01\n\x11RecognizeResponse\x12*\n\x07started\x18\x01 \x01(\x0b\x32\x17.qwen3stream.v1.StartedH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.qwen3stream.v1.ResultH\x00\x12&\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x15.qwen3stream.v1.FinalH\x00\x12\"\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x13.qwen3stream.v1.AckH\x00\x42\n\n\x08response\"T\n\x03\x41\x63k\x12\x1d\n\x15\x64urable_sample_offset\x18\x01 \x01(\x03\x12\x17\n\x0f\x63ommitted_words\x18\x02 \x01(\x03\x12\x15\n\rsegment_index\x18\x03 \x01(\x05\"\x96\x01\n\x07Started\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1c.qwen3stream.v1.StreamConfig\x12\x14\n\x0cresume_token\x18\x03 \x01(\t\x12\x1a\n\x12resume_from_sample\x18\x04 \x01(\x03\x12\x17\n\x0fnext_word_index\x18\x05 \x01(\x03\"E\n\x04Word\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08start_ms\x18\x03 \x01(\x03\x12\x0e\n\x06\x65nd_ms\x18\x04 \x01(\x03\"\x8c\x01\n\x06Result\x12\'\n\tcommitted\x18\x01 \x03(\x0b\x32\x14.qwen3stream.v1.Word\x12\x0f\n\x07interim\x18\x02 \x01(\t\x12\x15\n\rsegment_index\x18\x03 \x01(\x05\x12\x1a\n\x12\x61udio_processed_ms\x18\x04 \x01(\x03\x12\x15\n\rsegment_final\x18\x05 \x01(\x08\"r\n\x05\x46inal\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12)\n\x05stats\x18\x03 \x01(\x0b\x32\x1a.qwen3stream.v1.FinalStats\x12\x1d\n\x15\x66inal_hypothesis_text\x18\x04 \x01(\t\"\xac\x01\n\nFinalStats\x12\x10\n\x08\x61udio_ms\x18\x01 \x01(\x03\x12\x10\n\x08segments\x18\x02 \x01(\x05\x12\x0f\n\x07updates\x18\x03 \x01(\x05\x12\r\n\x05words\x18\x04 \x01(\x05\x12\x0f\n\x07replays\x18\x05 \x01(\x05\x12\x15\n\rrevised_words\x18\x06 \x01(\x05\x12\x32\n\rstage_timings\x18\x07 \x03(\x0b\x32\x1b.qwen3stream.v1.StageTiming\"o\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x05\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x0e\n\x06p50_ms\x18\x04 \x01(\x01\x12\x0e\n\x06p95_ms\x18\x05 \x01(\x01\x12\x10\n\x08replicas\x18\x06 \x01(\x05*>\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\r\n\tPCM_S16LE\x10\x01\x12\t\n\x05\x46\x33\x32LE\x10\x02\x32\x62\n\nRecognizer\x12T\n\tRecognize\x12 .qwen3stream.v1.RecognizeRequest\x1a!.qwen3stream.v1.RecognizeResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/qwen3stream/v1/asr.proto\x12\x0eqwen3stream.v1\"\xa6\x01\n\x10RecognizeRequest\x12.\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.qwen3stream.v1.StreamConfigH\x00\x12+\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x1a.qwen3stream.v1.AudioChunkH\x00\x12*\n\x07\x63ontrol\x18\x03 \x01(\x0b\x32\x17.qwen3stream.v1.ControlH\x00\x42\t\n\x07request\"\xa5\x02\n\x0cStreamConfig\x12\x10\n\x08language\x18\x01 \x01(\t\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\x05\x12*\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x18.qwen3stream.v1.Encoding\x12\x14\n\x0c\x62lock_frames\x18\x04 \x01(\x05\x12\x17\n\x0finterim_results\x18\x05 \x01(\x08\x12&\n\x06resume\x18\x06 \x01(\x0b\x32\x16.qwen3stream.v1.Resume\x12\x0f\n\x07\x63ontext\x18\x07 \x01(\t\x12\x35\n\x0evoice_activity\x18\x08 \x01(\x0b\x32\x1d.qwen3stream.v1.VoiceActivity\x12 \n\x18\x61llow_untrained_language\x18\t \x01(\x08\"K\n\rVoiceActivity\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x11\n\tthreshold\x18\x02 \x01(\x02\x12\x16\n\x0e\x65nd_silence_ms\x18\x03 \x01(\x05\"2\n\x06Resume\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\"\x1a\n\nAudioChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xac\x01\n\x07\x43ontrol\x12,\n\x08\x66inalize\x18\x01 \x01(\x0b\x32\x18.qwen3stream.v1.FinalizeH\x00\x12/\n\nkeep_alive\x18\x02 \x01(\x0b\x32\x19.qwen3stream.v1.KeepAliveH\x00\x12\x37\n\x0eupdate_context\x18\x03 \x01(\x0b\x32\x1d.qwen3stream.v1.UpdateContextH\x00\x42\t\n\x07\x63ontrol\"\n\n\x08\x46inalize\"\x0b\n\tKeepAlive\" \n\rUpdateContext\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\t\"\xdb\x02\n\x11RecognizeResponse\x12*\n\x07started\x18\x01 \x01(\x0b\x32\x17.qwen3stream.v1.StartedH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.qwen3stream.v1.ResultH\x00\x12&\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x15.qwen3stream.v1.FinalH\x00\x12\"\n\x03\x61\x63k\x18\x04 \x01(\x0b\x32\x13.qwen3stream.v1.AckH\x00\x12.\n\tfinalized\x18\x05 \x01(\x0b\x32\x19.qwen3stream.v1.FinalizedH\x00\x12\x39\n\x0f\x63ontext_updated\x18\x06 \x01(\x0b\x32\x1e.qwen3stream.v1.ContextUpdatedH\x00\x12-\n\x06speech\x18\x07 \x01(\x0b\x32\x1b.qwen3stream.v1.SpeechEventH\x00\x42\n\n\x08response\"U\n\tFinalized\x12\x18\n\x10\x66irst_word_index\x18\x01 \x01(\x03\x12\x16\n\x0e\x65nd_word_index\x18\x02 \x01(\x03\x12\x16\n\x0ethrough_sample\x18\x03 \x01(\x03\"1\n\x0e\x43ontextUpdated\x12\x1f\n\x17\x65\x66\x66\x65\x63tive_segment_index\x18\x01 \x01(\x05\"\x8d\x01\n\x0bSpeechEvent\x12.\n\x04kind\x18\x01 \x01(\x0e\x32 .qwen3stream.v1.SpeechEvent.Kind\x12\x0e\n\x06sample\x18\x02 \x01(\x03\">\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cSPEECH_BEGIN\x10\x01\x12\x0e\n\nSPEECH_END\x10\x02\"T\n\x03\x41\x63k\x12\x1d\n\x15\x64urable_sample_offset\x18\x01 \x01(\x03\x12\x17\n\x0f\x63ommitted_words\x18\x02 \x01(\x03\x12\x15\n\rsegment_index\x18\x03 \x01(\x05\"\xa8\x01\n\x07Started\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x1c.qwen3stream.v1.StreamConfig\x12\x14\n\x0cresume_token\x18\x03 \x01(\t\x12\x1a\n\x12resume_from_sample\x18\x04 \x01(\x03\x12\x17\n\x0fnext_word_index\x18\x05 \x01(\x03\x12\x10\n\x08warnings\x18\x06 \x03(\t\"`\n\x04Word\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x10\n\x08start_ms\x18\x03 \x01(\x03\x12\x0e\n\x06\x65nd_ms\x18\x04 \x01(\x03\x12\x19\n\x11time_precision_ms\x18\x05 \x01(\x05\"\xed\x01\n\x06Result\x12\'\n\tcommitted\x18\x01 \x03(\x0b\x32\x14.qwen3stream.v1.Word\x12\x0f\n\x07interim\x18\x02 \x01(\t\x12\x15\n\rsegment_index\x18\x03 \x01(\x05\x12\x1a\n\x12\x61udio_processed_ms\x18\x04 \x01(\x03\x12\x15\n\rsegment_final\x18\x05 \x01(\x08\x12\x19\n\x11interim_stability\x18\x06 \x03(\x05\x12\x14\n\x0cstart_sample\x18\x07 \x01(\x03\x12\x12\n\nend_sample\x18\x08 \x01(\x03\x12\x1a\n\x12segment_end_reason\x18\t \x01(\t\"r\n\x05\x46inal\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12)\n\x05stats\x18\x03 \x01(\x0b\x32\x1a.qwen3stream.v1.FinalStats\x12\x1d\n\x15\x66inal_hypothesis_text\x18\x04 \x01(\t\"\xac\x01\n\nFinalStats\x12\x10\n\x08\x61udio_ms\x18\x01 \x01(\x03\x12\x10\n\x08segments\x18\x02 \x01(\x05\x12\x0f\n\x07updates\x18\x03 \x01(\x05\x12\r\n\x05words\x18\x04 \x01(\x05\x12\x0f\n\x07replays\x18\x05 \x01(\x05\x12\x15\n\rrevised_words\x18\x06 \x01(\x05\x12\x32\n\rstage_timings\x18\x07 \x03(\x0b\x32\x1b.qwen3stream.v1.StageTiming\"o\n\x0bStageTiming\x12\r\n\x05stage\x18\x01 \x01(\t\x12\r\n\x05\x63\x61lls\x18\x02 \x01(\x05\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x0e\n\x06p50_ms\x18\x04 \x01(\x01\x12\x0e\n\x06p95_ms\x18\x05 \x01(\x01\x12\x10\n\x08replicas\x18\x06 \x01(\x05*>\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\r\n\tPCM_S16LE\x10\x01\x12\t\n\x05\x46\x33\x32LE\x10\x02\x32\x62\n\nRecognizer\x12T\n\tRecognize\x12 .qwen3stream.v1.RecognizeRequest\x1a!.qwen3stream.v1.RecognizeResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.qwen3stream.v1.asr_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODING']._serialized_start=1554
-  _globals['_ENCODING']._serialized_end=1616
+  _globals['_ENCODING']._serialized_start=2538
+  _globals['_ENCODING']._serialized_end=2600
   _globals['_RECOGNIZEREQUEST']._serialized_start=52
   _globals['_RECOGNIZEREQUEST']._serialized_end=218
   _globals['_STREAMCONFIG']._serialized_start=221
-  _globals['_STREAMCONFIG']._serialized_end=408
-  _globals['_RESUME']._serialized_start=410
-  _globals['_RESUME']._serialized_end=460
-  _globals['_AUDIOCHUNK']._serialized_start=462
-  _globals['_AUDIOCHUNK']._serialized_end=488
-  _globals['_CONTROL']._serialized_start=490
-  _globals['_CONTROL']._serialized_end=499
-  _globals['_RECOGNIZERESPONSE']._serialized_start=502
-  _globals['_RECOGNIZERESPONSE']._serialized_end=695
-  _globals['_ACK']._serialized_start=697
-  _globals['_ACK']._serialized_end=781
-  _globals['_STARTED']._serialized_start=784
-  _globals['_STARTED']._serialized_end=934
-  _globals['_WORD']._serialized_start=936
-  _globals['_WORD']._serialized_end=1005
-  _globals['_RESULT']._serialized_start=1008
-  _globals['_RESULT']._serialized_end=1148
-  _globals['_FINAL']._serialized_start=1150
-  _globals['_FINAL']._serialized_end=1264
-  _globals['_FINALSTATS']._serialized_start=1267
-  _globals['_FINALSTATS']._serialized_end=1439
-  _globals['_STAGETIMING']._serialized_start=1441
-  _globals['_STAGETIMING']._serialized_end=1552
-  _globals['_RECOGNIZER']._serialized_start=1618
-  _globals['_RECOGNIZER']._serialized_end=1716
+  _globals['_STREAMCONFIG']._serialized_end=514
+  _globals['_VOICEACTIVITY']._serialized_start=516
+  _globals['_VOICEACTIVITY']._serialized_end=591
+  _globals['_RESUME']._serialized_start=593
+  _globals['_RESUME']._serialized_end=643
+  _globals['_AUDIOCHUNK']._serialized_start=645
+  _globals['_AUDIOCHUNK']._serialized_end=671
+  _globals['_CONTROL']._serialized_start=674
+  _globals['_CONTROL']._serialized_end=846
+  _globals['_FINALIZE']._serialized_start=848
+  _globals['_FINALIZE']._serialized_end=858
+  _globals['_KEEPALIVE']._serialized_start=860
+  _globals['_KEEPALIVE']._serialized_end=871
+  _globals['_UPDATECONTEXT']._serialized_start=873
+  _globals['_UPDATECONTEXT']._serialized_end=905
+  _globals['_RECOGNIZERESPONSE']._serialized_start=908
+  _globals['_RECOGNIZERESPONSE']._serialized_end=1255
+  _globals['_FINALIZED']._serialized_start=1257
+  _globals['_FINALIZED']._serialized_end=1342
+  _globals['_CONTEXTUPDATED']._serialized_start=1344
+  _globals['_CONTEXTUPDATED']._serialized_end=1393
+  _globals['_SPEECHEVENT']._serialized_start=1396
+  _globals['_SPEECHEVENT']._serialized_end=1537
+  _globals['_SPEECHEVENT_KIND']._serialized_start=1475
+  _globals['_SPEECHEVENT_KIND']._serialized_end=1537
+  _globals['_ACK']._serialized_start=1539
+  _globals['_ACK']._serialized_end=1623
+  _globals['_STARTED']._serialized_start=1626
+  _globals['_STARTED']._serialized_end=1794
+  _globals['_WORD']._serialized_start=1796
+  _globals['_WORD']._serialized_end=1892
+  _globals['_RESULT']._serialized_start=1895
+  _globals['_RESULT']._serialized_end=2132
+  _globals['_FINAL']._serialized_start=2134
+  _globals['_FINAL']._serialized_end=2248
+  _globals['_FINALSTATS']._serialized_start=2251
+  _globals['_FINALSTATS']._serialized_end=2423
+  _globals['_STAGETIMING']._serialized_start=2425
+  _globals['_STAGETIMING']._serialized_end=2536
+  _globals['_RECOGNIZER']._serialized_start=2602
+  _globals['_RECOGNIZER']._serialized_end=2700
 # @@protoc_insertion_point(module_scope)
