@@ -7,6 +7,10 @@ with the client's metadata (`authorization`, anything else a client sends), and 
 and trailing metadata back. A client that goes away cancels the forwarded call, so the ingress sees the same
 cancel it would see on the plaintext port (the session stays resumable). Anything else is UNIMPLEMENTED.
 
+A client that keeps sending but stops reading is ended here with RESOURCE_EXHAUSTED once `max_backlog` responses
+wait for it beyond its HTTP/2 window: Serve's proxy and replica queue a stream's responses without bound, and the
+front is the one hop that sees what the client has taken.
+
 The front runs inside `qwen3-stream serve --tls-cert/--tls-key` (a thread of its own, `FrontThread`), and as a
 sidecar container of the Kubernetes pods (`qwen3-stream tls-front`, k8s/).
 """
@@ -32,6 +36,9 @@ RECOGNIZE = f"/{SERVICE}/Recognize"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 #: The largest message the front accepts from a client: the proxy's own limit (deployments/server.py).
 MAX_REQUEST_BYTES = 4 * 2**20
+#: Responses a stream may leave unread (beyond its HTTP/2 window) before it is ended with RESOURCE_EXHAUSTED: a
+#: live stream gets one Result per 1.92 s block, so 256 is minutes of audio a client has not looked at.
+MAX_BACKLOG = 256
 #: Metadata the transport owns: never forwarded as the client's (the upstream call makes its own).
 _TRANSPORT_KEYS = frozenset({"user-agent", "te", "content-type", "grpc-accept-encoding", "grpc-encoding", "grpc-timeout"})
 
@@ -72,11 +79,22 @@ def _forwarded(metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple[tupl
     )
 
 
+class SlowConsumer(RuntimeError):
+    """A client left too many responses unread."""
+
+    def __init__(self, max_backlog: int) -> None:
+        super().__init__(
+            f"the client left {max_backlog} responses unread while sending on; read the responses as they come "
+            "(the session stays resumable)"
+        )
+
+
 class _Forwarder(grpc.GenericRpcHandler):
     """The front's handlers: each call becomes one call of the same method on the upstream channel."""
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self.channel = channel
+    def __init__(self, channel: grpc.aio.Channel, max_backlog: int) -> None:
+        self.channel, self.max_backlog = channel, max_backlog
+        self.peak_backlog = 0  # the most responses any stream has left unread at once (beyond its window)
         self.handlers = {
             RECOGNIZE: grpc.stream_stream_rpc_method_handler(self._stream(RECOGNIZE)),
             HEALTH_CHECK: grpc.unary_unary_rpc_method_handler(self._unary(HEALTH_CHECK)),
@@ -100,16 +118,43 @@ class _Forwarder(grpc.GenericRpcHandler):
                 except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
                     return  # the upstream call ended: its status goes back below
 
-            writer = asyncio.create_task(pump())
-            try:
-                async for response in call:
+            # Responses the client has not taken (beyond what its HTTP/2 window already holds) wait here, at most
+            # `max_backlog`; one more ends the stream. Upstream keeps producing while a client reads nothing
+            # (Serve queues a replica's responses without bound), so this is where a slow consumer is stopped.
+            backlog: asyncio.Queue[bytes | None] = asyncio.Queue(self.max_backlog)
+
+            async def deliver() -> None:
+                while (response := await backlog.get()) is not None:
                     await context.write(response)
-            except grpc.aio.AioRpcError as error:
-                real = await status.unmask(error)
-                if real is not None:
-                    await context.abort(real.code(), real.details(), _forwarded(real.trailing_metadata()))
+
+            writer, deliverer = asyncio.create_task(pump()), asyncio.create_task(deliver())
+            try:
+                try:
+                    async for response in call:
+                        if backlog.full():
+                            raise SlowConsumer(self.max_backlog)
+                        backlog.put_nowait(response)
+                        self.peak_backlog = max(self.peak_backlog, backlog.qsize())
+                    upstream_error = None
+                except grpc.aio.AioRpcError as error:
+                    upstream_error = await status.unmask(error)
+                await backlog.put(None)  # what the proxy sent before its status reaches the client first
+                await deliverer
+                if upstream_error is not None:
+                    await context.abort(
+                        upstream_error.code(), upstream_error.details(), _forwarded(upstream_error.trailing_metadata())
+                    )
+            except SlowConsumer as error:
+                log.info("stream ended: %s", error)
+                # Upstream first (the ingress sees a cancel: its slots are freed, the session stays resumable), and
+                # no more audio is taken from the client; its status reaches it behind the responses in its window,
+                # once it reads them.
+                writer.cancel()
+                call.cancel()
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
             finally:
                 writer.cancel()
+                deliverer.cancel()
                 call.cancel()  # a no-op once it ended; a client that went away cancels the upstream call
             context.set_trailing_metadata(_forwarded(await call.trailing_metadata()))
 
@@ -133,10 +178,20 @@ class _Forwarder(grpc.GenericRpcHandler):
 class TlsFront:
     """The front on `host:port`, forwarding to `upstream` (HOST:PORT of Serve's plaintext gRPC proxy)."""
 
-    def __init__(self, upstream: str, tls: TlsFiles, port: int, host: str = "[::]") -> None:
-        self.upstream, self.tls, self.host, self.port = upstream, tls, host, port
+    def __init__(
+        self, upstream: str, tls: TlsFiles, port: int, host: str = "[::]", max_backlog: int = MAX_BACKLOG
+    ) -> None:
+        if max_backlog < 1:
+            raise ValueError(f"max_backlog is {max_backlog}; expected at least 1 response")
+        self.upstream, self.tls, self.host, self.port, self.max_backlog = upstream, tls, host, port, max_backlog
         self._server: grpc.aio.Server | None = None
         self._channel: grpc.aio.Channel | None = None
+        self._forwarder: _Forwarder | None = None
+
+    @property
+    def peak_backlog(self) -> int:
+        """The most responses one stream has left unread at once (beyond its HTTP/2 window) since the start."""
+        return 0 if self._forwarder is None else self._forwarder.peak_backlog
 
     async def start(self) -> int:
         """Listen; returns the port (the one asked for, or the one picked for port 0)."""
@@ -146,7 +201,8 @@ class TlsFront:
             self.upstream, options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
         )
         self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
-        self._server.add_generic_rpc_handlers((_Forwarder(self._channel),))
+        self._forwarder = _Forwarder(self._channel, self.max_backlog)
+        self._server.add_generic_rpc_handlers((self._forwarder,))
         bound = self._server.add_secure_port(f"{self.host}:{self.port}", credentials)
         if bound == 0:
             raise OSError(f"the TLS front cannot listen on {self.host}:{self.port}; expected a free port")

@@ -8,6 +8,7 @@ statuses must come back through it. A second front with a client CA (mutual TLS)
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,19 @@ from pathlib import Path
 import grpc
 import pytest
 
-from deployments.client import RecognizerClient, StreamOptions, StreamOutcome, tls_credentials, wait_until_serving
+from deployments.client import (
+    RecognizerClient,
+    StreamOptions,
+    StreamOutcome,
+    _FirstStatus,
+    encode_pcm,
+    tls_credentials,
+    wait_until_serving,
+)
 from deployments.tls_front import FrontThread, TlsFiles, TlsFront
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
+from protos.qwen3stream.v1 import asr_pb2
 from tests.test_served import SESSION, _comparable, _free_port
 from tests.test_session import _audio
 from tests.tls_certs import Pair, TestCA
@@ -94,10 +104,12 @@ def plain(served: Served) -> StreamOutcome:
     return _run(lambda: _stream(served.plaintext, None))
 
 
-async def _stream(address: str, credentials: grpc.ChannelCredentials | None, **keywords) -> StreamOutcome:  # noqa: ANN003
+async def _stream(
+    address: str, credentials: grpc.ChannelCredentials | None, options: StreamOptions = StreamOptions(chunk_ms=200), **keywords
+) -> StreamOutcome:  # noqa: ANN003
     async with RecognizerClient(address, credentials=credentials) as client:
         await wait_until_serving(client.channel, 60)
-        return await client.recognize(AUDIO, StreamOptions(chunk_ms=200), metadata=AUTH, **keywords)
+        return await client.recognize(AUDIO, options, metadata=AUTH, **keywords)
 
 
 async def _check(address: str, credentials: grpc.ChannelCredentials | None) -> health_pb2.HealthCheckResponse:
@@ -175,3 +187,70 @@ def test_the_front_refuses_missing_or_non_pem_files(tmp_path: Path, pki: Pki) ->
         TlsFiles(tmp_path / "junk.pem", pki.server.key).credentials()
     with pytest.raises(ValueError, match="expected a readable PEM file"):
         TlsFiles(pki.server.cert, tmp_path / "absent.key").credentials()
+
+
+#: The slow-consumer front's bound: responses a stream may leave unread beyond its HTTP/2 window.
+SLOW_BACKLOG = 8
+#: The most audio the slow consumer sends before the test calls the bound missing (an hour: far past the bound).
+SLOW_LIMIT_S = 3600.0
+#: The slow consumer takes a write that has not completed for this long as the server no longer taking audio.
+STALL_S = 5.0
+
+
+async def _slow_consumer(address: str, ca: Path) -> tuple[grpc.StatusCode, str, float]:
+    """Config, then audio as fast as the server takes it, reading nothing until the server stops taking audio (no
+    write completes for STALL_S); then it reads what is there: the status and the seconds of audio sent. A small
+    receive window (no BDP growth), so the front's bound is reached after few responses."""
+    options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+    async with grpc.aio.secure_channel(address, tls_credentials(ca), options=options) as channel:
+        call = channel.stream_stream("/qwen3stream.v1.Recognizer/Recognize")(metadata=AUTH)
+        first_status = _FirstStatus(call)  # the server's status, should the write in flight mask it (grpc#36066)
+        await call.write(asr_pb2.RecognizeRequest(config=StreamOptions().to_proto()).SerializeToString())
+        chunk = asr_pb2.RecognizeRequest(audio=asr_pb2.AudioChunk(data=encode_pcm(AUDIO[:8000], "pcm_s16le")))
+        sent = [0.0, time.monotonic()]  # seconds of audio, when the last write completed
+
+        async def send() -> None:
+            while sent[0] < SLOW_LIMIT_S:
+                await call.write(chunk.SerializeToString())
+                sent[:] = [sent[0] + 0.5, time.monotonic()]
+
+        writer = asyncio.create_task(send())
+        while not writer.done() and time.monotonic() - sent[1] < STALL_S:
+            await asyncio.sleep(0.5)
+        status = None
+        try:
+            async for _ in call:  # reading again: the responses in the window, then the status
+                pass
+        except grpc.aio.AioRpcError as error:
+            status = await first_status.unmask(error)
+        await asyncio.gather(writer, return_exceptions=True)
+        if status is None:
+            return grpc.StatusCode.OK, "", sent[0]
+        return status.code(), status.details(), sent[0]
+
+
+def test_a_client_that_stops_reading_is_ended_and_others_are_unaffected(
+    served: Served, pki: Pki, plain: StreamOutcome
+) -> None:
+    """Issue 16 fault 9. Upstream of the front nothing stops a stream whose client reads nothing (Serve queues the
+    responses), so the front ends it once SLOW_BACKLOG responses wait beyond its window; a healthy stream through
+    the same front, in flight meanwhile, keeps its exact transcript."""
+    front = FrontThread(TlsFront(served.plaintext, TlsFiles(pki.server.cert, pki.server.key), _free_port(),
+                                 max_backlog=SLOW_BACKLOG))  # fmt: skip
+    address = f"127.0.0.1:{front.start()}"
+
+    async def both() -> tuple[tuple[grpc.StatusCode, str, float], StreamOutcome]:
+        slow = asyncio.create_task(_slow_consumer(address, pki.ca))
+        healthy = asyncio.create_task(_stream(address, tls_credentials(pki.ca), options=StreamOptions(chunk_ms=200, realtime=True)))
+        return await slow, await healthy
+
+    try:
+        (code, details, sent), healthy = asyncio.run(both())
+    finally:
+        front.stop()
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+    assert details.startswith(f"the client left {SLOW_BACKLOG} responses unread"), details
+    assert sent < SLOW_LIMIT_S
+    assert front.front.peak_backlog == SLOW_BACKLOG  # the queue filled to its bound, never past it
+    assert healthy.final is not None and healthy.text == plain.text
+    assert list(healthy.final.token_ids) == list(plain.final.token_ids)
