@@ -687,6 +687,38 @@ def _add_serve(commands: argparse._SubParsersAction) -> None:
         help="require `authorization: Bearer <key>`: one name:key[:max_streams] per line (default: open, or the "
         "QWEN3_STREAM_API_KEYS variable)",
     )
+    _add_server_tls_arguments(parser, "serve TLS on --port (Serve's proxy then listens on a free internal port)")
+
+
+def _add_server_tls_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """A TLS server's files: certificate and key, and for mutual TLS the CA of its clients' certificates."""
+    parser.add_argument("--tls-cert", type=Path, default=None, metavar="PEM", help=f"{what}: the certificate chain")
+    parser.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="its private key (with --tls-cert)")
+    parser.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        metavar="PEM",
+        help="mutual TLS: require client certificates signed by this CA",
+    )
+
+
+def _server_tls(args: argparse.Namespace):  # noqa: ANN202 (deployments.tls_front.TlsFiles, imported lazily)
+    """The TLS files the flags name (None: no TLS), each read and checked now: a bad one is one line."""
+    from deployments.tls_front import TlsFiles
+
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise UsageError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise UsageError("--tls-cert and --tls-key go together: give both, or neither for plaintext")
+    files = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca)
+    try:
+        files.credentials()
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return files
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -721,6 +753,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         settings.args["api_keys_file"] = str(Path(args.api_keys).resolve())
     if args.config is not None:
         settings.config = Path(args.config)
+    settings.tls = _server_tls(args)
     server.serve_until_interrupted(settings, announce=lambda line: print(line, file=sys.stderr, flush=True))
     return 0
 
@@ -756,6 +789,13 @@ def _add_stream(commands: argparse._SubParsersAction) -> None:
         metavar="SECONDS",
         help="drop the connection once after this much audio and resume the session (demos, tests)",
     )
+    parser.add_argument(
+        "--tls-ca", type=Path, default=None, metavar="PEM", help="connect with TLS, trusting servers this CA signed"
+    )
+    parser.add_argument(
+        "--tls-cert", type=Path, default=None, metavar="PEM", help="mutual TLS: this client's certificate (with --tls-ca)"
+    )
+    parser.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="mutual TLS: its private key")
 
 
 def _run_stream(args: argparse.Namespace) -> int:
@@ -764,9 +804,18 @@ def _run_stream(args: argparse.Namespace) -> int:
 
     import grpc
 
-    from deployments.client import RecognizerClient, StreamOptions, wait_until_serving
+    from deployments.client import RecognizerClient, StreamOptions, tls_credentials, wait_until_serving
     from pipeline.audio_io import read_audio
     from pipeline.transcribe import terminal_text
+
+    credentials = None
+    if args.tls_ca is None and (args.tls_cert is not None or args.tls_key is not None):
+        raise UsageError("--tls-cert/--tls-key need --tls-ca (the CA that signed the server's certificate)")
+    if args.tls_ca is not None:
+        try:
+            credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"TLS files: {error}") from None
 
     language = "" if args.language.strip().lower() == "auto" else args.language
     finalize_every = _finalize_every(args)
@@ -797,7 +846,7 @@ def _run_stream(args: argparse.Namespace) -> int:
         return on_result
 
     async def run_all():  # noqa: ANN202
-        async with RecognizerClient(args.server) as client:
+        async with RecognizerClient(args.server, credentials=credentials) as client:
             if args.wait > 0:
                 await wait_until_serving(client.channel, args.wait)
             return await asyncio.gather(
@@ -835,6 +884,37 @@ def _run_stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_tls_front(commands: argparse._SubParsersAction) -> None:
+    parser = _command(
+        commands,
+        "tls-front",
+        _run_tls_front,
+        help="a TLS front for a plaintext server (the Kubernetes sidecar); `serve --tls-cert` runs one itself",
+    )
+    parser.add_argument("--port", type=_count, default=50051, help="the public TLS port")
+    parser.add_argument(
+        "--upstream", default="127.0.0.1:50052", metavar="HOST:PORT", help="Serve's plaintext gRPC proxy"
+    )
+    _add_server_tls_arguments(parser, "required")
+
+
+def _run_tls_front(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from deployments.tls_front import TlsFront
+
+    tls = _server_tls(args)
+    if tls is None:
+        raise UsageError("tls-front needs --tls-cert and --tls-key")
+    front = TlsFront(args.upstream, tls, args.port)
+    print(f"qwen3-stream: TLS on port {args.port} -> {args.upstream}; Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        asyncio.run(front.serve_until_cancelled())
+    except KeyboardInterrupt:
+        print("qwen3-stream: stopping", file=sys.stderr, flush=True)
+    return 0
+
+
 def _message_dict(message) -> dict:  # noqa: ANN001 (a protobuf message)
     from google.protobuf.json_format import MessageToDict
 
@@ -849,6 +929,7 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_bench,
     _add_serve,
     _add_stream,
+    _add_tls_front,
     _add_loadtest,
     _add_soak,
 )

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeVar
 
 import grpc
@@ -30,6 +31,7 @@ __all__ = [
     "TimedResult",
     "encode_pcm",
     "recognize",
+    "tls_credentials",
 ]
 
 log = logging.getLogger(__name__)
@@ -559,12 +561,39 @@ async def wait_until_serving(channel: grpc.aio.Channel, timeout_s: float) -> Non
         await asyncio.sleep(min(0.5, max(0.0, deadline - asyncio.get_running_loop().time())))
 
 
-class RecognizerClient:
-    """An insecure channel to one Recognizer endpoint; ``async with RecognizerClient(target) as c``."""
+def tls_credentials(ca: str | Path, cert: str | Path | None = None, key: str | Path | None = None) -> grpc.ChannelCredentials:
+    """Channel credentials that trust the server certificates `ca` (a PEM file) signed; with `cert` and `key` (PEM
+    files, both or neither), the client's own certificate for a server that requires mutual TLS."""
+    if (cert is None) != (key is None):
+        raise ValueError(f"client certificate {cert} and key {key}: give both for mutual TLS, or neither")
 
-    def __init__(self, target: str, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def pem(path: str | Path) -> bytes:
+        data = Path(path).read_bytes()
+        if b"-----BEGIN " not in data:
+            raise ValueError(f"{path} holds no PEM block; expected a PEM file (-----BEGIN ...)")
+        return data
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=pem(ca),
+        private_key=None if key is None else pem(key),
+        certificate_chain=None if cert is None else pem(cert),
+    )
+
+
+class RecognizerClient:
+    """A channel to one Recognizer endpoint; ``async with RecognizerClient(target) as c``. Plaintext, or TLS with
+    ``credentials`` (:func:`tls_credentials`)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.target = target
         self.max_message_bytes = max_message_bytes
+        self.credentials = credentials
         self._channel: grpc.aio.Channel | None = None
 
     @property
@@ -574,13 +603,14 @@ class RecognizerClient:
         return self._channel
 
     async def __aenter__(self) -> RecognizerClient:
-        self._channel = grpc.aio.insecure_channel(
-            self.target,
-            options=[
-                ("grpc.max_send_message_length", self.max_message_bytes),
-                ("grpc.max_receive_message_length", self.max_message_bytes),
-            ],
-        )
+        options = [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+        ]
+        if self.credentials is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(self.target, self.credentials, options=options)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -679,6 +679,7 @@ class LoadPlan:
     behind_ms: float | None = None  # None: 2 blocks
     grace_s: float | None = None  # after ramp + duration, before the deadline cuts streams (None: max(30, duration))
     connect_timeout_s: float = 10.0
+    tls_ca: Path | None = None  # connect with TLS, trusting servers this CA (a PEM file) signed; None: plaintext
 
     def __post_init__(self) -> None:
         if not 1 <= self.streams <= MAX_STREAMS:
@@ -773,20 +774,20 @@ class ProgressLine:
             self.stream.flush()
 
 
-def _channel(target: str):  # noqa: ANN202
+def _channel(target: str, tls_ca: Path | None):  # noqa: ANN202
     import grpc
 
-    from deployments.client import DEFAULT_MAX_MESSAGE_BYTES
+    from deployments.client import DEFAULT_MAX_MESSAGE_BYTES, tls_credentials
 
-    return grpc.aio.insecure_channel(
-        target,
-        options=[
-            ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
-            # Its own connection: channels with equal arguments would otherwise share one subchannel.
-            ("grpc.use_local_subchannel_pool", 1),
-        ],
-    )
+    options = [
+        ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+        # Its own connection: channels with equal arguments would otherwise share one subchannel.
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    if tls_ca is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, tls_credentials(tls_ca), options=options)
 
 
 async def _one_stream(record: StreamRecord, channel, audio: memoryview, plan: LoadPlan, live: LiveStats) -> None:  # noqa: ANN001
@@ -891,7 +892,7 @@ async def run_load(
     start and end (``time.monotonic()``). Raises LoadTestError when the server cannot be reached at all."""
     target = parse_target(target)
     live = live or LiveStats(plan.streams)
-    channels = [_channel(target) for _ in range(plan.channel_count)]
+    channels = [_channel(target, plan.tls_ca) for _ in range(plan.channel_count)]
     try:
         try:
             await asyncio.wait_for(
@@ -1398,6 +1399,8 @@ def add_loadtest_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     parser.add_argument("--metrics-wait", type=_bounded_seconds(0, 120), default=METRICS_EXPORT_INTERVAL_S + 2,
                         metavar="S", help="when the metrics are reachable, wait S seconds after a run for Ray to "
                         f"export its last batches (default {METRICS_EXPORT_INTERVAL_S + 2:.0f})")
+    parser.add_argument("--tls-ca", type=Path, default=None, metavar="PEM",
+                        help="connect with TLS, trusting servers this CA signed (default: plaintext)")
     parser.add_argument("--seed", type=_bounded_int(0, 2**31 - 1), default=0, help="noise seed of --synthetic (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no live progress line on stderr")
     capacity = parser.add_argument_group("capacity search")
@@ -1438,6 +1441,7 @@ def run_loadtest_command(args: argparse.Namespace) -> int:
             block_frames=args.block_frames,
             chunk_ms=args.chunk_ms,
             behind_ms=args.behind_ms,
+            tls_ca=args.tls_ca,
         )
         common = dict(audio_files=args.audio, out=args.out, metrics_url=_metrics_url_from_args(args),
                       progress=not args.no_progress, seed=args.seed, metrics_wait_s=args.metrics_wait)

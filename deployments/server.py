@@ -1,9 +1,10 @@
 """`qwen3-stream serve`: a local Ray, the Serve application from the checked-in config, and a clean stop.
 
 The same config file drives `serve run`, KubeRay and this command; the command's flags override the model,
-the device, the port and the transport between deployments. Stage calls ride Serve's gRPC inter-deployment
-transport (`RAY_SERVE_USE_GRPC_BY_DEFAULT=1`) or Ray object references (`by_reference`), set for every process
-of the local cluster (`bench serve` measures both).
+the device, the port and the transport between deployments. With TLS files, Serve's proxy listens on a free
+internal port and a TLS front (`deployments.tls_front`) on the public one. Stage calls ride Serve's gRPC
+inter-deployment transport (`RAY_SERVE_USE_GRPC_BY_DEFAULT=1`) or Ray object references (`by_reference`), set for
+every process of the local cluster (`bench serve` measures both).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +22,14 @@ import yaml
 
 from deployments.app import APP_NAME, DEFAULT_CONFIG, GRPC_SERVICERS, application
 from deployments.embedded_store import EmbeddedStore
+from deployments.tls_front import FrontThread, TlsFiles, TlsFront
 
 log = logging.getLogger(__name__)
 
 #: The embedded session store of the running server, if `start` started one.
 _embedded: EmbeddedStore | None = None
+#: The TLS front of the running server, if it was started with TLS files.
+_front: FrontThread | None = None
 
 #: How stage calls travel between deployments, and the environment that selects it.
 TRANSPORTS = {"grpc": {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}, "by_reference": {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}}
@@ -47,6 +52,8 @@ class ServerSettings:
     # wheel, on loopback, with its own data directory; stopped with the server).
     redis: str | None = None
     deployment_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # over the config's
+    # TLS on the public port (a front before Serve's proxy, which then listens on a free internal port); None: none.
+    tls: TlsFiles | None = None
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -65,12 +72,15 @@ def start(settings: ServerSettings) -> str:
 
     if settings.transport not in TRANSPORTS:
         raise ValueError(f"transport is {settings.transport!r}; expected one of {sorted(TRANSPORTS)}")
-    global _embedded
+    global _embedded, _front
     config = read_config(settings.config)
+    public_port = settings.port or config["grpc_options"]["port"]
+    if settings.tls is not None:
+        settings.tls.credentials()  # read before anything starts: a bad file is one error
     if settings.redis is None:
         _embedded = EmbeddedStore().start()
         log.info("session store: embedded valkey-server at %s", _embedded.url)
-    port = settings.port or config["grpc_options"]["port"]
+    port = public_port if settings.tls is None else _free_port()
     ray.init(
         num_cpus=settings.num_cpus or max(os.cpu_count() or 1, _cpus_to_start(_deployment_options(config, settings))),
         include_dashboard=False,
@@ -84,8 +94,19 @@ def start(settings: ServerSettings) -> str:
     )
     deploy(settings)
     address = f"127.0.0.1:{port}"
-    log.info("serving %s on %s (%s transport)", APP_NAME, address, settings.transport)
+    if settings.tls is not None:
+        _front = FrontThread(TlsFront(address, settings.tls, public_port))
+        _front.start()
+        address = f"127.0.0.1:{public_port}"
+    log.info("serving %s on %s (%s transport%s)", APP_NAME, address, settings.transport, ", TLS" if _front else "")
     return address
+
+
+def _free_port() -> int:
+    """A port free on loopback now (for the proxy behind the TLS front)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def deploy(settings: ServerSettings) -> None:
@@ -126,7 +147,10 @@ def stop() -> None:
     import ray
     from ray import serve
 
-    global _embedded
+    global _embedded, _front
+    if _front is not None:
+        _front.stop()
+        _front = None
     serve.shutdown()
     ray.shutdown()
     if _embedded is not None:
@@ -148,7 +172,8 @@ def serve_until_interrupted(settings: ServerSettings, announce) -> None:  # noqa
     catch_signals()
     address = start(settings)
     catch_signals()  # again: ray.init installs a SIGTERM handler of its own
-    announce(f"qwen3-stream: serving on {address} (gRPC qwen3stream.v1.Recognizer); Ctrl-C stops")
+    tls = "" if settings.tls is None else (", mutual TLS" if settings.tls.client_ca is not None else ", TLS")
+    announce(f"qwen3-stream: serving on {address} (gRPC qwen3stream.v1.Recognizer{tls}); Ctrl-C stops")
     try:
         stopped.wait()
     finally:

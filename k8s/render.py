@@ -43,6 +43,8 @@ CPU_STAGE_RESOURCE = "cpu_stage"
 CLUSTER_OVERRIDES: dict[tuple[str, ...], Any] = {
     # The proxies must accept connections from other pods (the Serve Service), not loopback only.
     ("http_options", "host"): "0.0.0.0",
+    # The gRPC proxy sits behind each pod's TLS front (the `tls-front` sidecar, on the public 50051).
+    ("grpc_options", "port"): 50052,
     # The model ids stay the Hugging Face ids: the workers' initContainer fills HF_HOME with them.
     ("applications", APP_NAME, "args", "device"): "cuda",
     ("applications", APP_NAME, "args", "dtype"): "bfloat16",

@@ -479,10 +479,12 @@ def test_cluster_layout_matches_the_serve_config():
     assert cluster["enableInTreeAutoscaling"] is True
     assert cluster["rayVersion"] == "2.60.0"
     assert rayservice["spec"]["upgradeStrategy"]["type"] in {"NewCluster", "NewClusterWithIncrementalUpgrade"}
-    # The head schedules no work and names the gRPC port `serve-grpc` (KubeRay >= 1.6 exposes serve-* ports).
+    # The head schedules no work and names the Service's gRPC port `serve-grpc` (KubeRay >= 1.6 exposes serve-*
+    # ports): 50051, TLS, served by each worker pod's TLS front; Serve's own proxy listens behind it.
     assert groups["head"]["rayStartParams"]["num-cpus"] == "0"
     head_ports = {p["name"]: p["containerPort"] for p in _ray_container(groups["head"])["ports"]}
-    assert head_ports["serve-grpc"] == config["grpc_options"]["port"] == 50051
+    assert head_ports["serve-grpc"] == 50051
+    assert head_ports["proxy-grpc"] == config["grpc_options"]["port"] == 50052
     assert head_ports["serve"] == config["http_options"]["port"]
     from deployments.app import GRPC_SERVICERS
 
@@ -527,6 +529,38 @@ def test_cluster_layout_matches_the_serve_config():
         assert "readinessProbe" not in container and "livenessProbe" not in container, group_name
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["serve"] == config["http_options"]["port"], group_name
+
+
+def test_every_worker_pod_serves_the_grpc_port_with_tls():
+    """The Serve Service's gRPC port lands on a `tls-front` sidecar in every worker pod (the pods the Service
+    selects), with the certificate Secret mounted, forwarding to the pod's own Serve proxy; no Ray container
+    exposes the plaintext proxy under a `serve*` name."""
+    rayservice = the_doc("RayService")
+    proxy_port = embedded_serve_config(rayservice)["grpc_options"]["port"]
+    secret = the_doc("Secret", "qwen3-stream-tls")
+    assert secret["type"] == "kubernetes.io/tls" and {"tls.crt", "tls.key"} <= secret["stringData"].keys()
+    from cli import build_parser
+
+    for name, group in _groups(rayservice).items():
+        ports = {p["name"]: p["containerPort"] for p in _ray_container(group)["ports"]}
+        assert ports["proxy-grpc"] == proxy_port, name
+        if name == "head":
+            continue
+        assert "serve-grpc" not in ports, name
+        spec = group["template"]["spec"]
+        (front,) = [c for c in spec["containers"] if c["name"] == "tls-front"]
+        assert spec["containers"][0]["name"].startswith("ray-")  # KubeRay takes the first container for Ray
+        assert {p["name"]: p["containerPort"] for p in front["ports"]} == {"serve-grpc": 50051}
+        assert front["command"][:2] == ["qwen3-stream", "tls-front"]
+        args = build_parser().parse_args(front["command"][1:])  # the sidecar's command parses as the CLI's
+        assert (args.port, args.upstream) == (50051, f"127.0.0.1:{proxy_port}")
+        mount = {m["name"]: m for m in front["volumeMounts"]}["tls"]
+        assert mount["readOnly"] is True
+        assert str(args.tls_cert).startswith(mount["mountPath"] + "/") and str(args.tls_key).startswith(mount["mountPath"] + "/")
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["tls"]["secret"]["secretName"] == secret["metadata"]["name"]
+        assert {Path(str(args.tls_cert)).name, Path(str(args.tls_key)).name} == {"tls.crt", "tls.key"}
+        assert front["image"].endswith("-cpu") and set(front["resources"]) >= {"requests", "limits"}
 
 
 def test_pods_get_the_model_cache_redis_secret_and_transport():
