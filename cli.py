@@ -742,7 +742,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.dtype != "auto":
         settings.args["dtype"] = args.dtype
     if args.max_new_tokens is not None:
-        settings.args["session"] = {"max_new_tokens": args.max_new_tokens}
+        settings.args["session"] = {"decode": {"max_new_tokens": args.max_new_tokens}}
     if args.api_keys is not None:
         from deployments.auth import load_keys
 

@@ -176,7 +176,7 @@ def run_serve_bench(
         for transport in transports:
             settings = server.ServerSettings(
                 args={"model": str(checkpoint), "tower": str(tower), "dtype": "float32", "slots": max(stream_counts),
-                      "session": {"max_new_tokens": max_new_tokens}, "batch_wait_ms": batch_wait_ms},
+                      "session": {"decode": {"max_new_tokens": max_new_tokens}}, "batch_wait_ms": batch_wait_ms},
                 transport=transport,
                 deployment_options={
                     name: {"num_replicas": 1, "ray_actor_options": {"num_cpus": decoder_threads if name == "Decoder" else 1}}

@@ -107,7 +107,7 @@ def run_soak(streams: int, minutes: float, interval_s: float, max_new_tokens: in
         checkpoint = make_tiny_checkpoint(Path(scratch) / "tiny", with_tower=True)
         settings = server.ServerSettings(
             args={"model": str(checkpoint), "tower": str(checkpoint / TOWER_OVERLAY_DIR), "slots": streams,
-                  "session": {"max_new_tokens": max_new_tokens}},
+                  "session": {"decode": {"max_new_tokens": max_new_tokens}}},
             deployment_options={
                 name: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}}
                 for name in ("Ingress", "FeatureExtractor", "CausalEncoder", "Decoder")

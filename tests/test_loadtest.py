@@ -426,7 +426,7 @@ def test_no_server_is_one_clear_error() -> None:
 # Against a real server
 # ---------------------------------------------------------------------------------------------
 
-SESSION = {"max_new_tokens": 12, "segment_max_steps": 60, "segment_punct_min_steps": 40}
+SESSION = {"decode": {"max_new_tokens": 12}, "segment": {"segment_max_steps": 60, "segment_punct_min_steps": 40}}
 
 
 @pytest.fixture(scope="module")
