@@ -8,7 +8,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from deployments.grpc_api import ResponseWriter
 from pipeline.checkpoint import ASRModel
 from pipeline.features import HOP_LENGTH
 from pipeline.prompt import MAX_CONTEXT_TOKENS
@@ -210,3 +213,70 @@ def test_updates_carry_stability_and_contiguous_exact_spans(model: ASRModel) -> 
     assert spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
     segments = [e.span for e in events if e.kind == "segment"]
     assert segments[0][0] == 0 and all(a[1] == b[0] for a, b in zip(segments, segments[1:]))
+
+
+# ---------------------------------------------------------------------------------------------- the contract
+
+
+@pytest.fixture(scope="module")
+def clips() -> list[np.ndarray]:
+    return [_speech("hello there"), _speech("the quick brown fox"), _speech("seven eight nine ten")]
+
+
+def _feed(session: StreamingSession, audio: np.ndarray, cuts: list[int], finalize_at: set[int], start: int = 0) -> list[TranscriptEvent]:
+    """Push `audio[start:]` in pieces ending at `cuts` (absolute samples), `finalize_now` after those in
+    `finalize_at`, then finish."""
+    events = []
+    for end in [cut for cut in cuts if cut > start] + [audio.size]:
+        events += session.push_audio(audio[start:end])
+        if end in finalize_at:
+            events += session.finalize_now()
+        start = end
+    return events + session.finish()
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    pieces=st.lists(st.tuples(st.sampled_from(["speech", "noise", "silence"]), st.integers(0, 2), st.floats(0.2, 2.5)), min_size=1, max_size=5),
+    cut_fractions=st.lists(st.floats(0.0, 1.0), max_size=8),
+    finalize_picks=st.lists(st.integers(0, 7), max_size=2),
+    gate=st.booleans(),
+    block_frames=st.sampled_from([96, 192]),
+)
+def test_results_contract(model: ASRModel, clips: list[np.ndarray], pieces, cut_fractions, finalize_picks, gate, block_frames) -> None:  # noqa: ANN001
+    """Over random audio, chunkings, Finalize points and options: committed words carry contiguous indices and
+    never change, their concatenation is the transcript, the interim's stability has one entry per interim
+    word, spans are exact and ordered, and a session restored at any roll re-emits the same words with the
+    same indices."""
+    parts = []
+    for kind, which, seconds in pieces:
+        if kind == "speech":
+            parts.append(clips[which])
+        else:
+            parts.append(_noise(seconds, -50, seed=which) if kind == "noise" else np.zeros(int(seconds * SAMPLE_RATE), np.float32))
+    audio = np.concatenate(parts)
+    cuts = sorted({int(f * audio.size) for f in cut_fractions} - {0, audio.size})
+    finalize_at = {cuts[i] for i in finalize_picks if i < len(cuts)}
+    options = replace(CAUSAL, encoder=replace(CAUSAL.encoder, block_frames=block_frames), vad=VadOptions(enabled=gate))
+    events = _feed(StreamingSession(model, options), audio, cuts, finalize_at)
+
+    writer = ResponseWriter()
+    words = [w for e in events for w in writer.response(e).result.committed] if events else []
+    assert [w.index for w in words] == list(range(len(words)))
+    assert events[-1].kind == "final" and events[-1].transcript == " ".join(w.text for w in words)
+    for before, event in zip(events, events[1:]):
+        assert event.transcript.startswith(before.transcript)  # append-only
+    updates = [e for e in events if e.kind == "update"]
+    for event in updates:
+        assert len(event.stability) == len(event.tentative.split())
+    spans = [e.span for e in updates if e.span is not None]
+    assert all(a[1] <= b[0] and a[0] % HOP_LENGTH == 0 for a, b in zip(spans, spans[1:]))
+    for roll in (i for i, e in enumerate(events) if e.checkpoint is not None):
+        checkpoint = events[roll].checkpoint
+        restored = StreamingSession.restore(model, checkpoint)
+        rest = _feed(restored, audio, cuts, finalize_at, start=checkpoint_offset(checkpoint))
+        assert _comparable(rest) == _comparable(events[roll + 1 :])
+        before = sum(len(e.new_words) for e in events[: roll + 1])
+        rewriter = ResponseWriter(next_index=before)
+        again = [w for e in rest for w in rewriter.response(e).result.committed]
+        assert [(w.index, w.text) for w in again] == [(w.index, w.text) for w in words[before:]]
