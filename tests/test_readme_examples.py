@@ -96,8 +96,16 @@ def readme_namespace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]
 
 
 def test_readme_has_the_python_api_engine_and_client_examples() -> None:
-    assert len(BLOCKS) == 3  # the client example runs against a real server in tests/test_served.py
+    assert len(BLOCKS) == 4  # the client example runs against a real server in tests/test_served.py
     block_with("load_model"), block_with("AsyncStreamingEngine"), block_with("RecognizerClient")
+    block_with("finalize_now")
+
+
+def test_live_semantics_example_runs(readme_namespace: dict[str, Any]) -> None:
+    run_block(block_with("finalize_now"), readme_namespace, "README.md live semantics block")
+    events, live = readme_namespace["events"], readme_namespace["live"]
+    assert events[-1].kind == "final" and live.options.context == "Kubernetes"
+    assert live.blocks_skipped + live.blocks_encoded > 0
 
 
 def test_python_api_example_runs_on_the_tiny_checkpoint(readme_namespace: dict[str, Any]) -> None:
