@@ -478,7 +478,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _add_bench(commands: argparse._SubParsersAction) -> None:
     parser = _command(commands, "bench", None, help="benchmarks (full-size architecture, random weights)")
     benches = parser.add_subparsers(dest="bench", required=True)
-    for add in (_add_bench_flops, _add_bench_engine, _add_bench_roofline, _add_bench_serve, _add_bench_store):
+    for add in (_add_bench_flops, _add_bench_engine, _add_bench_roofline, _add_bench_serve, _add_bench_store, _add_bench_vad):
         add(benches)
 
 
@@ -619,6 +619,26 @@ def _run_bench_store(args: argparse.Namespace) -> int:
     from deployments.bench_store import format_store_result, run_store_bench
 
     print(format_store_result(run_store_bench(args.redis, args.rolls)))
+    return 0
+
+
+def _add_bench_vad(benches: argparse._SubParsersAction) -> None:
+    parser = _command(
+        benches, "vad", _run_bench_vad, help="what the voice gate saves on a recording: model work with it off and on"
+    )
+    parser.add_argument("audio", help="a recording with pauses (WAV/FLAC/OGG)")
+    _add_model_arguments(parser)
+
+
+def _run_bench_vad(args: argparse.Namespace) -> int:
+    from pipeline.audio_io import read_audio
+    from pipeline.bench_vad import format_gate_bench, run_gate_bench
+    from pipeline.features import SAMPLE_RATE
+
+    options = _session_options(args)  # the gate is switched off and on whatever --vad says
+    audio = read_audio(args.audio)
+    runs = run_gate_bench(_load(args, _device(args.device)), audio, options)
+    print(format_gate_bench(runs, audio.size / SAMPLE_RATE))
     return 0
 
 

@@ -280,3 +280,14 @@ def test_results_contract(model: ASRModel, clips: list[np.ndarray], pieces, cut_
         rewriter = ResponseWriter(next_index=before)
         again = [w for e in rest for w in rewriter.response(e).result.committed]
         assert [(w.index, w.text) for w in again] == [(w.index, w.text) for w in words[before:]]
+
+
+def test_gate_bench_counts_the_work_it_saves(model: ASRModel) -> None:
+    from pipeline.bench_vad import format_gate_bench, run_gate_bench
+
+    audio = np.concatenate([_speech(), _noise(4.0, -50), _speech("one more time")])
+    off, on = run_gate_bench(model, audio, CAUSAL)
+    assert (off.gate, on.gate) == (False, True) and off.blocks_skipped == 0
+    assert on.blocks_encoded + on.blocks_skipped == off.blocks_encoded and on.blocks_skipped >= 1
+    assert on.updates < off.updates and on.detector_seconds > 0
+    assert "| on |" in format_gate_bench([off, on], audio.size / SAMPLE_RATE)
