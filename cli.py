@@ -660,6 +660,9 @@ def _add_soak(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--streams", type=_count, default=4, help="concurrent streams")
     parser.add_argument("--minutes", type=_minutes(allow_zero=False), default=60.0, help="audio per stream")
     parser.add_argument("--interval", type=float, default=10.0, metavar="SECONDS", help="sampling interval")
+    parser.add_argument(
+        "--churn", type=int, default=0, metavar="N", help="meanwhile open and drop N more streams (leak check)"
+    )
     parser.add_argument("--out", type=Path, default=Path("soak"), help="where soak.json, soak.md and soak.png go")
 
 
@@ -667,9 +670,12 @@ def _run_soak(args: argparse.Namespace) -> int:
     from deployments.soak import run_soak, write_report
 
     logging.getLogger("deployments").setLevel(logging.INFO)
-    result = run_soak(args.streams, args.minutes, args.interval)
+    if args.churn < 0:
+        raise UsageError(f"--churn {args.churn}: expected 0 or more streams")
+    result = run_soak(args.streams, args.minutes, args.interval, churn=args.churn)
     print(write_report(result, args.out))
-    return 0 if not result.errors and result.finals == args.streams else 1
+    clean = result.churn == 0 or (result.leases_left == 0 and result.keys_without_ttl == 0)
+    return 0 if not result.errors and result.finals == args.streams and clean else 1
 
 
 #: One function per subcommand, in `--help` order. A new subcommand is one `_add_<name>` (and its handler) here.

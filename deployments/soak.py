@@ -6,6 +6,10 @@ the length of a stream.
 It starts its own local server (the tiny checkpoint by default: the serving machinery is what leaks, if anything
 does), sends `streams` streams of `minutes` of audio each at once (one shared PCM16 buffer), and samples every
 `interval_s`. Writes `soak.json`, `soak.md` (a table) and `soak.png` under `out`.
+
+With `churn`, that many more streams are opened and dropped while the long ones run (at most `CHURN_CONCURRENCY`
+at a time): every tenth after its first Result (holding K/V slots), the rest right after Started. Nothing may
+stay behind: slots, leases, threads; the store keeps only what a resume needs, each key with a TTL.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR, make_tiny_checkpoint
 
 log = logging.getLogger(__name__)
 
+#: Dropped streams in flight at once during a churn.
+CHURN_CONCURRENCY = 32
+
 #: Processes sampled, by the title Ray gives them (`ray::ServeReplica:<app>:<Deployment>`, `ray::ProxyActor`).
 PROCESS_TITLES = {
     "ingress": "ServeReplica:qwen3-stream:Ingress",
@@ -46,6 +53,8 @@ class Sample:
     store_used_mib: float
     store_keys: int
     slots_in_use: dict[str, int]
+    threads: dict[str, int] = field(default_factory=dict)  # per process
+    dropped: int = 0  # churned streams dropped so far
 
 
 @dataclass
@@ -55,13 +64,24 @@ class SoakResult:
     samples: list[Sample] = field(default_factory=list)
     finals: int = 0
     errors: list[str] = field(default_factory=list)
+    churn: int = 0
+    leases_left: int = -1  # after the churn: leases still held by dropped streams (-1: no churn)
+    keys_without_ttl: int = -1
 
 
 def rss_mib(pid: int) -> float:
     """Resident memory of a process (Linux /proc), MiB."""
+    return _status_field(pid, "VmRSS") / 1024
+
+
+def thread_count(pid: int) -> int:
+    return int(_status_field(pid, "Threads"))
+
+
+def _status_field(pid: int, name: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+        if line.startswith(f"{name}:"):
+            return float(line.split()[1])
     return 0.0
 
 
@@ -81,12 +101,14 @@ def find_processes() -> dict[str, int]:
     return found
 
 
-async def _sample(started: float, heard: dict[int, int], pids: dict[str, int]) -> Sample:
+async def _sample(started: float, heard: dict[int, int], pids: dict[str, int], dropped: int = 0) -> Sample:
     import redis.asyncio as aioredis
     from ray import serve
 
     store = server._embedded
-    rss = {name: rss_mib(pid) for name, pid in pids.items() if Path(f"/proc/{pid}").exists()}
+    alive = {name: pid for name, pid in pids.items() if Path(f"/proc/{pid}").exists()}
+    rss = {name: rss_mib(pid) for name, pid in alive.items()}
+    threads = {name: thread_count(pid) for name, pid in alive.items()}
     if store is not None and store.pid is not None:
         rss["store"] = rss_mib(store.pid)
     client = aioredis.from_url(store.url) if store is not None else None
@@ -99,14 +121,14 @@ async def _sample(started: float, heard: dict[int, int], pids: dict[str, int]) -
     for stage, deployment in (("encoder", "CausalEncoder"), ("decoder", "Decoder")):
         _, slots[stage] = await serve.get_deployment_handle(deployment, server.APP_NAME).slots_in_use.remote()
     slowest = min(heard.values(), default=0)
-    return Sample(time.perf_counter() - started, slowest / SAMPLE_RATE / 60, rss, used, keys, slots)
+    return Sample(time.perf_counter() - started, slowest / SAMPLE_RATE / 60, rss, used, keys, slots, threads, dropped)
 
 
-def run_soak(streams: int, minutes: float, interval_s: float, max_new_tokens: int = 16) -> SoakResult:
+def run_soak(streams: int, minutes: float, interval_s: float, max_new_tokens: int = 16, churn: int = 0) -> SoakResult:
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = make_tiny_checkpoint(Path(scratch) / "tiny", with_tower=True)
         settings = server.ServerSettings(
-            args={"model": str(checkpoint), "tower": str(checkpoint / TOWER_OVERLAY_DIR), "slots": streams,
+            args={"model": str(checkpoint), "tower": str(checkpoint / TOWER_OVERLAY_DIR), "slots": streams + (CHURN_CONCURRENCY if churn else 0),
                   "session": {"decode": {"max_new_tokens": max_new_tokens}}},
             deployment_options={
                 name: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 1}}
@@ -115,19 +137,20 @@ def run_soak(streams: int, minutes: float, interval_s: float, max_new_tokens: in
         )  # fmt: skip
         address = server.start(settings)
         try:
-            return asyncio.run(_soak(address, streams, minutes, interval_s))
+            return asyncio.run(_soak(address, streams, minutes, interval_s, churn))
         finally:
             server.stop()
 
 
-async def _soak(address: str, streams: int, minutes: float, interval_s: float) -> SoakResult:
+async def _soak(address: str, streams: int, minutes: float, interval_s: float, churn: int) -> SoakResult:
     rng = np.random.default_rng(0)
     samples = int(minutes * 60 * SAMPLE_RATE)
     t = np.arange(samples, dtype=np.float32) / SAMPLE_RATE
     audio = ((0.05 + 0.1 * (1 + np.sin(2 * np.pi * 0.3 * t))) * rng.standard_normal(samples)).astype(np.float32)
     pcm = encode_pcm(audio, "pcm_s16le")
     del audio, t
-    result = SoakResult(streams, minutes)
+    result = SoakResult(streams, minutes, churn=churn)
+    churned: list[str] = []
     heard = dict.fromkeys(range(streams), 0)
     async with RecognizerClient(address) as client:
         await wait_until_serving(client.channel, 120)
@@ -144,11 +167,18 @@ async def _soak(address: str, streams: int, minutes: float, interval_s: float) -
             asyncio.create_task(client.recognize(pcm, StreamOptions(chunk_ms=1000), on_result=on_result(i)))
             for i in range(streams)
         ]
-        while not all(task.done() for task in tasks):
-            result.samples.append(await _sample(started, heard, pids))
-            log.info("soak: %.1f min of audio per stream, %s", result.samples[-1].audio_min, result.samples[-1].rss_mib)
-            await asyncio.wait(tasks, timeout=interval_s)
-        result.samples.append(await _sample(started, heard, pids))
+        churning = asyncio.create_task(_churn(client.channel, churn, pcm[: 2 * SAMPLE_RATE * 2], churned))
+        while not all(task.done() for task in [*tasks, churning]):
+            result.samples.append(await _sample(started, heard, pids, len(churned)))
+            log.info("soak: %.1f min of audio per stream, %d dropped, %s", result.samples[-1].audio_min,
+                     len(churned), result.samples[-1].rss_mib)  # fmt: skip
+            await asyncio.wait([*tasks, churning], timeout=interval_s)
+        await asyncio.sleep(min(interval_s, 5.0))  # the last drops' cleanup runs on the ingress
+        result.samples.append(await _sample(started, heard, pids, len(churned)))
+        if churn:
+            result.leases_left, result.keys_without_ttl = await _leftovers(set(churned))
+        if churning.exception() is not None:
+            result.errors.append(f"churn: {type(churning.exception()).__name__}: {churning.exception()}")
         for task in tasks:
             if task.exception() is not None:
                 result.errors.append(f"{type(task.exception()).__name__}: {task.exception()}")
@@ -157,25 +187,67 @@ async def _soak(address: str, streams: int, minutes: float, interval_s: float) -
     return result
 
 
+async def _churn(channel, count: int, pcm: bytes, dropped: list[str]) -> None:  # noqa: ANN001 (a grpc.aio channel)
+    """Open `count` streams and drop them (cancel the call): every tenth after its first Result, the others right
+    after Started. Appends each dropped session's id."""
+    from protos.qwen3stream.v1 import asr_pb2, asr_pb2_grpc
+
+    stub = asr_pb2_grpc.RecognizerStub(channel)
+    config = StreamOptions().to_proto()
+    gate = asyncio.Semaphore(CHURN_CONCURRENCY)
+
+    async def one(index: int) -> None:
+        async with gate:
+            call = stub.Recognize()
+            await call.write(asr_pb2.RecognizeRequest(config=config))
+            started = await call.read()
+            if index % 10 == 0:
+                await call.write(asr_pb2.RecognizeRequest(audio=asr_pb2.AudioChunk(data=pcm)))
+                while (await call.read()).WhichOneof("response") != "result":
+                    pass
+            call.cancel()
+            dropped.append(started.started.session_id)
+
+    await asyncio.gather(*(one(index) for index in range(count)))
+
+
+async def _leftovers(session_ids: set[str]) -> tuple[int, int]:
+    """Leases the dropped sessions still hold, and keys of the store without a TTL."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(server._embedded.url)
+    leases, without_ttl = 0, 0
+    async for key in client.scan_iter(count=1000):
+        name = key.decode()
+        if name.endswith(":lease") and name.split("{", 1)[-1].split("}", 1)[0] in session_ids:
+            leases += 1
+        if await client.pttl(key) < 0:
+            without_ttl += 1
+    await client.aclose()
+    return leases, without_ttl
+
+
 def write_report(result: SoakResult, out: Path) -> str:
     """soak.json, soak.md and soak.png under `out`; returns the table."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "soak.json").write_text(json.dumps(asdict(result), indent=2))
     names = sorted({name for sample in result.samples for name in sample.rss_mib})
-    header = "| time (s) | audio / stream (min) | " + " | ".join(f"{n} RSS (MiB)" for n in names)
+    header = "| time (s) | audio / stream (min) | dropped | " + " | ".join(f"{n} RSS MiB / threads" for n in names)
     lines = [
         f"Soak: {result.streams} streams x {result.minutes:g} min of audio, served as fast as possible "
-        f"({result.finals} finals, {len(result.errors)} errors)",
+        f"({result.finals} finals, {len(result.errors)} errors)"
+        + (f"; {result.churn} more streams opened and dropped meanwhile: {result.leases_left} leases left, "
+           f"{result.keys_without_ttl} store keys without a TTL" if result.churn else ""),
         "",
         header + " | store memory (MiB) | store keys | encoder slots | decoder slots |",
-        "|" + "---:|" * (len(names) + 6),
+        "|" + "---:|" * (len(names) + 7),
     ]
     step = max(1, len(result.samples) // 12)
     for index in sorted(set(range(0, len(result.samples), step)) | {len(result.samples) - 1}):
         sample = result.samples[index]
-        rss = " | ".join(f"{sample.rss_mib.get(n, float('nan')):.0f}" for n in names)
+        rss = " | ".join(f"{sample.rss_mib.get(n, float('nan')):.0f} / {sample.threads.get(n, 0)}" for n in names)
         lines.append(
-            f"| {sample.elapsed_s:.0f} | {sample.audio_min:.1f} | {rss} | {sample.store_used_mib:.2f} | "
+            f"| {sample.elapsed_s:.0f} | {sample.audio_min:.1f} | {sample.dropped} | {rss} | {sample.store_used_mib:.2f} | "
             f"{sample.store_keys} | {sample.slots_in_use['encoder']} | {sample.slots_in_use['decoder']} |"
         )
     table = "\n".join(lines)
