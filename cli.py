@@ -674,7 +674,7 @@ def _run_soak(args: argparse.Namespace) -> int:
         raise UsageError(f"--churn {args.churn}: expected 0 or more streams")
     result = run_soak(args.streams, args.minutes, args.interval, churn=args.churn)
     print(write_report(result, args.out))
-    clean = result.churn == 0 or (result.leases_left == 0 and result.keys_without_ttl == 0)
+    clean = result.churn == 0 or (result.leases_left == 0 and result.keys_without_ttl == 0 and result.settle_s >= 0)
     return 0 if not result.errors and result.finals == args.streams and clean else 1
 
 

@@ -28,12 +28,16 @@ import numpy as np
 from deployments import server
 from deployments.client import RecognizerClient, StreamOptions, encode_pcm, wait_until_serving
 from pipeline.features import SAMPLE_RATE
+from pipeline.stages import IDLE_STATE_S
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR, make_tiny_checkpoint
 
 log = logging.getLogger(__name__)
 
 #: Dropped streams in flight at once during a churn.
 CHURN_CONCURRENCY = 32
+#: The longest wait after the last stream for its cleanup (slots and leases free): past the stages' idle expiry,
+#: which frees the slot of a stream whose release overtook its last request.
+SETTLE_S = IDLE_STATE_S + 30.0
 
 #: Processes sampled, by the title Ray gives them (`ray::ServeReplica:<app>:<Deployment>`, `ray::ProxyActor`).
 PROCESS_TITLES = {
@@ -66,6 +70,7 @@ class SoakResult:
     errors: list[str] = field(default_factory=list)
     churn: int = 0
     leases_left: int = -1  # after the churn: leases still held by dropped streams (-1: no churn)
+    settle_s: float = 0.0  # how long after the last stream the slots and leases were all free (-1: never)
     keys_without_ttl: int = -1
 
 
@@ -173,10 +178,17 @@ async def _soak(address: str, streams: int, minutes: float, interval_s: float, c
             log.info("soak: %.1f min of audio per stream, %d dropped, %s", result.samples[-1].audio_min,
                      len(churned), result.samples[-1].rss_mib)  # fmt: skip
             await asyncio.wait([*tasks, churning], timeout=interval_s)
-        await asyncio.sleep(min(interval_s, 5.0))  # the last drops' cleanup runs on the ingress
-        result.samples.append(await _sample(started, heard, pids, len(churned)))
-        if churn:
-            result.leases_left, result.keys_without_ttl = await _leftovers(set(churned))
+        # The last drops' cleanup runs on the ingress once their cancel reaches it: wait for it, a bounded time.
+        ended = time.perf_counter()
+        while True:
+            result.samples.append(await _sample(started, heard, pids, len(churned)))
+            if churn:
+                result.leases_left, result.keys_without_ttl = await _leftovers(set(churned))
+            idle = not any(result.samples[-1].slots_in_use.values()) and result.leases_left <= 0
+            if idle or time.perf_counter() > ended + SETTLE_S:
+                break
+            await asyncio.sleep(1.0)
+        result.settle_s = time.perf_counter() - ended if idle else -1.0
         if churning.exception() is not None:
             result.errors.append(f"churn: {type(churning.exception()).__name__}: {churning.exception()}")
         for task in tasks:
@@ -237,7 +249,8 @@ def write_report(result: SoakResult, out: Path) -> str:
         f"Soak: {result.streams} streams x {result.minutes:g} min of audio, served as fast as possible "
         f"({result.finals} finals, {len(result.errors)} errors)"
         + (f"; {result.churn} more streams opened and dropped meanwhile: {result.leases_left} leases left, "
-           f"{result.keys_without_ttl} store keys without a TTL" if result.churn else ""),
+           f"{result.keys_without_ttl} store keys without a TTL" if result.churn else "")
+        + f"; slots and leases free {result.settle_s:.0f} s after the last stream" * (result.settle_s >= 0),
         "",
         header + " | store memory (MiB) | store keys | encoder slots | decoder slots |",
         "|" + "---:|" * (len(names) + 7),

@@ -23,6 +23,8 @@ running exactly the forwards it missed, in order, so the answer equals the one i
 from __future__ import annotations
 
 import heapq
+import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -44,6 +46,8 @@ from pipeline.rolling import RollingDecoder, RollingDecoderState, UpdateResult
 from pipeline.vad import SileroVAD, VadState, load_silero_vad, score_streams
 
 Answer = TypeVar("Answer")
+
+log = logging.getLogger(__name__)
 
 #: How the sequential greedy steps run (see `pipeline.decode_step`).
 DECODE_STEP_KINDS = ("dynamic", "static", "cuda_graph")
@@ -141,6 +145,12 @@ class _Slots:
         heapq.heappush(self._free, slot)
 
 
+#: A stream's state that no request has touched for this long is dropped, its slot freed. Its owner may have died,
+#: or its release may have overtaken its last request (a client that went away mid-block); a stream that was only
+#: quiet gets a `StageMiss` and replays, so dropping is always safe.
+IDLE_STATE_S = 120.0
+
+
 @dataclass
 class _StreamEntry:
     """What a stage holds for one stream: its current segment's state in one slot."""
@@ -149,14 +159,18 @@ class _StreamEntry:
     slot: int
     state: CausalEncoderState | RollingDecoderState
     done: int = 0  # blocks encoded / updates run in this segment
+    used_at: float = 0.0  # monotonic time of its last request
 
 
 class _SegmentStates:
     """Per-stream entries of a stage, keyed by stream; a request starting a segment replaces the old one."""
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, idle_s: float = IDLE_STATE_S, clock: Callable[[], float] = time.monotonic) -> None:
         self.slots = _Slots(slots)
         self.entries: dict[str, _StreamEntry] = {}
+        self.idle_s = idle_s
+        self.clock = clock
+        self._swept_at = float("-inf")
 
     def resolve(
         self, stream_id: str, segment_index: int, position: int, new_state: Callable[[int], object]
@@ -166,7 +180,11 @@ class _SegmentStates:
         Position 0 starts the segment: a fresh state in the lowest free slot (the stream's old slot, if any, is
         released first, so a stream moves down at segment starts). Otherwise the entry must be this segment's,
         exactly `position` far."""
+        now = self.clock()
+        self._drop_idle(now)
         entry = self.entries.get(stream_id)
+        if entry is not None:
+            entry.used_at = now
         if position == 0:
             if entry is not None:
                 self.release(stream_id)
@@ -174,7 +192,7 @@ class _SegmentStates:
                 slot = self.slots.acquire(stream_id)
             except StageAtCapacity as full:
                 return full
-            entry = _StreamEntry(segment_index, slot, new_state(slot))  # type: ignore[arg-type]
+            entry = _StreamEntry(segment_index, slot, new_state(slot), used_at=now)  # type: ignore[arg-type]
             self.entries[stream_id] = entry
             return entry
         if entry is None:
@@ -187,6 +205,15 @@ class _SegmentStates:
                 f"{segment_index} after {position}",
             )
         return entry
+
+    def _drop_idle(self, now: float) -> None:
+        """Free the slots of states idle for `idle_s` (a sweep at most once a second)."""
+        if now - self._swept_at < 1.0:
+            return
+        self._swept_at = now
+        for stream_id in [s for s, entry in self.entries.items() if now - entry.used_at > self.idle_s]:
+            log.info("dropping the idle state of stream %r (no request for %.0f s)", stream_id, self.idle_s)
+            self.release(stream_id)
 
     def release(self, stream_id: str, segment_index: int | None = None) -> None:
         """Forget the stream (only its `segment_index` state, if given: a later segment's stays)."""

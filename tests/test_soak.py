@@ -12,6 +12,7 @@ def test_a_short_soak_samples_every_process_and_frees_its_slots(tmp_path: Path) 
     assert result.errors == [] and result.finals == 2
     # 30 more streams opened and dropped meanwhile (3 of them after a Result, holding slots): nothing stays.
     assert result.samples[-1].dropped == 30 and result.leases_left == 0 and result.keys_without_ttl == 0
+    assert result.settle_s >= 0  # slots and leases all free (at the latest by the stages' idle expiry)
     first, last = result.samples[0], result.samples[-1]
     # Thread pools may grow to their bounded size under the churn's concurrency; one thread per dropped stream
     # would be 30 more.

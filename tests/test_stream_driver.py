@@ -11,7 +11,7 @@ import pytest
 from pipeline.checkpoint import ASRModel
 from pipeline.engine import StreamingEngine
 from pipeline.session import StreamingSession, TranscriptEvent
-from pipeline.stages import DecoderStage, EncoderStage, FeatureStage, StageAtCapacity
+from pipeline.stages import IDLE_STATE_S, DecoderStage, EncoderStage, FeatureStage, StageAtCapacity
 from pipeline.stream_driver import LocalStages, StreamDriver
 from tests.test_session import CAUSAL, _audio, _comparable, model  # noqa: F401  (model is a fixture)
 
@@ -84,3 +84,22 @@ def test_a_stage_without_a_free_slot_refuses_the_new_stream(model: ASRModel) -> 
     asyncio.run(first.push_audio(_audio(2.0)))
     with pytest.raises(StageAtCapacity, match="stream 'b'"):
         asyncio.run(second.push_audio(_audio(2.0)))
+
+
+def test_a_state_left_idle_frees_its_slot_and_replays_if_its_stream_comes_back(model: ASRModel) -> None:
+    """A stream whose owner went silent (died, or its release overtook its last request) holds its slot only for
+    IDLE_STATE_S: then another stream gets the slot, and the first one, if it ever comes back, replays."""
+    now = [0.0]
+    stages = _stages(model, slots=1)
+    for stage in (stages.encoder, stages.decoder):
+        stage.streams.clock = lambda: now[0]
+    audio = _audio(6.0, seed=3)
+    quiet = StreamDriver(StreamingSession(model, CAUSAL, stream_id="quiet", keep_replay=True), stages)
+    events = asyncio.run(quiet.push_audio(audio[: 2 * 16000]))
+    now[0] += IDLE_STATE_S + 1
+    other = StreamDriver(StreamingSession(model, CAUSAL, stream_id="other", keep_replay=True), stages)
+    asyncio.run(other.push_audio(_audio(2.0)))  # would be StageAtCapacity if the idle state kept its slot
+    asyncio.run(other.close())
+    events += asyncio.run(quiet.push_audio(audio[2 * 16000 :])) + asyncio.run(quiet.finish())
+    assert quiet.stats.encoder_replays == 1 and quiet.stats.decoder_replays == 1
+    assert _comparable(events) == _comparable(_alone(model, audio))
