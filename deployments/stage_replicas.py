@@ -85,7 +85,7 @@ class _KVStageHost(_StageHost):
 
     async def slots_in_use(self) -> tuple[str, int]:
         """(this replica, K/V slots holding a stream): for soak runs and operators."""
-        return self.replica, self.stage.streams.slots.count - self.stage.free_slots
+        return self.replica, await self.run(self.stage.streams.in_use)
 
 
 @serve.deployment

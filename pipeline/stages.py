@@ -206,6 +206,11 @@ class _SegmentStates:
             )
         return entry
 
+    def in_use(self) -> int:
+        """Slots holding a stream's state, once the idle ones are dropped."""
+        self._drop_idle(self.clock())
+        return self.slots.count - self.slots.free
+
     def _drop_idle(self, now: float) -> None:
         """Free the slots of states idle for `idle_s` (a sweep at most once a second)."""
         if now - self._swept_at < 1.0:

@@ -97,6 +97,7 @@ def test_a_state_left_idle_frees_its_slot_and_replays_if_its_stream_comes_back(m
     quiet = StreamDriver(StreamingSession(model, CAUSAL, stream_id="quiet", keep_replay=True), stages)
     events = asyncio.run(quiet.push_audio(audio[: 2 * 16000]))
     now[0] += IDLE_STATE_S + 1
+    assert stages.encoder.streams.in_use() == stages.decoder.streams.in_use() == 0
     other = StreamDriver(StreamingSession(model, CAUSAL, stream_id="other", keep_replay=True), stages)
     asyncio.run(other.push_audio(_audio(2.0)))  # would be StageAtCapacity if the idle state kept its slot
     asyncio.run(other.close())
