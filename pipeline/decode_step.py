@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from pipeline.decoder import DecoderKVCache, LayerKV, TextDecoder, forward_streams
+from pipeline.device_io import to_device
 from pipeline.kv_pool import DecoderKVPool
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class DynamicDecodeStep:
         self.decoder = decoder
 
     def __call__(self, caches: Sequence[DecoderKVCache], token_ids: Sequence[int]) -> Tensor:
-        embeds = self.decoder.embed(torch.tensor(list(token_ids), device=self.decoder.embed_tokens.weight.device))
+        embeds = self.decoder.embed(to_device(list(token_ids), self.decoder.embed_tokens.weight.device))
         hidden = forward_streams(self.decoder, caches, list(embeds[:, None]))
         return self.decoder.logits(torch.cat(hidden))
 
@@ -99,10 +100,10 @@ class StaticDecodeStep:
         rows = next(size for size in self.row_buckets if size > max(slots))
         span = next(size for size in self.span_buckets if size > max(cache.length for cache in caches))
         device = self._token_ids.device
-        index = torch.tensor(slots, device=device)
+        index = to_device(slots, device)
         self._write_columns[:rows] = self.pool.scratch_column
-        self._write_columns[index] = torch.tensor([cache.length for cache in caches], device=device)
-        self._token_ids[index] = torch.tensor(list(token_ids), device=device)
+        self._write_columns[index] = to_device([cache.length for cache in caches], device)
+        self._token_ids[index] = to_device(list(token_ids), device)
         if self._graphs:
             with torch.cuda.device(device):  # replay from any thread, on the pool's device
                 self._graphs[rows, span].replay()

@@ -280,8 +280,8 @@ class DecoderKVCache:
     def __init__(
         self, num_layers: int, storage: Sequence[LayerKV] | None = None, pool_slot: "PoolSlot | None" = None
     ) -> None:
-        """`pool_slot`: where `storage` sits in a pool, so that a batch of neighbouring slots can run on
-        the pool in place (`forward_streams`)."""
+        """`pool_slot`: where `storage` sits in a pool, so that a batch of slots can run on the pool in place
+        (`forward_streams`)."""
         self.num_layers = num_layers
         self.pool_slot = pool_slot
         self._keys: list[Tensor] = [] if storage is None else [key for key, _ in storage]

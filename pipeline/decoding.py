@@ -92,9 +92,12 @@ class SuppressTokens(LogitFilter):
 
     def __init__(self, token_ids: Sequence[int]) -> None:
         self.token_ids = list(token_ids)
+        self._on_device: dict[torch.device, Tensor] = {}
 
     def apply(self, scores: Tensor, histories: TokenHistories) -> None:
-        scores[:, self.token_ids] = float("-inf")
+        if scores.device not in self._on_device:
+            self._on_device[scores.device] = to_device(self.token_ids, scores.device)
+        scores.index_fill_(1, self._on_device[scores.device], float("-inf"))
 
 
 class RepetitionPenalty(LogitFilter):
@@ -236,9 +239,7 @@ class DecodeControls:
         width = max(counts)
         laid_out = picks.new_full((len(drafts), width), -1).index_put_((stream_of_row, step_of_row), picks)
         padded_drafts = to_device([t for draft in drafts for t in (*draft, *[-1] * (width - len(draft)))], device)
-        ends = (laid_out != padded_drafts.view(len(drafts), width)) | torch.isin(laid_out, self._stop_tensor(device))
+        ends = (laid_out != padded_drafts.view(len(drafts), width)) | torch.isin(laid_out, to_device(sorted(self._stop_ids), device))
         accepted = ends.to(torch.int8).argmax(dim=1)  # the first end: at the latest the row after the draft
         return torch.stack([accepted, laid_out.gather(1, accepted[:, None])[:, 0]], dim=1)
 
-    def _stop_tensor(self, device: torch.device) -> Tensor:
-        return to_device(sorted(self._stop_ids), device)

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from pipeline.causal_encoder import CausalAudioEncoder, CausalEncoderState, KeyColumns, causal_block_forward
 from pipeline.decoder import DecoderKVCache, PoolSlot, TextDecoder
+from pipeline.device_io import to_device
 from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, AudioTower
 
 
@@ -143,11 +144,11 @@ class EncoderKVPool:
             counts=counts,
             low=min(end - c for end, c in zip(ends, cached)),
             high=max(end + count for end, count in zip(ends, counts)),
-            write_slots=torch.tensor([slots[row] for row in rows], device=device),
-            write_columns=torch.tensor([ends[row] + step for row, step in zip(rows, step_in_block)], device=device),
-            block_rows=torch.tensor(rows, device=device),
-            block_steps=torch.tensor(step_in_block, device=device),
-            gather=None if neighbouring else torch.tensor(slots, device=device),
+            write_slots=to_device([slots[row] for row in rows], device),
+            write_columns=to_device([ends[row] + step for row, step in zip(rows, step_in_block)], device),
+            block_rows=to_device(rows, device),
+            block_steps=to_device(step_in_block, device),
+            gather=None if neighbouring else to_device(slots, device),
         )
 
     def _run(self, slot: int, steps: int) -> tuple[Tensor, Tensor]:

@@ -28,6 +28,7 @@ from torch import Tensor
 from pipeline.decode_step import DecodeStep, DynamicDecodeStep
 from pipeline.decoder import DecoderKVCache, TextDecoder, forward_streams
 from pipeline.decoding import DecodeControls
+from pipeline.device_io import to_device
 from pipeline.prompt import CausalPrompt
 
 
@@ -97,7 +98,7 @@ class RollingDecoder:
         if len(states) != len(new_audio):
             raise ValueError(f"{len(states)} decoder states but {len(new_audio)} audio deltas")
         drafts = [self.controls.trim_draft(s.hypothesis) if self.speculative else [] for s in states]
-        inputs = [self._pass_inputs(state, audio, draft) for state, audio, draft in zip(states, new_audio, drafts)]
+        inputs = self._pass_inputs(states, new_audio, drafts)
         hidden = forward_streams(self.decoder, [s.cache for s in states], inputs)
         verdicts = self._verify([out[-(len(draft) + 1) :] for out, draft in zip(hidden, drafts)], drafts)
 
@@ -148,13 +149,19 @@ class RollingDecoder:
             start = end
         return verdicts
 
-    def _pass_inputs(self, state: RollingDecoderState, audio: Tensor, draft: Sequence[int]) -> Tensor:
-        """`[head if the cache is empty] + new audio + tail + draft` as one embedding sequence."""
-        ids = list(self.prompt.tail_ids) + list(draft)
-        pieces = [audio.to(self.decoder.embed_tokens.weight.dtype), self._embed(ids)]
-        if state.is_empty:
-            pieces.insert(0, self._embed(self.prompt.head_ids))
-        return torch.cat(pieces, dim=0)
+    def _pass_inputs(
+        self, states: Sequence[RollingDecoderState], new_audio: Sequence[Tensor], drafts: Sequence[Sequence[int]]
+    ) -> list[Tensor]:
+        """Per stream `[head if its cache is empty] + new audio + tail + draft` as one embedding sequence (the
+        tokens of every stream embedded in one lookup)."""
+        token_ids = [[*self.prompt.tail_ids, *draft] for draft in drafts]
+        head = self._embed(self.prompt.head_ids) if any(state.is_empty for state in states) else None
+        tokens = self._embed([token for ids in token_ids for token in ids]).split([len(ids) for ids in token_ids])
+        dtype = self.decoder.embed_tokens.weight.dtype
+        return [
+            torch.cat([head, audio.to(dtype), own] if state.is_empty else [audio.to(dtype), own])
+            for state, audio, own in zip(states, new_audio, tokens)
+        ]
 
     def _continue_greedy(
         self,
@@ -184,8 +191,7 @@ class RollingDecoder:
         return len(hypothesis) < self.controls.options.max_new_tokens
 
     def _embed(self, ids: Sequence[int]) -> Tensor:
-        weight = self.decoder.embed_tokens.weight
-        return self.decoder.embed(torch.tensor(list(ids), dtype=torch.long, device=weight.device))
+        return self.decoder.embed(to_device(list(ids), self.decoder.embed_tokens.weight.device))
 
 
 @torch.inference_mode()
