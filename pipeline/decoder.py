@@ -100,9 +100,13 @@ def eager_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> 
 
     query [B, heads, S, d]; key/value [B, kv_heads, T, d]; mask [B, S, T] bool, True = may attend.
     """
-    grouped, visible = _fold_query_groups(query, key.shape[1], mask)
-    scores = torch.matmul(grouped.float(), key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5
-    scores = scores.masked_fill(~visible, float("-inf"))
+    batch, heads, length, head_dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads * length, head_dim)  # see `_fold_query_groups`
+    scores = torch.matmul(grouped.float(), key.float().transpose(-1, -2))
+    scores.mul_(head_dim**-0.5)
+    # The mask broadcast over kv heads and query groups, in place: the scores are the step's largest tensor.
+    scores.view(batch, kv_heads, heads // kv_heads, length, -1).masked_fill_(~mask[:, None, None], float("-inf"))
     attended = torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)
     return attended.reshape(query.shape)
 
@@ -388,41 +392,52 @@ def ragged_causal_mask(past_lengths: Tensor, new_lengths: Tensor, max_past: int,
 def forward_streams(
     decoder: TextDecoder, caches: Sequence[DecoderKVCache], inputs_embeds: Sequence[Tensor]
 ) -> list[Tensor]:
+    """`forward_padded` for a list of streams' inputs: inputs_embeds[b] is [S_b, hidden]; returns each stream's
+    final hidden states [S_b, hidden]."""
+    if len(caches) != len(inputs_embeds):
+        raise ValueError(f"{len(caches)} caches but {len(inputs_embeds)} input sequences")
+    new_lengths = [embeds.shape[0] for embeds in inputs_embeds]
+    embeds = torch.nn.utils.rnn.pad_sequence(list(inputs_embeds), batch_first=True)
+    hidden = forward_padded(decoder, caches, embeds, new_lengths)
+    return [hidden[row, :count] for row, count in enumerate(new_lengths)]
+
+
+def forward_padded(
+    decoder: TextDecoder, caches: Sequence[DecoderKVCache], embeds: Tensor, new_lengths: Sequence[int]
+) -> Tensor:
     """Forward each stream's new positions on top of its cache, as one padded batch.
 
-    inputs_embeds[b] is [S_b, hidden]; positions continue at caches[b].length. The new K/V is
-    appended to each cache; returns each stream's final hidden states [S_b, hidden].
+    embeds [B, S, hidden]: row b's first new_lengths[b] positions are stream b's (the rest padding); positions
+    continue at caches[b].length. The new K/V is appended to each cache; returns the final hidden states
+    [B, S, hidden] (padding rows hold garbage). Nothing here is per stream on the device side: a thousand streams
+    cost the same operators as one.
 
     Two layouts, same results. Caches that are slots of one pool run in place, wherever their slots are: each
     layer writes the real new K/V of every stream into its slot with one scatter, and the batch attends over a
     view of the pool's slot range, each stream's queries at its own slot (`_PoolRows`): no copy of the past.
     Caches of their own (a single session's) are gathered into padded tensors first.
-    Lengths come from the caches and the inputs (host values): nothing here waits for the device.
+    Lengths come from the caches and the caller (host values): nothing here waits for the device.
     """
-    if len(caches) != len(inputs_embeds):
-        raise ValueError(f"{len(caches)} caches but {len(inputs_embeds)} input sequences")
-    device = inputs_embeds[0].device
+    if len(caches) != embeds.shape[0] or len(new_lengths) != embeds.shape[0]:
+        raise ValueError(f"{len(caches)} caches and {len(new_lengths)} lengths for {embeds.shape[0]} rows of inputs")
+    device = embeds.device
     past_lengths = [cache.length for cache in caches]
-    new_lengths = [embeds.shape[0] for embeds in inputs_embeds]
-    max_past, max_new = max(past_lengths), max(new_lengths)
-    embeds = torch.nn.utils.rnn.pad_sequence(list(inputs_embeds), batch_first=True)
+    max_past, max_new = max(past_lengths), embeds.shape[1]
     past = to_device(past_lengths, device)
     positions = past[:, None] + torch.arange(max_new, device=device)[None, :]
 
     pool_rows = _pool_rows(caches, max(p + n for p, n in zip(past_lengths, new_lengths)))
     if pool_rows is not None:
-        rows = pool_rows.placed(past_lengths, new_lengths, device)
-        output = decoder(
-            embeds, positions, rows.mask(past, max_new), kv_store=rows.store, kv_rows=rows.kv_rows
-        )
+        rows = pool_rows.placed(past_lengths, list(new_lengths), device)
+        output = decoder(embeds, positions, rows.mask(past, max_new), kv_store=rows.store, kv_rows=rows.kv_rows)
         for cache, count in zip(caches, new_lengths):
             cache.advance(count)
     else:
-        mask = ragged_causal_mask(past, to_device(new_lengths, device), max_past, max_new)
+        mask = ragged_causal_mask(past, to_device(list(new_lengths), device), max_past, max_new)
         output = decoder(embeds, positions, mask, _padded_past(caches, max_past) if max_past > 0 else None)
         for row, (cache, count) in enumerate(zip(caches, new_lengths)):
             cache.append([(key[row, :, :count], value[row, :, :count]) for key, value in output.new_kv])
-    return [output.hidden[row, :count] for row, count in enumerate(new_lengths)]
+    return output.hidden
 
 
 def in_place_causal_mask(past_lengths: Tensor, total: int, max_new: int) -> Tensor:
