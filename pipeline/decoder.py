@@ -135,11 +135,27 @@ def attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, kv_rows: 
     return _attend(spread, key, value, mask).index_select(0, kv_rows)
 
 
+#: Most bytes of fp32 scores the explicit (CPU) attention materialises at once: larger batches run in row chunks,
+#: so a step's transient memory stays small next to the K/V pools (a thousand streams' parallel pass would
+#: otherwise hold scores of 1.4 GB per layer at full size).
+EAGER_SCORE_BYTES = 64 * 2**20
+
+
 def _attend(query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> Tensor:
     # Fused kernels accumulate the softmax in fp32 on GPU; on CPU the explicit form is the tested one.
     if query.is_cuda:
         return sdpa_attention(query, key, value, mask)
-    return eager_attention(query, key, value, mask)
+    batch, heads, length, _ = query.shape
+    rows = max(1, EAGER_SCORE_BYTES // (4 * heads * length * key.shape[2]))
+    if rows >= batch:
+        return eager_attention(query, key, value, mask)
+    return torch.cat(
+        [
+            eager_attention(query[start : start + rows], key[start : start + rows], value[start : start + rows],
+                            mask[start : start + rows])
+            for start in range(0, batch, rows)
+        ]
+    )
 
 
 class DecoderAttention(nn.Module):
