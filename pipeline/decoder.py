@@ -135,10 +135,10 @@ def attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, kv_rows: 
     return _attend(spread, key, value, mask).index_select(0, kv_rows)
 
 
-#: Most bytes of fp32 scores the explicit (CPU) attention materialises at once: larger batches run in row chunks,
-#: so a step's transient memory stays small next to the K/V pools (a thousand streams' parallel pass would
-#: otherwise hold scores of 1.4 GB per layer at full size).
-EAGER_SCORE_BYTES = 64 * 2**20
+#: Most bytes of fp32 scores (and as many of their softmax) the explicit (CPU) attention holds at once: larger
+#: batches run in row chunks, so a step's transient memory stays small next to the K/V pools (a thousand streams'
+#: parallel pass would otherwise hold scores of 1.4 GB per layer at full size).
+EAGER_SCORE_BYTES = 16 * 2**20
 
 
 def _attend(query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> Tensor:
