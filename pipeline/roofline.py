@@ -67,12 +67,12 @@ class HostCost:
         return self.fixed_sec + streams * self.per_stream_sec
 
 
-#: Measured here (see BENCHMARKS.md, "A thousand streams in one step"): host time outside tensor operators at
+#: Measured here (BENCHMARKS.md, "A thousand streams in one step"): host time outside tensor operators at
 #: N = 10 and N = 1000 staggered-start streams, fitted as fixed + per stream.
 MEASURED_HOST = HostCost(
-    fixed_sec=7.2e-3,
-    per_stream_sec=0.244e-3,
-    source="measured here, 2-vCPU AMD EPYC, tiny checkpoint (bench engine --arrivals staggered-starts)",
+    fixed_sec=7.6e-3,
+    per_stream_sec=0.19e-3,
+    source="measured here, 2-vCPU Intel Xeon, tiny checkpoint (bench engine --arrivals staggered-starts)",
 )
 
 
