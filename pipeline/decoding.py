@@ -239,7 +239,8 @@ class DecodeControls:
         width = max(counts)
         laid_out = picks.new_full((len(drafts), width), -1).index_put_((stream_of_row, step_of_row), picks)
         padded_drafts = to_device([t for draft in drafts for t in (*draft, *[-1] * (width - len(draft)))], device)
-        ends = (laid_out != padded_drafts.view(len(drafts), width)) | torch.isin(laid_out, to_device(sorted(self._stop_ids), device))
+        stops = torch.isin(laid_out, to_device(sorted(self._stop_ids), device))
+        ends = (laid_out != padded_drafts.view(len(drafts), width)) | stops
         accepted = ends.to(torch.int8).argmax(dim=1)  # the first end: at the latest the row after the draft
         return torch.stack([accepted, laid_out.gather(1, accepted[:, None])[:, 0]], dim=1)
 

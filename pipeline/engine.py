@@ -6,9 +6,10 @@ The encoder and decoder stages keep the streams' K/V in preallocated slot pools 
 per stream, so admission is a free-slot check (a clear `EngineAtCapacity` otherwise) and no cache memory is
 allocated per update: the decoder's streams write their new K/V into their slots and attend over views of the
 pool wherever their slots are; the encoder's do so in neighbouring slots (the common case: slots are handed out
-lowest first) and gather a copy of their windows otherwise; activations are per-step tensors (the CUDA caching allocator recycles them; the decode steps
-run in fixed buffers). The end of a stream frees its slots; at a segment roll, when its K/V starts empty, a
-stream's next segment starts in the lowest free slot, so the live streams stay packed at the low slots that
+lowest first) and gather a copy of their windows otherwise; activations are per-step tensors (the CUDA caching
+allocator recycles them; the decode steps run in fixed buffers). The end of a stream frees its slots; at a
+segment roll, when its K/V starts empty, a stream's next segment starts in the lowest free slot, so the live
+streams stay packed at the low slots that
 batches and fixed-shape steps cover. Audio is buffered per stream (only the cheap log-mel front-end runs on
 arrival); `step()` then advances every stream that has a whole block buffered, or whose end was signalled, by
 one block (a stream that has fallen behind by up to `EngineOptions.catch_up_blocks`, see below):

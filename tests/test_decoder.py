@@ -215,7 +215,8 @@ def test_explicit_attention_in_row_chunks_is_bitwise_the_same(monkeypatch) -> No
     import pipeline.decoder as decoder_module
 
     generator = torch.Generator().manual_seed(7)
-    query, key, value = (torch.randn(9, heads, length, 16, generator=generator) for heads, length in ((8, 5), (2, 40), (2, 40)))
+    shapes = ((8, 5), (2, 40), (2, 40))  # (heads, positions) of query, key, value
+    query, key, value = (torch.randn(9, heads, length, 16, generator=generator) for heads, length in shapes)
     mask = torch.rand(9, 5, 40, generator=generator) > 0.4
     mask[..., 0] = True
     whole = decoder_module.attention(query, key, value, mask)
@@ -224,5 +225,6 @@ def test_explicit_attention_in_row_chunks_is_bitwise_the_same(monkeypatch) -> No
     rows = torch.tensor([4, 0, 7])  # and queries attending over chosen rows of the K/V (scattered pool slots)
     spread = decoder_module.attention(query[:3], key, value, mask, kv_rows=rows)
     for index, row in enumerate(rows.tolist()):
-        alone = decoder_module.attention(query[index : index + 1], key[row : row + 1], value[row : row + 1], mask[row : row + 1])
+        own = slice(row, row + 1)
+        alone = decoder_module.attention(query[index : index + 1], key[own], value[own], mask[own])
         torch.testing.assert_close(spread[index : index + 1], alone, rtol=0, atol=1e-6)
