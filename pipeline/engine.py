@@ -9,10 +9,10 @@ pool wherever their slots are; the encoder's do so in neighbouring slots (the co
 lowest first) and gather a copy of their windows otherwise; activations are per-step tensors (the CUDA caching
 allocator recycles them; the decode steps run in fixed buffers). The end of a stream frees its slots; at a
 segment roll, when its K/V starts empty, a stream's next segment starts in the lowest free slot, so the live
-streams stay packed at the low slots that
-batches and fixed-shape steps cover. Audio is buffered per stream (only the cheap log-mel front-end runs on
-arrival); `step()` then advances every stream that has a whole block buffered, or whose end was signalled, by
-one block (a stream that has fallen behind by up to `EngineOptions.catch_up_blocks`, see below):
+streams stay packed at the low slots that batches and fixed-shape steps cover. Audio is buffered per stream
+(only the cheap log-mel front-end runs on arrival); `step()` then advances every stream that has a whole block
+buffered, or whose end was signalled, by one block (a stream that has fallen behind by up to
+`EngineOptions.catch_up_blocks`, see below):
 
 1. scheduling: each session's `next_block` rolls its segment if the block would pass the cap and hands out the
    block (the same code the single-stream session runs);
