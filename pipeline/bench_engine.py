@@ -370,6 +370,28 @@ STAGGER_CADENCE = 2
 STAGGER_AGES = 3
 
 
+class StaggeredStarts:
+    """The staggered-starts schedule: stream i (in `audio`'s order) starts at step i mod (`STAGGER_CADENCE` x
+    `STAGGER_AGES`) and is pushed its next block of audio every `STAGGER_CADENCE` steps, its end with its last."""
+
+    def __init__(self, engine: StreamingEngine, audio: dict[str, np.ndarray], block_samples: int) -> None:
+        self.engine, self.audio, self.block_samples = engine, audio, block_samples
+        period = STAGGER_CADENCE * STAGGER_AGES
+        self.start = {stream_id: index % period for index, stream_id in enumerate(audio)}
+        self.pushed = dict.fromkeys(audio, 0)
+
+    def push_due(self, step: int) -> None:
+        """Push the blocks due before `step`."""
+        for stream_id, samples in self.audio.items():
+            start, block = self.start[stream_id], self.pushed[stream_id]
+            if step < start or (step - start) % STAGGER_CADENCE or block * self.block_samples >= samples.size:
+                continue
+            self.engine.push_audio(stream_id, samples[block * self.block_samples : (block + 1) * self.block_samples])
+            self.pushed[stream_id] += 1
+            if self.pushed[stream_id] * self.block_samples >= samples.size:
+                self.engine.finish_stream(stream_id)
+
+
 @dataclass(frozen=True)
 class StaggeredStartResult:
     """Host time of engine steps over N open streams with staggered starts (see `run_staggered_start_bench`)."""
@@ -432,22 +454,14 @@ def run_staggered_start_bench(
         log.info("bench engine (staggered starts): N=%d streams, %d blocks each ...", count, blocks_per_stream)
         engine = StreamingEngine(model, options, replace(engine_options, max_streams=count))
         audio, _ = _budgeted_streams(engine, count, blocks_per_stream)
-        start = {stream_id: index % period for index, stream_id in enumerate(audio)}
-        pushed = dict.fromkeys(audio, 0)
+        schedule = StaggeredStarts(engine, audio, block_samples)
         timings: list[StepTiming] = []
         front_end_sec, step = 0.0, 0
         op_clock: tuple[OpClock, StepTiming] | None = None
         peak_bytes: int | None = None
         while engine.active_streams:
             started = time.perf_counter()
-            for stream_id, samples in audio.items():
-                due = step >= start[stream_id] and (step - start[stream_id]) % STAGGER_CADENCE == 0
-                if due and pushed[stream_id] < blocks_per_stream:
-                    block = pushed[stream_id]
-                    engine.push_audio(stream_id, samples[block * block_samples : (block + 1) * block_samples])
-                    pushed[stream_id] += 1
-                    if pushed[stream_id] == blocks_per_stream:
-                        engine.finish_stream(stream_id)
+            schedule.push_due(step)
             front_end_sec += time.perf_counter() - started
             measured = step >= period and len(engine.active_streams) == count
             if measured and op_clock is None:

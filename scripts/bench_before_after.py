@@ -7,7 +7,10 @@ versions interleaved N by N (both see the same machine load over the run). The e
 are driven and timed by the same code.
 
     OMP_NUM_THREADS=1 python scripts/bench_before_after.py --before ace1842 --checkpoint /tmp/tiny \\
-        --streams 10,100,1000
+        --streams 10,100,1000 [--check-events 200]
+
+`--check-events N` first decodes N streams for real on the same schedule with both versions and compares a digest
+of all their events: the change must not change a single event.
 """
 
 from __future__ import annotations
@@ -37,6 +40,37 @@ model = load_model(checkpoint, tower=checkpoint / TOWER_OVERLAY_DIR)
 print(json.dumps(dataclasses.asdict(result)))
 """
 
+# Real decoding (no synthetic budget) on the same schedule: a digest of every stream's events.
+EVENTS = """
+import hashlib, json, sys, numpy as np, torch
+from pathlib import Path
+from pipeline.bench_engine import StaggeredStarts
+from pipeline.checkpoint import load_model
+from pipeline.engine import EngineOptions, StreamingEngine
+from pipeline.features import FRAMES_PER_SECOND, SAMPLE_RATE
+from pipeline.session import SessionOptions
+from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
+torch.set_num_threads(1)
+checkpoint, count, blocks = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+model = load_model(checkpoint, tower=checkpoint / TOWER_OVERLAY_DIR)
+options = SessionOptions(language="English", max_new_tokens=24)
+engine = StreamingEngine(model, options, EngineOptions(max_streams=count))
+block_samples = options.block_frames * SAMPLE_RATE // FRAMES_PER_SECOND
+rng = np.random.default_rng(0)
+audio = {f"s{i}": (0.1 * rng.standard_normal(blocks * block_samples)).astype(np.float32) for i in range(count)}
+for stream_id in audio:
+    engine.open_stream(stream_id)
+schedule, events, step = StaggeredStarts(engine, audio, block_samples), {s: [] for s in audio}, 0
+while engine.active_streams:
+    schedule.push_due(step)
+    for stream_id, new in engine.step().items():
+        events[stream_id] += [(e.kind, e.transcript, e.hypothesis, e.segment_index, e.audio_sec, repr(e.stats))
+                              for e in new]
+    step += 1
+digest = hashlib.sha256(json.dumps(events, sort_keys=True).encode()).hexdigest()
+print(json.dumps({"digest": digest, "events": sum(map(len, events.values()))}))
+"""
+
 
 def export_revision(revision: str, into: Path) -> Path:
     """`pipeline/` of `revision`, with this checkout's benchmark driver files."""
@@ -49,10 +83,10 @@ def export_revision(revision: str, into: Path) -> Path:
     return into / "before"
 
 
-def measure(tree: Path, checkpoint: Path, count: int, blocks: int) -> dict:
+def measure(tree: Path, checkpoint: Path, count: int, blocks: int, program: str = MEASURE) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     done = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(checkpoint), str(count), str(blocks)],
+        [sys.executable, "-c", program, str(checkpoint), str(count), str(blocks)],
         env=env, cwd=tree, check=True, capture_output=True, text=True,
     )
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -96,10 +130,25 @@ def main() -> int:
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint dir with a causal tower overlay")
     parser.add_argument("--streams", default="10,100,1000", help="comma-separated stream counts")
     parser.add_argument("--blocks", type=int, default=8, help="blocks per stream")
+    parser.add_argument(
+        "--check-events",
+        type=int,
+        default=0,
+        help="first: this many streams decoded for real (24-token budget) on the same schedule by both versions; "
+        "their events must be identical",
+    )
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         before = export_revision(args.before, Path(scratch))
+        if args.check_events:
+            checkpoint = args.checkpoint.resolve()
+            digests = [measure(tree, checkpoint, args.check_events, args.blocks, EVENTS) for tree in (before, ROOT)]
+            same = digests[0] == digests[1]
+            print(f"events of {args.check_events} streams: before {digests[0]}, after {digests[1]}: "
+                  f"{'identical' if same else 'DIFFERENT'}")
+            if not same:
+                return 1
         for count in (int(part) for part in args.streams.split(",")):
             for version, tree in ((f"before ({args.before})", before), ("after", ROOT)):
                 result = measure(tree, args.checkpoint.resolve(), count, args.blocks)
