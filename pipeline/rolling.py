@@ -164,7 +164,7 @@ class RollingDecoder:
 
     def _pass_inputs(
         self, states: Sequence[RollingDecoderState], new_audio: Sequence[Tensor], drafts: Sequence[Sequence[int]]
-    ) -> "_PassInputs":
+    ) -> _PassInputs:
         """Per stream `[head if its cache is empty] + new audio + tail + draft`, laid out as one padded batch
         with two writes: every token of every stream from one embedding lookup, every stream's audio from one
         concatenation (no per-stream tensor operations)."""
