@@ -31,6 +31,8 @@ from tests.test_engine import _engine_events, _plans  # noqa: E402
 from tests.test_session import _comparable  # noqa: E402
 
 STREAMS = 12
+#: The tiny checkpoint's random weights decode until the budget: a small one keeps each check well under a minute.
+OPTIONS = SessionOptions(language="English", max_new_tokens=32)
 
 
 def _tiny(checkpoint: str):
@@ -43,7 +45,7 @@ def engine_graphs(checkpoint: str) -> int:
     model = _tiny(checkpoint)
     events = {
         kind: _engine_events(
-            StreamingEngine(model, SessionOptions(language="English"), EngineOptions(STREAMS, decode_step=kind)),
+            StreamingEngine(model, OPTIONS, EngineOptions(STREAMS, decode_step=kind)),
             _plans(STREAMS),
         )
         for kind in ("static", "cuda_graph")
@@ -56,7 +58,7 @@ def engine_graphs(checkpoint: str) -> int:
 def sync_count(checkpoint: str) -> int:
     """Synchronisations per engine step beyond its sanctioned reads, under sync debug mode 'warn'."""
     model = _tiny(checkpoint)
-    engine = StreamingEngine(model, SessionOptions(language="English"), EngineOptions(STREAMS))
+    engine = StreamingEngine(model, OPTIONS, EngineOptions(STREAMS))
     per_step: list[tuple[int, int]] = []
     step = engine.step
 
