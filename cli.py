@@ -521,6 +521,13 @@ def _add_bench_engine(benches: argparse._SubParsersAction) -> None:
         "--streams", type=_count_list, default="1,2,4,8", help="comma-separated stream counts, measured in turn"
     )
     parser.add_argument("--blocks", type=_count, default=9, help="blocks per stream (9 x 1.92 s spans a segment roll)")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="a local checkpoint with its causal tower in CHECKPOINT/causal_tower (as make-tiny-checkpoint "
+        "--with-tower writes) instead of the random full-size model; the tiny one makes the host work visible",
+    )
     _add_device_argument(parser)
     parser.add_argument("--threads", type=_count, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
@@ -532,10 +539,12 @@ def _add_bench_engine(benches: argparse._SubParsersAction) -> None:
     parser.add_argument("--blocks-per-update", type=_count, default=1, help="decoder update every k blocks")
     parser.add_argument(
         "--arrivals",
-        type=_choice_list("aligned", "staggered"),
+        type=_choice_list("aligned", "staggered", "staggered-starts"),
         default="aligned",
-        help="comma-separated: aligned (every stream's audio buffered, every step full: throughput) and/or "
-        "staggered (live streams at spread phases on a simulated real-time clock: latency with queueing)",
+        help="comma-separated: aligned (every stream's audio buffered, every step full: throughput), "
+        "staggered (live streams at spread phases on a simulated real-time clock: latency with queueing) and/or "
+        "staggered-starts (streams start at spread steps, a block every 2 steps: every step updates scattered "
+        "slots; host time per phase and per stream, peak step memory)",
     )
     parser.add_argument(
         "--catch-up-blocks",

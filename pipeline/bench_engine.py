@@ -13,6 +13,12 @@ first updates of a segment build the hypothesis up 9 tokens at a time. The outpu
 Per N it reports per-update latency p50/p95 (= the step time, since every stream's update ends with the step),
 aggregate real-time factor (audio seconds per wall second), whether N streams keep up with real time, the K/V
 memory per stream slot, and the per-stream cost at batch N relative to batch 1, all measured in one run.
+
+Two more arrival patterns: `staggered` (live streams on a simulated clock: latency with queueing) and
+`staggered-starts` (streams starting at spread steps, so every step updates scattered slots of unequal lengths:
+host time per phase and per stream, split from the time inside tensor operators, and a step's peak memory next to
+the pools). With `--checkpoint` (e.g. the tiny one) a local checkpoint replaces the random full-size model: on the
+tiny one the tensor work shrinks and the host work around it shows.
 """
 
 from __future__ import annotations
@@ -28,15 +34,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.checkpoint import ASRModel, default_dtype, dtype_from_name
+from pipeline.checkpoint import ASRModel, default_dtype, dtype_from_name, load_model
 from pipeline.config import QWEN3_ASR_0_6B, Qwen3ASRConfig
 from pipeline.decoder import TextDecoder
 from pipeline.decoding import DecodeControls
 from pipeline.encoder import AudioTower
 from pipeline.engine import EngineOptions, StepTiming, StreamingEngine
 from pipeline.features import FRAMES_PER_SECOND, SAMPLE_RATE
+from pipeline.step_probes import OpClock, PeakTensorBytes
 from pipeline.session import SessionOptions
-from pipeline.tiny_checkpoint import build_tiny_tokenizer
+from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR, build_tiny_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +364,175 @@ def format_live_table(results: Sequence[LiveBenchResult], device: str, latency_t
     return "\n".join(lines)
 
 
+#: Staggered starts: stream i starts at step i mod (CADENCE x AGES) and gets one block every CADENCE steps, so each
+#: step updates every CADENCE-th slot (scattered slots) from AGES different start steps (unequal cache lengths).
+STAGGER_CADENCE = 2
+STAGGER_AGES = 3
+
+
+class StaggeredStarts:
+    """The staggered-starts schedule: stream i (in `audio`'s order) starts at step i mod (`STAGGER_CADENCE` x
+    `STAGGER_AGES`) and is pushed its next block of audio every `STAGGER_CADENCE` steps, its end with its last."""
+
+    def __init__(self, engine: StreamingEngine, audio: dict[str, np.ndarray], block_samples: int) -> None:
+        self.engine, self.audio, self.block_samples = engine, audio, block_samples
+        period = STAGGER_CADENCE * STAGGER_AGES
+        self.start = {stream_id: index % period for index, stream_id in enumerate(audio)}
+        self.pushed = dict.fromkeys(audio, 0)
+
+    def push_due(self, step: int) -> None:
+        """Push the blocks due before `step`."""
+        for stream_id, samples in self.audio.items():
+            start, block = self.start[stream_id], self.pushed[stream_id]
+            if step < start or (step - start) % STAGGER_CADENCE or block * self.block_samples >= samples.size:
+                continue
+            self.engine.push_audio(stream_id, samples[block * self.block_samples : (block + 1) * self.block_samples])
+            self.pushed[stream_id] += 1
+            if self.pushed[stream_id] * self.block_samples >= samples.size:
+                self.engine.finish_stream(stream_id)
+
+
+@dataclass(frozen=True)
+class StaggeredStartResult:
+    """Host time of engine steps over N open streams with staggered starts (see `run_staggered_start_bench`)."""
+
+    streams: int  # open streams
+    steps: int  # measured steps: every stream started, none finished
+    mean_batch: float  # streams advanced per measured step
+    step_mean_sec: float
+    schedule_sec: float  # phase means per measured step
+    encoder_sec: float
+    decoder_sec: float
+    policy_sec: float
+    front_end_sec_per_block: float  # `push_audio` (log-mel on the caller's thread), outside the step
+    probe_streams: int  # streams advanced by the probed step
+    probe_kernel_sec: float  # its time inside tensor operators (`OpClock`)
+    probe_host_sec: float  # the rest of its wall time (less the probe's own cost): Python, scheduling, bookkeeping
+    probe_ops: int  # operators it ran (on a GPU, each one is also a kernel launch from the host)
+    peak_step_bytes: int  # tensors one step allocates beyond weights and pools (`PeakTensorBytes`)
+    pool_bytes: int  # the encoder + decoder K/V pools
+
+    @property
+    def step_ms_per_stream(self) -> float:
+        return 1e3 * self.step_mean_sec / self.mean_batch
+
+    @property
+    def kernel_ms_per_stream(self) -> float:
+        return 1e3 * self.probe_kernel_sec / self.probe_streams
+
+    @property
+    def host_ms_per_stream(self) -> float:
+        """Host work per stream advanced: the probed step's time outside tensor operators."""
+        return 1e3 * self.probe_host_sec / self.probe_streams
+
+
+def run_staggered_start_bench(
+    model: ASRModel,
+    stream_counts: Sequence[int],
+    blocks_per_stream: int = 8,
+    options: SessionOptions | None = None,
+    engine_options: EngineOptions = EngineOptions(),
+) -> list[StaggeredStartResult]:
+    """N streams, all admitted at once, start speaking at staggered steps: stream i at step i mod
+    (`STAGGER_CADENCE` x `STAGGER_AGES`), then one block every `STAGGER_CADENCE` steps (its audio is pushed when
+    the block is due). Every step then updates every STAGGER_CADENCE-th slot, streams of `STAGGER_AGES` different
+    ages with unequal cache lengths, and segments roll at different steps: the scattered batches a live engine
+    sees, on a fixed schedule so that N = 10 and N = 1000 are compared at the same shape.
+
+    Measured: the steps in which every stream has started and none has finished; their wall time by phase
+    (`StepTiming`), and the front end's time per pushed block. The first two such steps are probes, not timed:
+    one under `OpClock` (its wall time split into tensor operators and host work), one under `PeakTensorBytes`
+    (the bytes it allocates, next to the pools' bytes)."""
+    options = options or SessionOptions(language="English")
+    block_samples = options.block_frames * SAMPLE_RATE // FRAMES_PER_SECOND
+    period = STAGGER_CADENCE * STAGGER_AGES
+    OpClock.overhead_per_op()  # calibrated (and the dispatch mode initialised) outside the probed steps
+    with PeakTensorBytes():
+        torch.zeros(1).add_(1)
+    results = []
+    for count in stream_counts:
+        log.info("bench engine (staggered starts): N=%d streams, %d blocks each ...", count, blocks_per_stream)
+        engine = StreamingEngine(model, options, replace(engine_options, max_streams=count))
+        audio, _ = _budgeted_streams(engine, count, blocks_per_stream)
+        schedule = StaggeredStarts(engine, audio, block_samples)
+        timings: list[StepTiming] = []
+        front_end_sec, step = 0.0, 0
+        op_clock: tuple[OpClock, StepTiming] | None = None
+        peak_bytes: int | None = None
+        while engine.active_streams:
+            started = time.perf_counter()
+            schedule.push_due(step)
+            front_end_sec += time.perf_counter() - started
+            measured = step >= period and len(engine.active_streams) == count
+            if measured and op_clock is None:
+                with OpClock() as clock:
+                    engine.step()
+                op_clock = clock, engine.last_step_timing
+            elif measured and peak_bytes is None:
+                with PeakTensorBytes() as memory:
+                    engine.step()
+                peak_bytes = memory.peak
+            else:
+                engine.step()
+                if measured:
+                    timings.append(engine.last_step_timing)
+            step += 1
+        if not timings or op_clock is None or peak_bytes is None:
+            raise ValueError(f"blocks_per_stream={blocks_per_stream} leaves no step with every stream running")
+        results.append(
+            StaggeredStartResult(
+                streams=count,
+                steps=len(timings),
+                mean_batch=statistics.fmean(t.streams for t in timings),
+                step_mean_sec=statistics.fmean(t.total_sec for t in timings),
+                schedule_sec=statistics.fmean(t.schedule_sec for t in timings),
+                encoder_sec=statistics.fmean(t.encoder_sec for t in timings),
+                decoder_sec=statistics.fmean(t.decoder_sec for t in timings),
+                policy_sec=statistics.fmean(t.policy_sec for t in timings),
+                front_end_sec_per_block=front_end_sec / (count * blocks_per_stream),
+                probe_streams=op_clock[1].streams,
+                probe_kernel_sec=op_clock[0].seconds,
+                probe_host_sec=op_clock[0].host_seconds(op_clock[1].total_sec),
+                probe_ops=op_clock[0].ops,
+                peak_step_bytes=peak_bytes,
+                pool_bytes=engine.kv_bytes_per_stream * count,
+            )
+        )
+        log.info("bench engine (staggered starts): N=%d done (%.3f s per step)", count, results[-1].step_mean_sec)
+    return results
+
+
+def format_staggered_table(results: Sequence[StaggeredStartResult], device: str) -> str:
+    """Markdown: mean step and its phases, host work per stream, peak step memory, the largest N against the
+    smallest."""
+    lines = [
+        f"device: {device}; staggered starts (stream i starts at step i mod {STAGGER_CADENCE * STAGGER_AGES}, one "
+        f"block every {STAGGER_CADENCE} steps: each step updates every {STAGGER_CADENCE}nd slot, streams of "
+        f"{STAGGER_AGES} ages); decode budget synthetic. Kernels and host: one probed step's time inside tensor "
+        "operators and outside them (Python, scheduling, bookkeeping; the probe's own cost removed).",
+        "",
+        "| N | steps | streams/step | mean step (s) | schedule | encoder | decoder | policy | step ms/stream | "
+        "kernels ms/stream | host ms/stream | ops in step | front end ms/block | peak step MiB | pools MiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.streams} | {r.steps} | {r.mean_batch:.0f} | {r.step_mean_sec:.3f} | {r.schedule_sec:.3f} | "
+            f"{r.encoder_sec:.3f} | {r.decoder_sec:.3f} | {r.policy_sec:.3f} | {r.step_ms_per_stream:.3f} | "
+            f"{r.kernel_ms_per_stream:.3f} | {r.host_ms_per_stream:.3f} | {r.probe_ops} | "
+            f"{1e3 * r.front_end_sec_per_block:.2f} | {r.peak_step_bytes / 2**20:.1f} | {r.pool_bytes / 2**20:.1f} |"
+        )
+    smallest, largest = min(results, key=lambda r: r.streams), max(results, key=lambda r: r.streams)
+    if largest.streams > smallest.streams:
+        lines += [
+            "",
+            f"mean step at N={largest.streams} / at N={smallest.streams}: "
+            f"{largest.step_mean_sec / smallest.step_mean_sec:.1f}x; host work per step at N={largest.streams} / "
+            f"at N={smallest.streams}: {largest.probe_host_sec / smallest.probe_host_sec:.1f}x",
+        ]
+    return "\n".join(lines)
+
+
 def format_engine_table(
     results: Sequence[EngineBenchResult], device: str, latency_target_sec: float = 0.5, blocks_per_update: int = 1
 ) -> str:
@@ -402,15 +578,19 @@ def run_bench_engine_command(args) -> int:
     counts = [int(part) for part in args.streams.split(",") if part.strip()]
     decode_steps = [kind.strip() for kind in args.decode_steps.split(",")]
     arrivals = [kind.strip() for kind in args.arrivals.split(",")]
-    unknown = set(arrivals) - {"aligned", "staggered"}
+    unknown = set(arrivals) - {"aligned", "staggered", "staggered-starts"}
     if unknown:
-        raise SystemExit(f"--arrivals {sorted(unknown)}: expected aligned and/or staggered")
+        raise SystemExit(f"--arrivals {sorted(unknown)}: expected aligned, staggered and/or staggered-starts")
     dtypes = [dtype_from_name(name.strip()) for name in args.dtypes.split(",")]
     options = SessionOptions(language="English", blocks_per_update=args.blocks_per_update)
     for dtype in dtypes:  # one model per dtype, measured one after the other in this process
         started = time.perf_counter()
-        model = random_full_size_model(device=args.device, dtype=dtype)
-        log.info("random full-size model (%s) ready in %.1f s", model.dtype, time.perf_counter() - started)
+        if args.checkpoint is None:
+            model = random_full_size_model(device=args.device, dtype=dtype)
+        else:
+            tower = args.checkpoint / TOWER_OVERLAY_DIR
+            model = load_model(args.checkpoint, tower=tower, device=args.device, dtype=dtype)
+        log.info("%s (%s) ready in %.1f s", model.model_source, model.dtype, time.perf_counter() - started)
         device = _describe(model)
         if "aligned" in arrivals:
             # Aligned runs buffer every stream's whole audio, so catch-up would only re-create blocks_per_update.
@@ -428,11 +608,18 @@ def run_bench_engine_command(args) -> int:
             ]
             live = [r for e in live_options for r in run_live_engine_bench(model, counts, args.blocks, options, e)]
             print(format_live_table(live, device), end="\n\n")
+        if "staggered-starts" in arrivals:
+            for kind in decode_steps:
+                starts = run_staggered_start_bench(model, counts, args.blocks, options, EngineOptions(decode_step=kind))
+                print(format_staggered_table(starts, f"{device}, decode step {kind}"), end="\n\n")
     return 0
 
 
 def _describe(model: ASRModel) -> str:
     dtype = str(model.dtype).removeprefix("torch.")
-    if model.device.type == "cuda":
-        return f"{torch.cuda.get_device_name(model.device)} ({dtype})"
-    return f"CPU, {torch.get_num_threads()} threads ({dtype})"
+    where = (
+        torch.cuda.get_device_name(model.device)
+        if model.device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    return f"{where} ({dtype}), {model.model_source}"

@@ -118,9 +118,9 @@ def block_attention_mask(
     counts = step_counts[:, None]
     query_positions = first + torch.minimum(torch.arange(block_width, device=device), counts - 1)  # [B, S]
     column = torch.arange(columns.width, device=device)[None, :]
-    block_column = columns.block.to(device)[:, None]
+    block_column = columns.block.to(device, non_blocking=True)[:, None]
     key_positions = first + column - block_column  # [B, T]
-    key_is_real = (column >= columns.oldest.to(device)[:, None]) & (column < block_column + counts)
+    key_is_real = (column >= columns.oldest.to(device, non_blocking=True)[:, None]) & (column < block_column + counts)
     in_window = key_positions[:, None, :] >= query_positions[:, :, None] - left_context_steps + 1
     return key_is_real[:, None, :] & in_window
 
@@ -142,7 +142,9 @@ def causal_block_forward(
     says. Returns embeddings [B, S, output_dim] (rows past step_counts are padding).
     """
     device = steps.device
-    first_positions, step_counts = first_positions.to(device), step_counts.to(device)
+    # Host-made index tensors: asynchronous copies (a blocking one would wait for every queued kernel).
+    first_positions = first_positions.to(device, non_blocking=True)
+    step_counts = step_counts.to(device, non_blocking=True)
     allowed = block_attention_mask(first_positions, step_counts, steps.shape[1], columns, left_context_steps)
     step_positions = first_positions[:, None] + torch.arange(steps.shape[1], device=device)
     x = tower.add_positions(steps, step_positions)

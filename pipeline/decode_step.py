@@ -5,7 +5,7 @@ update. A step is tiny (one row per stream) and reads every decoder weight, so i
 and on a GPU also launch bound: 28 layers of a dozen kernels, each a few microseconds of work. Two ways to run it,
 the same numbers (the tests hold them together):
 
-* `DynamicDecodeStep`: `forward_streams` on exactly the streams that step (a padded batch over their real
+* `DynamicDecodeStep`: `forward_padded` on exactly the streams that step (a padded batch over their real
   cache lengths). Fewest FLOPs; the default on CPU.
 * `StaticDecodeStep`: the first `rows` slots of the decoder pool as one fixed-shape batch attending over the
   first `span` columns, both rounded up to buckets (rows 1, 2, 4, 8, ...; span 64, 128, 256, capacity). Row r
@@ -30,7 +30,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from pipeline.decoder import DecoderKVCache, LayerKV, TextDecoder, forward_streams
+from pipeline.decoder import DecoderKVCache, LayerKV, TextDecoder, forward_padded
+from pipeline.device_io import to_device
 from pipeline.kv_pool import DecoderKVPool
 
 log = logging.getLogger(__name__)
@@ -43,15 +44,15 @@ class DecodeStep(Protocol):
 
 
 class DynamicDecodeStep:
-    """A padded batch of exactly the stepping streams (`forward_streams`), then their logits."""
+    """A padded batch of exactly the stepping streams (`forward_padded`), then their logits."""
 
     def __init__(self, decoder: TextDecoder) -> None:
         self.decoder = decoder
 
     def __call__(self, caches: Sequence[DecoderKVCache], token_ids: Sequence[int]) -> Tensor:
-        embeds = self.decoder.embed(torch.tensor(list(token_ids), device=self.decoder.embed_tokens.weight.device))
-        hidden = forward_streams(self.decoder, caches, list(embeds[:, None]))
-        return self.decoder.logits(torch.cat(hidden))
+        embeds = self.decoder.embed(to_device(list(token_ids), self.decoder.embed_tokens.weight.device))
+        hidden = forward_padded(self.decoder, caches, embeds[:, None], [1] * len(caches))
+        return self.decoder.logits(hidden[:, 0])
 
 
 def bucket_sizes(limit: int, smallest: int = 1) -> list[int]:
@@ -99,10 +100,10 @@ class StaticDecodeStep:
         rows = next(size for size in self.row_buckets if size > max(slots))
         span = next(size for size in self.span_buckets if size > max(cache.length for cache in caches))
         device = self._token_ids.device
-        index = torch.tensor(slots, device=device)
+        index = to_device(slots, device)
         self._write_columns[:rows] = self.pool.scratch_column
-        self._write_columns[index] = torch.tensor([cache.length for cache in caches], device=device)
-        self._token_ids[index] = torch.tensor(list(token_ids), device=device)
+        self._write_columns[index] = to_device([cache.length for cache in caches], device)
+        self._token_ids[index] = to_device(list(token_ids), device)
         if self._graphs:
             with torch.cuda.device(device):  # replay from any thread, on the pool's device
                 self._graphs[rows, span].replay()

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import TextDecoderConfig
+from pipeline.device_io import to_device
 
 #: One layer's (key, value), each [batch, kv_heads, positions, head_dim], keys already rotated.
 LayerKV = tuple[Tensor, Tensor]
@@ -99,9 +100,13 @@ def eager_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> 
 
     query [B, heads, S, d]; key/value [B, kv_heads, T, d]; mask [B, S, T] bool, True = may attend.
     """
-    grouped, visible = _fold_query_groups(query, key.shape[1], mask)
-    scores = torch.matmul(grouped.float(), key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5
-    scores = scores.masked_fill(~visible, float("-inf"))
+    batch, heads, length, head_dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads * length, head_dim)  # see `_fold_query_groups`
+    scores = torch.matmul(grouped.float(), key.float().transpose(-1, -2))
+    scores.mul_(head_dim**-0.5)
+    # The mask broadcast over kv heads and query groups, in place: the scores are the step's largest tensor.
+    scores.view(batch, kv_heads, heads // kv_heads, length, -1).masked_fill_(~mask[:, None, None], float("-inf"))
     attended = torch.matmul(scores.softmax(dim=-1).to(value.dtype), value)
     return attended.reshape(query.shape)
 
@@ -117,11 +122,40 @@ def sdpa_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> T
     return F.scaled_dot_product_attention(grouped, key, value, attn_mask=visible).reshape(query.shape)
 
 
-def attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> Tensor:
+def attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, kv_rows: Tensor | None = None) -> Tensor:
+    """query [B, heads, S, d] over key/value [R, kv_heads, T, d]; mask [R, S, T].
+
+    Without `kv_rows`, R = B. With it, query row b reads K/V row kv_rows[b] (e.g. rows = a pool's slots, where a
+    batch of scattered slots attends in place): the queries are spread to the K/V's rows and the outputs gathered
+    back, a copy of the queries, never of the K/V. Rows no query reads are computed and dropped (their mask must
+    show them some key)."""
+    if kv_rows is None:
+        return _attend(query, key, value, mask)
+    spread = query.new_zeros(key.shape[0], *query.shape[1:]).index_copy_(0, kv_rows, query)
+    return _attend(spread, key, value, mask).index_select(0, kv_rows)
+
+
+#: Most bytes of fp32 scores (and as many of their softmax) the explicit (CPU) attention holds at once: larger
+#: batches run in row chunks, so a step's transient memory stays small next to the K/V pools (a thousand streams'
+#: parallel pass would otherwise hold scores of 1.4 GB per layer at full size).
+EAGER_SCORE_BYTES = 16 * 2**20
+
+
+def _attend(query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> Tensor:
     # Fused kernels accumulate the softmax in fp32 on GPU; on CPU the explicit form is the tested one.
     if query.is_cuda:
         return sdpa_attention(query, key, value, mask)
-    return eager_attention(query, key, value, mask)
+    batch, heads, length, _ = query.shape
+    rows = max(1, EAGER_SCORE_BYTES // (4 * heads * length * key.shape[2]))
+    if rows >= batch:
+        return eager_attention(query, key, value, mask)
+    return torch.cat(
+        [
+            eager_attention(query[start : start + rows], key[start : start + rows], value[start : start + rows],
+                            mask[start : start + rows])
+            for start in range(0, batch, rows)
+        ]
+    )
 
 
 class DecoderAttention(nn.Module):
@@ -139,8 +173,11 @@ class DecoderAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv: "KVAccess") -> tuple[Tensor, LayerKV]:
-        """kv(key, value) stores the new positions' K/V if it keeps them, and returns all K/V to attend over."""
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv: "KVAccess", kv_rows: Tensor | None = None
+    ) -> tuple[Tensor, LayerKV]:
+        """kv(key, value) stores the new positions' K/V if it keeps them, and returns all K/V to attend over
+        (row kv_rows[b] of it for batch row b, if given; see `attention`)."""
         batch, length, _ = x.shape
         query = self.q_norm(self.q_proj(x).view(batch, length, self.num_heads, self.head_dim))
         key = self.k_norm(self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim))
@@ -148,7 +185,7 @@ class DecoderAttention(nn.Module):
         query = apply_rotary(query.transpose(1, 2), cos, sin)
         key = apply_rotary(key.transpose(1, 2), cos, sin)
         all_keys, all_values = kv(key, value)
-        attended = attention(query, all_keys, all_values, mask)
+        attended = attention(query, all_keys, all_values, mask, kv_rows)
         out = self.o_proj(attended.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
         return out, (key, value)
 
@@ -174,8 +211,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = DecoderMLP(config)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv: "KVAccess") -> tuple[Tensor, LayerKV]:
-        attended, new_kv = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv)
+    def forward(
+        self, h: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, kv: "KVAccess", kv_rows: Tensor | None = None
+    ) -> tuple[Tensor, LayerKV]:
+        attended, new_kv = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv, kv_rows)
         h = h + attended
         return h + self.mlp(self.post_attention_layernorm(h)), new_kv
 
@@ -211,6 +250,7 @@ class TextDecoder(nn.Module):
         attention_mask: Tensor,
         past: Sequence[LayerKV] | None = None,
         kv_store: LayerKVStore | None = None,
+        kv_rows: Tensor | None = None,
     ) -> DecoderOutput:
         """Run S new positions on top of P cached ones.
 
@@ -218,7 +258,8 @@ class TextDecoder(nn.Module):
         position_ids [B, S]; attention_mask [B, S, P + S] bool over [cached | new] keys, True = may
         attend (see `ragged_causal_mask`); past: per layer (key, value) [B, kv_heads, P, head_dim],
         or None when P = 0. Instead of `past`, `kv_store` may own the storage: it takes each layer's new
-        K/V and returns what to attend over (the mask then indexes its layout; see `forward_streams`).
+        K/V and returns what to attend over (the mask then indexes its layout; see `forward_streams`), and
+        `kv_rows` [B] may say which row of that each batch row attends over (the mask then has one row per K/V row).
         """
         if past is not None and len(past) != len(self.layers):
             raise ValueError(f"past has {len(past)} layers; expected {len(self.layers)}")
@@ -229,7 +270,7 @@ class TextDecoder(nn.Module):
         h = inputs_embeds
         new_kv: list[LayerKV] = []
         for index, layer in enumerate(self.layers):
-            h, layer_kv = layer(h, cos, sin, attention_mask, partial(store, index))
+            h, layer_kv = layer(h, cos, sin, attention_mask, partial(store, index), kv_rows)
             new_kv.append(layer_kv)
         return DecoderOutput(hidden=self.norm(h), new_kv=new_kv)
 
@@ -259,8 +300,8 @@ class DecoderKVCache:
     def __init__(
         self, num_layers: int, storage: Sequence[LayerKV] | None = None, pool_slot: "PoolSlot | None" = None
     ) -> None:
-        """`pool_slot`: where `storage` sits in a pool, so that a batch of neighbouring slots can run on
-        the pool in place (`forward_streams`)."""
+        """`pool_slot`: where `storage` sits in a pool, so that a batch of slots can run on the pool in place
+        (`forward_streams`)."""
         self.num_layers = num_layers
         self.pool_slot = pool_slot
         self._keys: list[Tensor] = [] if storage is None else [key for key, _ in storage]
@@ -367,43 +408,52 @@ def ragged_causal_mask(past_lengths: Tensor, new_lengths: Tensor, max_past: int,
 def forward_streams(
     decoder: TextDecoder, caches: Sequence[DecoderKVCache], inputs_embeds: Sequence[Tensor]
 ) -> list[Tensor]:
-    """Forward each stream's new positions on top of its cache, as one padded batch.
-
-    inputs_embeds[b] is [S_b, hidden]; positions continue at caches[b].length. The new K/V is
-    appended to each cache; returns each stream's final hidden states [S_b, hidden].
-
-    Two layouts, same results: caches that fill a run of neighbouring slots of one pool run in place (each
-    layer writes its new K/V straight into the slots and attends over a view of them: no copy of the past);
-    any other batch is gathered into padded tensors first.
-    """
+    """`forward_padded` for a list of streams' inputs: inputs_embeds[b] is [S_b, hidden]; returns each stream's
+    final hidden states [S_b, hidden]."""
     if len(caches) != len(inputs_embeds):
         raise ValueError(f"{len(caches)} caches but {len(inputs_embeds)} input sequences")
-    reference = inputs_embeds[0]
-    past_lengths = torch.tensor([cache.length for cache in caches], device=reference.device)
-    new_lengths = torch.tensor([embeds.shape[0] for embeds in inputs_embeds], device=reference.device)
-    max_past, max_new = int(past_lengths.max()), int(new_lengths.max())
+    new_lengths = [embeds.shape[0] for embeds in inputs_embeds]
     embeds = torch.nn.utils.rnn.pad_sequence(list(inputs_embeds), batch_first=True)
-    positions = past_lengths[:, None] + torch.arange(max_new, device=reference.device)[None, :]
+    hidden = forward_padded(decoder, caches, embeds, new_lengths)
+    return [hidden[row, :count] for row, count in enumerate(new_lengths)]
 
-    pool_rows = _pool_rows(caches, max_past + max_new)
+
+def forward_padded(
+    decoder: TextDecoder, caches: Sequence[DecoderKVCache], embeds: Tensor, new_lengths: Sequence[int]
+) -> Tensor:
+    """Forward each stream's new positions on top of its cache, as one padded batch.
+
+    embeds [B, S, hidden]: row b's first new_lengths[b] positions are stream b's (the rest padding); positions
+    continue at caches[b].length. The new K/V is appended to each cache; returns the final hidden states
+    [B, S, hidden] (padding rows hold garbage). Nothing here is per stream on the device side: a thousand streams
+    cost the same operators as one.
+
+    Two layouts, same results. Caches that are slots of one pool run in place, wherever their slots are: each
+    layer writes the real new K/V of every stream into its slot with one scatter, and the batch attends over a
+    view of the pool's slot range, each stream's queries at its own slot (`_PoolRows`): no copy of the past.
+    Caches of their own (a single session's) are gathered into padded tensors first.
+    Lengths come from the caches and the caller (host values): nothing here waits for the device.
+    """
+    if len(caches) != embeds.shape[0] or len(new_lengths) != embeds.shape[0]:
+        raise ValueError(f"{len(caches)} caches and {len(new_lengths)} lengths for {embeds.shape[0]} rows of inputs")
+    device = embeds.device
+    past_lengths = [cache.length for cache in caches]
+    max_past, max_new = max(past_lengths), embeds.shape[1]
+    past = to_device(past_lengths, device)
+    positions = past[:, None] + torch.arange(max_new, device=device)[None, :]
+
+    pool_rows = _pool_rows(caches, max(p + n for p, n in zip(past_lengths, new_lengths)))
     if pool_rows is not None:
-        order = torch.tensor(pool_rows.order, device=reference.device)
-        output = decoder(
-            embeds[order], positions[order], in_place_causal_mask(past_lengths[order], max_past + max_new, max_new),
-            kv_store=partial(_write_in_place, pool_rows, [int(past_lengths[i]) for i in pool_rows.order]),
-        )
-        hidden = output.hidden[torch.argsort(order)]
-        for row, cache in enumerate(caches):
-            cache.advance(int(new_lengths[row]))
+        rows = pool_rows.placed(past_lengths, list(new_lengths), device)
+        output = decoder(embeds, positions, rows.mask(past, max_new), kv_store=rows.store, kv_rows=rows.kv_rows)
+        for cache, count in zip(caches, new_lengths):
+            cache.advance(count)
     else:
-        mask = ragged_causal_mask(past_lengths, new_lengths, max_past, max_new)
-        past = _padded_past(caches, max_past) if max_past > 0 else None
-        output = decoder(embeds, positions, mask, past)
-        hidden = output.hidden
-        for row, cache in enumerate(caches):
-            count = int(new_lengths[row])
+        mask = ragged_causal_mask(past, to_device(list(new_lengths), device), max_past, max_new)
+        output = decoder(embeds, positions, mask, _padded_past(caches, max_past) if max_past > 0 else None)
+        for row, (cache, count) in enumerate(zip(caches, new_lengths)):
             cache.append([(key[row, :, :count], value[row, :, :count]) for key, value in output.new_kv])
-    return [hidden[row, : int(new_lengths[row])] for row in range(len(caches))]
+    return output.hidden
 
 
 def in_place_causal_mask(past_lengths: Tensor, total: int, max_new: int) -> Tensor:
@@ -419,40 +469,75 @@ def in_place_causal_mask(past_lengths: Tensor, total: int, max_new: int) -> Tens
 
 @dataclass(frozen=True)
 class _PoolRows:
-    """A batch whose caches are slots first..first + B - 1 of one pool; order[r] = batch row in slot first + r."""
+    """A batch whose caches are all slots of one pool (any slots, any order): batch row b lives in slots[b]."""
 
     slot: PoolSlot
+    slots: list[int]
+
+    def placed(self, past_lengths: list[int], new_lengths: list[int], device: torch.device) -> "_PlacedRows":
+        """Where this forward writes (every real new position: slot, column) and what it attends over."""
+        first = min(self.slots)
+        count = max(self.slots) - first + 1
+        rows = [row for row, n in enumerate(new_lengths) for _ in range(n)]
+        steps = [step for n in new_lengths for step in range(n)]
+        identity = self.slots == list(range(first, first + count))  # rows are the slot range, in order
+        return _PlacedRows(
+            keys=self.slot.keys,
+            values=self.slot.values,
+            first=first,
+            count=count,
+            total=max(p + n for p, n in zip(past_lengths, new_lengths)),
+            write_rows=to_device(rows, device),
+            write_steps=to_device(steps, device),
+            write_slots=to_device([self.slots[row] for row in rows], device),
+            write_columns=to_device([past_lengths[row] + step for row, step in zip(rows, steps)], device),
+            kv_rows=None if identity else to_device([slot - first for slot in self.slots], device),
+        )
+
+
+@dataclass(frozen=True)
+class _PlacedRows:
+    """One in-place forward over pool slots first .. first + count - 1, whose columns [0, total) it attends over."""
+
+    keys: Tensor  # the pool's [layers, slots, kv_heads, columns, head_dim]
+    values: Tensor
     first: int
-    order: list[int]
+    count: int
+    total: int
+    write_rows: Tensor  # [real new positions]: the batch row and step of each,
+    write_steps: Tensor
+    write_slots: Tensor  # and the slot and column it goes to.
+    write_columns: Tensor
+    kv_rows: Tensor | None  # per batch row: its slot's row in the range (None: the batch is the range, in order)
+
+    def mask(self, past_lengths: Tensor, max_new: int) -> Tensor:
+        """[count, max_new, total]: per slot of the range, its stream's causal mask over its own slot; a slot
+        without a stream in this batch sees its first keys (computed, then dropped)."""
+        if self.kv_rows is None:
+            return in_place_causal_mask(past_lengths, self.total, max_new)
+        range_past = past_lengths.new_zeros(self.count).index_copy_(0, self.kv_rows, past_lengths)
+        return in_place_causal_mask(range_past, self.total, max_new)
+
+    def store(self, layer: int, key: Tensor, value: Tensor) -> LayerKV:
+        """One scatter per tensor of every stream's real new K/V [B, kv_heads, S, d] into its slot, whatever the
+        lengths; returns the range's columns [0, total) of the layer (a view of the pool)."""
+        attended = []
+        for pool, new in ((self.keys[layer], key), (self.values[layer], value)):
+            real = new.transpose(1, 2)[self.write_rows, self.write_steps]  # [positions, kv_heads, d]
+            pool.transpose(1, 2).index_put_((self.write_slots, self.write_columns), real)
+            attended.append(pool[self.first : self.first + self.count, :, : self.total])
+        return attended[0], attended[1]
 
 
 def _pool_rows(caches: Sequence[DecoderKVCache], needed: int) -> _PoolRows | None:
+    """The batch's pool layout if every cache is a slot of one pool with room for `needed` positions."""
     slots = [cache.pool_slot for cache in caches]
-    if any(slot is None for slot in slots) or len(caches) < 2:
+    if any(slot is None for slot in slots):
         return None
     keys = slots[0].keys
     if any(slot.keys is not keys for slot in slots) or needed > slots[0].capacity:
         return None
-    indices = [slot.index for slot in slots]
-    first = min(indices)
-    if sorted(indices) != list(range(first, first + len(indices))):
-        return None
-    return _PoolRows(slot=slots[0], first=first, order=sorted(range(len(caches)), key=indices.__getitem__))
-
-
-def _write_in_place(rows: _PoolRows, past_lengths: list[int], index: int, key: Tensor, value: Tensor) -> LayerKV:
-    """Write each stream's new K/V after its cached positions in its slot; attend over the slots' prefix."""
-    span = slice(rows.first, rows.first + len(rows.order))
-    keys, values = rows.slot.keys[index, span], rows.slot.values[index, span]
-    added = key.shape[2]
-    if len(set(past_lengths)) == 1:  # aligned streams: one write per tensor
-        start = past_lengths[0]
-        keys[:, :, start : start + added], values[:, :, start : start + added] = key, value
-    else:
-        for row, start in enumerate(past_lengths):
-            keys[row, :, start : start + added], values[row, :, start : start + added] = key[row], value[row]
-    total = max(past_lengths) + added
-    return keys[:, :, :total], values[:, :, :total]
+    return _PoolRows(slot=slots[0], slots=[slot.index for slot in slots])
 
 
 def _padded_past(caches: Sequence[DecoderKVCache], max_past: int) -> list[LayerKV]:

@@ -11,17 +11,22 @@ sequential greedy decoding.
 
 `DecodeControls.pick` applies the chain to a batch of logit rows, each with its own history, so
 sequential decoding (one row), draft verification (one row per draft prefix) and batched decoding
-across streams (one row per stream) are the same code.
+across streams (one row per stream) are the same code. The filters are tensor operations over the
+whole batch (histories as one padded id tensor, the penalty a gather/scatter, the n-gram ban a
+windowed comparison), so a thousand streams cost a few kernels, not a thousand Python loops; the
+host reads the picks (or the verdicts of every draft) once per call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from torch import Tensor
 
+from pipeline.device_io import read_to_host, to_device
 from pipeline.prompt import SpecialTokenIds
 
 
@@ -51,10 +56,34 @@ class DecodeOptions:
         )
 
 
-class LogitFilter:
-    """Edits a batch of logit rows [N, vocab] in place; row i sees histories[i]."""
+@dataclass(frozen=True)
+class TokenHistories:
+    """The ids each row of a batch continues, as one padded tensor.
 
-    def apply(self, logits: Tensor, histories: Sequence[Sequence[int]]) -> None:
+    ids [N, width]: row i's first lengths[i] ids are its history, the rest the sink id (one past the vocabulary);
+    lengths [N]. A filter reads and writes scores [N, vocab + 1], whose last column is the sink's: what padding
+    gathers or scatters lands there and changes no real id.
+    """
+
+    ids: Tensor
+    lengths: Tensor
+
+    @classmethod
+    def of(cls, histories: Sequence[Sequence[int]], vocab: int, device: torch.device) -> "TokenHistories":
+        """From host lists (one host-to-device copy of the padded ids and one of the lengths)."""
+        lengths = [len(history) for history in histories]
+        width = max(lengths, default=0)
+        padded = [token for history in histories for token in (*history, *[vocab] * (width - len(history)))]
+        return cls(
+            ids=to_device(padded, device).view(len(histories), width),
+            lengths=to_device(lengths, device),
+        )
+
+
+class LogitFilter:
+    """Edits a batch of scores [N, vocab + 1] (the last column a sink) in place; row i sees history row i."""
+
+    def apply(self, scores: Tensor, histories: TokenHistories) -> None:
         raise NotImplementedError
 
 
@@ -63,51 +92,51 @@ class SuppressTokens(LogitFilter):
 
     def __init__(self, token_ids: Sequence[int]) -> None:
         self.token_ids = list(token_ids)
+        self._on_device: dict[torch.device, Tensor] = {}
 
-    def apply(self, logits: Tensor, histories: Sequence[Sequence[int]]) -> None:
-        logits[:, self.token_ids] = float("-inf")
+    def apply(self, scores: Tensor, histories: TokenHistories) -> None:
+        if scores.device not in self._on_device:
+            self._on_device[scores.device] = to_device(self.token_ids, scores.device)
+        scores.index_fill_(1, self._on_device[scores.device], float("-inf"))
 
 
 class RepetitionPenalty(LogitFilter):
-    """transformers' rule on every id already in the history: positive logits / p, negative x p."""
+    """transformers' rule on every id already in the history: positive logits / p, negative x p.
+
+    One gather and one scatter over the whole batch: an id repeated in a history gathers the same score and writes
+    the same penalised one back, so repeats are applied once."""
 
     def __init__(self, penalty: float) -> None:
         self.penalty = penalty
 
-    def apply(self, logits: Tensor, histories: Sequence[Sequence[int]]) -> None:
-        rows, ids = _row_id_pairs([set(history) for history in histories], logits.device)
-        seen = logits[rows, ids]
-        logits[rows, ids] = torch.where(seen > 0, seen / self.penalty, seen * self.penalty)
+    def apply(self, scores: Tensor, histories: TokenHistories) -> None:
+        seen = scores.gather(1, histories.ids)
+        scores.scatter_(1, histories.ids, torch.where(seen > 0, seen / self.penalty, seen * self.penalty))
 
 
 class NoRepeatNGram(LogitFilter):
-    """Forbid any id that would complete an n-gram already present in the history."""
+    """Forbid any id that would complete an n-gram already present in the history.
+
+    In tensors: every window of size - 1 ids of each history that has a follower inside the history is compared
+    with the history's last size - 1 ids; the followers of the matching windows are banned (one scatter)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
 
-    def banned(self, history: Sequence[int]) -> set[int]:
-        """Ids that follow an earlier occurrence of the history's last size - 1 ids."""
+    def apply(self, scores: Tensor, histories: TokenHistories) -> None:
+        ids, lengths = histories.ids, histories.lengths
         context = self.size - 1
-        if len(history) < context:
-            return set()
-        prefix = list(history[len(history) - context :])
-        return {
-            history[start + context]
-            for start in range(len(history) - context)
-            if list(history[start : start + context]) == prefix
-        }
-
-    def apply(self, logits: Tensor, histories: Sequence[Sequence[int]]) -> None:
-        rows, ids = _row_id_pairs([self.banned(history) for history in histories], logits.device)
-        logits[rows, ids] = float("-inf")
-
-
-def _row_id_pairs(ids_per_row: Sequence[set[int]], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Flatten per-row id sets into (row, id) index tensors, for one gather/scatter per batch."""
-    rows = [row for row, ids in enumerate(ids_per_row) for _ in ids]
-    ids = [token for row_ids in ids_per_row for token in sorted(row_ids)]
-    return torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(ids, dtype=torch.long, device=device)
+        starts = ids.shape[1] - context  # window s = ids[:, s : s + context], followed by ids[:, s + context]
+        if starts <= 0:
+            return
+        positions = torch.arange(max(starts, context), device=ids.device)
+        matches = positions[None, :starts] < (lengths - context)[:, None]  # the follower is part of the history
+        if context:
+            last = (lengths[:, None] - context + positions[None, :context]).clamp(min=0)
+            windows = ids.unfold(1, context, 1)[:, :starts]  # [N, starts, context]
+            matches &= (windows == ids.gather(1, last)[:, None, :]).all(dim=-1)
+        sink = scores.shape[1] - 1
+        scores.scatter_(1, torch.where(matches, ids[:, context:], sink), float("-inf"))
 
 
 class DecodeControls:
@@ -126,13 +155,20 @@ class DecodeControls:
         self._stop_ids = frozenset(options.stop_token_ids)
 
     def pick(self, logits: Tensor, histories: Sequence[Sequence[int]]) -> list[int]:
-        """Greedy pick per row of logits [N, vocab], row i continuing histories[i]."""
+        """Greedy pick per row of logits [N, vocab], row i continuing histories[i] (one read of the picks)."""
         if logits.dim() != 2 or logits.shape[0] != len(histories):
             raise ValueError(f"logits have shape {tuple(logits.shape)}; expected [{len(histories)}, vocab]")
-        scores = logits.to(torch.float32, copy=True)
+        return read_to_host(self.pick_ids(logits, TokenHistories.of(histories, logits.shape[1], logits.device)))
+
+    def pick_ids(self, logits: Tensor, histories: TokenHistories) -> Tensor:
+        """The greedy picks [N] of logits [N, vocab] continuing `histories`, on the logits' device (no sync)."""
+        rows, vocab = logits.shape
+        scores = logits.new_empty(rows, vocab + 1, dtype=torch.float32)
+        scores[:, :vocab] = logits
+        scores[:, vocab] = 0.0
         for logit_filter in self.filters:
             logit_filter.apply(scores, histories)
-        return scores.argmax(dim=-1).tolist()
+        return scores[:, :vocab].argmax(dim=-1)
 
     def is_stop(self, token: int) -> bool:
         return token in self._stop_ids
@@ -166,6 +202,8 @@ class DecodeControls:
         ends acceptance even where the draft agrees, since decoding ends there.
         """
         histories = histories if histories is not None else [()] * len(drafts)
+        if not drafts:
+            return []
         expected_rows = sum(len(draft) + 1 for draft in drafts)
         if logits.shape[0] != expected_rows:
             raise ValueError(f"logits have {logits.shape[0]} rows; expected sum(len(draft) + 1) = {expected_rows}")
@@ -175,13 +213,34 @@ class DecodeControls:
                     f"history ({len(history)}) + draft ({len(draft)}) exceed max_new_tokens "
                     f"({self.options.max_new_tokens}); trim the draft with trim_draft"
                 )
-        prefixes = [[*history, *draft[:j]] for draft, history in zip(drafts, histories) for j in range(len(draft) + 1)]
-        picks = iter(self.pick(logits, prefixes))
-        return [self._accept(draft, [next(picks) for _ in range(len(draft) + 1)]) for draft in drafts]
+        verdicts = read_to_host(self._verify_on_device(logits, drafts, histories))
+        return [(accepted, token) for accepted, token in verdicts]
 
-    def _accept(self, draft: Sequence[int], picks: Sequence[int]) -> tuple[int, int]:
-        """The longest prefix of `draft` that greedy decoding reproduces, and the pick after it."""
-        for j, token in enumerate(draft):
-            if picks[j] != token or self.is_stop(picks[j]):
-                return j, picks[j]
-        return len(draft), picks[len(draft)]
+    def _verify_on_device(
+        self, logits: Tensor, drafts: Sequence[Sequence[int]], histories: Sequence[Sequence[int]]
+    ) -> Tensor:
+        """[streams, 2]: per draft (accepted, next_token), from one filter chain and argmax over every row.
+
+        Row j of draft b continues history b + draft b[:j]: its history is row b of the padded [history + draft]
+        ids, cut at len(history b) + j. The picks are laid out as [streams, longest draft + 1] and compared with the
+        drafts (padded with -1, which no pick equals): the first disagreement, or a stop pick, ends acceptance."""
+        device, vocab = logits.device, logits.shape[1]
+        counts = [len(draft) + 1 for draft in drafts]
+        stream_of_row = torch.repeat_interleave(
+            torch.arange(len(drafts), device=device), to_device(counts, device), output_size=logits.shape[0]
+        )
+        first_row = to_device([0, *accumulate(counts)][:-1], device)
+        step_of_row = torch.arange(logits.shape[0], device=device) - first_row[stream_of_row]
+        sequences = TokenHistories.of([[*history, *draft] for history, draft in zip(histories, drafts)], vocab, device)
+        lengths = to_device([len(history) for history in histories], device)[stream_of_row] + step_of_row
+        in_prefix = torch.arange(sequences.ids.shape[1], device=device)[None, :] < lengths[:, None]
+        prefixes = TokenHistories(torch.where(in_prefix, sequences.ids.index_select(0, stream_of_row), vocab), lengths)
+        picks = self.pick_ids(logits, prefixes)
+        width = max(counts)
+        laid_out = picks.new_full((len(drafts), width), -1).index_put_((stream_of_row, step_of_row), picks)
+        padded_drafts = to_device([t for draft in drafts for t in (*draft, *[-1] * (width - len(draft)))], device)
+        stops = torch.isin(laid_out, to_device(sorted(self._stop_ids), device))
+        ends = (laid_out != padded_drafts.view(len(drafts), width)) | stops
+        accepted = ends.to(torch.int8).argmax(dim=1)  # the first end: at the latest the row after the draft
+        return torch.stack([accepted, laid_out.gather(1, accepted[:, None])[:, 0]], dim=1)
+

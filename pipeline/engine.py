@@ -4,14 +4,15 @@ A `StreamingEngine` owns up to `max_streams` `StreamingSession`s (state and poli
 (`pipeline.stages`: features, encoder, decoder), the same stage objects the served pipeline's deployments host.
 The encoder and decoder stages keep the streams' K/V in preallocated slot pools (`pipeline.kv_pool`), one slot
 per stream, so admission is a free-slot check (a clear `EngineAtCapacity` otherwise) and no cache memory is
-allocated per update: streams in neighbouring slots (the common case: slots are handed out lowest first) write
-their new K/V into their slots and attend over views of the pool; only a batch of scattered slots gathers a
-padded copy, and activations are per-step tensors (the CUDA caching allocator recycles them; the decode steps
-run in fixed buffers). The end of a stream frees its slots; at a segment roll, when its K/V starts empty, a
-stream's next segment starts in the lowest free slot, so the live streams stay packed at the low slots that
-batches and fixed-shape steps cover. Audio is buffered per stream (only the cheap log-mel front-end runs on
-arrival); `step()` then advances every stream that has a whole block buffered, or whose end was signalled, by
-one block (a stream that has fallen behind by up to `EngineOptions.catch_up_blocks`, see below):
+allocated per update: the decoder's streams write their new K/V into their slots and attend over views of the
+pool wherever their slots are; the encoder's do so in neighbouring slots (the common case: slots are handed out
+lowest first) and gather a copy of their windows otherwise; activations are per-step tensors (the CUDA caching
+allocator recycles them; the decode steps run in fixed buffers). The end of a stream frees its slots; at a
+segment roll, when its K/V starts empty, a stream's next segment starts in the lowest free slot, so the live
+streams stay packed at the low slots that batches and fixed-shape steps cover. Audio is buffered per stream
+(only the cheap log-mel front-end runs on arrival); `step()` then advances every stream that has a whole block
+buffered, or whose end was signalled, by one block (a stream that has fallen behind by up to
+`EngineOptions.catch_up_blocks`, see below):
 
 1. scheduling: each session's `next_block` rolls its segment if the block would pass the cap and hands out the
    block (the same code the single-stream session runs);
@@ -70,7 +71,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StepTiming:
-    """Wall time of one `step`, by phase (seconds; CUDA work is synchronised before each reading)."""
+    """Wall time of one `step`, by phase (seconds on the host's clock; CUDA work is not waited for per phase)."""
 
     streams: int  # blocks advanced in this step
     schedule_sec: float
@@ -215,7 +216,7 @@ class StreamingEngine:
 
     def step(self) -> dict[str, list[TranscriptEvent]]:
         """Advance every ready stream (by up to `catch_up_blocks` blocks); returns the new events per stream."""
-        clock = _PhaseClock(self.model.device)
+        clock = _PhaseClock()
         events: dict[str, list[TranscriptEvent]] = defaultdict(list)
         updates: dict[str, tuple[CausalBlock, DecodeRequest]] = {}  # per stream: the block its update follows
         advanced, schedule_sec, encoder_sec = 0, 0.0, 0.0
@@ -383,15 +384,14 @@ class AsyncStreamingEngine:
 
 
 class _PhaseClock:
-    """Successive phase durations; waits for queued CUDA work so each phase is charged its own kernels."""
+    """Successive phase durations on the host's clock. It does not wait for the device: on a GPU a phase is
+    charged the host time to queue its kernels (and any read that waits for them), which is what bounds how many
+    streams one driver thread can serve; the device time shows in the step's total through its reads."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device if device.type == "cuda" else None
+    def __init__(self) -> None:
         self.last = time.perf_counter()
 
     def lap(self) -> float:
-        if self.device is not None:
-            torch.cuda.synchronize(self.device)  # this device, whichever the calling thread's current one is
         now = time.perf_counter()
         elapsed, self.last = now - self.last, now
         return elapsed

@@ -24,11 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.causal_encoder import CausalAudioEncoder, CausalEncoderState, KeyColumns, causal_block_forward
 from pipeline.decoder import DecoderKVCache, PoolSlot, TextDecoder
+from pipeline.device_io import to_device
 from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, AudioTower
 
 
@@ -103,7 +103,7 @@ class EncoderKVPool:
         batch = self._place([slots[i] for i in order], [states[i] for i in order], [steps[i].shape[0] for i in order])
         embeddings = causal_block_forward(
             encoder.tower,
-            torch.stack([F.pad(steps[i], (0, 0, 0, max(batch.counts) - steps[i].shape[0])) for i in order]),
+            self._padded([steps[i] for i in order]),
             step_counts=torch.tensor(batch.counts),
             first_positions=torch.tensor([states[i].next_position for i in order]),
             columns=batch.key_columns(),
@@ -118,6 +118,16 @@ class EncoderKVPool:
             state.next_position += count
             row_of[index] = row
         return [embeddings[row_of[index], : batch.counts[row_of[index]]] for index in range(len(slots))]
+
+    @staticmethod
+    def _padded(steps: list[Tensor]) -> Tensor:
+        """[B, longest, d_model]: each block's steps, zero-padded, written with one indexed copy (no per-stream
+        operator)."""
+        width = max(block.shape[0] for block in steps)
+        padded = steps[0].new_zeros(len(steps) * width, steps[0].shape[1])
+        rows = [row * width + step for row, block in enumerate(steps) for step in range(block.shape[0])]
+        padded.index_copy_(0, to_device(rows, padded.device), torch.cat(steps))
+        return padded.view(len(steps), width, -1)
 
     def _place(self, slots: list[int], states: list[CausalEncoderState], counts: list[int]) -> _SlotBatch:
         """Where a batch (rows in slot order) reads and writes; first rewinds its slots if a block would not fit."""
@@ -143,11 +153,11 @@ class EncoderKVPool:
             counts=counts,
             low=min(end - c for end, c in zip(ends, cached)),
             high=max(end + count for end, count in zip(ends, counts)),
-            write_slots=torch.tensor([slots[row] for row in rows], device=device),
-            write_columns=torch.tensor([ends[row] + step for row, step in zip(rows, step_in_block)], device=device),
-            block_rows=torch.tensor(rows, device=device),
-            block_steps=torch.tensor(step_in_block, device=device),
-            gather=None if neighbouring else torch.tensor(slots, device=device),
+            write_slots=to_device([slots[row] for row in rows], device),
+            write_columns=to_device([ends[row] + step for row, step in zip(rows, step_in_block)], device),
+            block_rows=to_device(rows, device),
+            block_steps=to_device(step_in_block, device),
+            gather=None if neighbouring else to_device(slots, device),
         )
 
     def _run(self, slot: int, steps: int) -> tuple[Tensor, Tensor]:

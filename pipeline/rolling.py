@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 
 from pipeline.decode_step import DecodeStep, DynamicDecodeStep
-from pipeline.decoder import DecoderKVCache, TextDecoder, forward_streams
+from pipeline.decoder import DecoderKVCache, TextDecoder, forward_padded
 from pipeline.decoding import DecodeControls
+from pipeline.device_io import to_device
 from pipeline.prompt import CausalPrompt
 
 
@@ -56,6 +57,16 @@ class UpdateStats:
     draft_accepted: int
     decode_steps: int  # sequential one-token forwards after the parallel pass
     positions_forwarded: int  # parallel pass + sequential steps
+
+
+@dataclass(frozen=True)
+class _PassInputs:
+    """The parallel pass of an update: embeds [streams, longest, hidden] with stream b's first lengths[b] rows
+    real, and the flat rows (stream * longest + position) whose hidden states verify the drafts, in stream order."""
+
+    embeds: Tensor
+    lengths: list[int]
+    verify_rows: Tensor
 
 
 @dataclass(frozen=True)
@@ -97,9 +108,9 @@ class RollingDecoder:
         if len(states) != len(new_audio):
             raise ValueError(f"{len(states)} decoder states but {len(new_audio)} audio deltas")
         drafts = [self.controls.trim_draft(s.hypothesis) if self.speculative else [] for s in states]
-        inputs = [self._pass_inputs(state, audio, draft) for state, audio, draft in zip(states, new_audio, drafts)]
-        hidden = forward_streams(self.decoder, [s.cache for s in states], inputs)
-        verdicts = self._verify([out[-(len(draft) + 1) :] for out, draft in zip(hidden, drafts)], drafts)
+        pass_inputs = self._pass_inputs(states, new_audio, drafts)
+        hidden = forward_padded(self.decoder, [s.cache for s in states], pass_inputs.embeds, pass_inputs.lengths)
+        verdicts = self._verify(hidden.flatten(0, 1).index_select(0, pass_inputs.verify_rows), drafts)
 
         tokens: list[list[int]] = []
         accepted: list[int] = []
@@ -117,44 +128,70 @@ class RollingDecoder:
 
         steps = self._continue_greedy(states, tokens, pending, decode_step or self.decode_step)
         results = []
-        for state, draft, count, hypothesis, step_count, embeds in zip(states, drafts, accepted, tokens, steps, inputs):
+        for state, draft, count, hypothesis, step_count, forwarded in zip(
+            states, drafts, accepted, tokens, steps, pass_inputs.lengths
+        ):
             state.cache.crop(self.head_length + state.audio_steps)
             state.hypothesis = hypothesis
             stats = UpdateStats(
                 draft_tokens=len(draft),
                 draft_accepted=count,
                 decode_steps=step_count,
-                positions_forwarded=embeds.shape[0] + step_count,
+                positions_forwarded=forwarded + step_count,
             )
             results.append(UpdateResult(tokens=tuple(hypothesis), stats=stats))
         return results
 
-    def _verify(self, rows: Sequence[Tensor], drafts: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-        """Verify every stream's draft from its pass rows (last tail position + each draft position).
+    def _verify(self, rows: Tensor, drafts: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+        """Verify every stream's draft from its pass rows [sum(len(draft) + 1), hidden] (per stream, its last tail
+        position and each draft position, in stream order).
 
         Logits only for those rows, and one matmul + one filter chain for as many streams as fit in
         `MAX_VERIFY_ROWS` rows: the output matrix is the largest weight and is read once per chunk, while the
         logits stay bounded (a thousand streams' 31 rows each would be 9 GB of bf16 logits at once).
         """
         verdicts: list[tuple[int, int]] = []
-        start = 0
-        while start < len(rows):
-            end, total = start + 1, rows[start].shape[0]
-            while end < len(rows) and total + rows[end].shape[0] <= MAX_VERIFY_ROWS:
-                total += rows[end].shape[0]
+        start, first_row = 0, 0
+        while start < len(drafts):
+            end, total = start + 1, len(drafts[start]) + 1
+            while end < len(drafts) and total + len(drafts[end]) + 1 <= MAX_VERIFY_ROWS:
+                total += len(drafts[end]) + 1
                 end += 1
-            logits = self.decoder.logits(torch.cat(list(rows[start:end])))
+            logits = self.decoder.logits(rows[first_row : first_row + total])
             verdicts += self.controls.verify_drafts(logits, drafts[start:end])
-            start = end
+            start, first_row = end, first_row + total
         return verdicts
 
-    def _pass_inputs(self, state: RollingDecoderState, audio: Tensor, draft: Sequence[int]) -> Tensor:
-        """`[head if the cache is empty] + new audio + tail + draft` as one embedding sequence."""
-        ids = list(self.prompt.tail_ids) + list(draft)
-        pieces = [audio.to(self.decoder.embed_tokens.weight.dtype), self._embed(ids)]
-        if state.is_empty:
-            pieces.insert(0, self._embed(self.prompt.head_ids))
-        return torch.cat(pieces, dim=0)
+    def _pass_inputs(
+        self, states: Sequence[RollingDecoderState], new_audio: Sequence[Tensor], drafts: Sequence[Sequence[int]]
+    ) -> _PassInputs:
+        """Per stream `[head if its cache is empty] + new audio + tail + draft`, laid out as one padded batch
+        with two writes: every token of every stream from one embedding lookup, every stream's audio from one
+        concatenation (no per-stream tensor operations)."""
+        head, tail = list(self.prompt.head_ids), list(self.prompt.tail_ids)
+        lengths = [
+            (len(head) if state.is_empty else 0) + audio.shape[0] + len(tail) + len(draft)
+            for state, audio, draft in zip(states, new_audio, drafts)
+        ]
+        width = max(lengths)
+        token_ids: list[int] = []
+        token_rows: list[int] = []  # flat row (stream * width + position) of each token
+        audio_rows: list[int] = []
+        verify_rows: list[int] = []
+        for index, (state, audio, draft, length) in enumerate(zip(states, new_audio, drafts, lengths)):
+            start = index * width
+            own = [*head, *tail, *draft] if state.is_empty else [*tail, *draft]
+            heads = len(head) if state.is_empty else 0
+            token_ids += own
+            token_rows += [*range(start, start + heads), *range(start + heads + audio.shape[0], start + length)]
+            audio_rows += range(start + heads, start + heads + audio.shape[0])
+            verify_rows += range(start + length - len(draft) - 1, start + length)
+        weight = self.decoder.embed_tokens.weight
+        embeds = weight.new_zeros(len(states) * width, weight.shape[1])
+        embeds.index_copy_(0, to_device(token_rows, weight.device), self._embed(token_ids))
+        if audio_rows:
+            embeds.index_copy_(0, to_device(audio_rows, weight.device), torch.cat(list(new_audio)).to(weight.dtype))
+        return _PassInputs(embeds.view(len(states), width, -1), lengths, to_device(verify_rows, weight.device))
 
     def _continue_greedy(
         self,
@@ -184,8 +221,7 @@ class RollingDecoder:
         return len(hypothesis) < self.controls.options.max_new_tokens
 
     def _embed(self, ids: Sequence[int]) -> Tensor:
-        weight = self.decoder.embed_tokens.weight
-        return self.decoder.embed(torch.tensor(list(ids), dtype=torch.long, device=weight.device))
+        return self.decoder.embed(to_device(list(ids), self.decoder.embed_tokens.weight.device))
 
 
 @torch.inference_mode()

@@ -11,8 +11,10 @@ from pipeline.bench_engine import (
     SyntheticDecodeBudget,
     format_engine_table,
     format_live_table,
+    format_staggered_table,
     run_engine_bench,
     run_live_engine_bench,
+    run_staggered_start_bench,
 )
 from pipeline.checkpoint import load_model
 from pipeline.engine import EngineOptions
@@ -79,3 +81,16 @@ def test_live_bench_batches_only_the_streams_whose_blocks_have_arrived(tiny_chec
     assert 0.0 < result.busy_fraction < 0.5
     table = format_live_table([result], "cpu")
     assert "| 4 | dynamic | 1 |" in table and "simulated real-time clock" in table
+
+
+def test_staggered_starts_update_every_other_slot_and_split_host_from_kernels(tiny_checkpoint: Path) -> None:
+    model = load_model(tiny_checkpoint, tower=tiny_checkpoint / TOWER_OVERLAY_DIR)
+    small, large = run_staggered_start_bench(model, [6, 12], blocks_per_stream=8)
+    for result in (small, large):
+        assert result.steps >= 4 and result.probe_streams > 0
+        assert result.streams / 2 - 1 <= result.mean_batch <= result.streams / 2 + 1  # every other slot per step
+        assert result.step_mean_sec > 0 and result.probe_kernel_sec > 0 and result.probe_ops > 0
+        assert 0 < result.peak_step_bytes and 0 < result.pool_bytes
+        assert result.front_end_sec_per_block > 0
+    table = format_staggered_table([small, large], "cpu")
+    assert "| 12 |" in table and "host ms/stream" in table and "mean step at N=12 / at N=6" in table

@@ -208,3 +208,23 @@ def test_grouped_attention_runs_on_the_memory_efficient_kernel() -> None:
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
         fused = sdpa_attention(query, key, value, mask)
     assert relative_error(fused.float(), eager_attention(query, key, value, mask).float()) < 2e-2
+
+
+def test_explicit_attention_in_row_chunks_is_bitwise_the_same(monkeypatch) -> None:
+    """Large batches attend in row chunks (bounded score memory); every row's result is unchanged."""
+    import pipeline.decoder as decoder_module
+
+    generator = torch.Generator().manual_seed(7)
+    shapes = ((8, 5), (2, 40), (2, 40))  # (heads, positions) of query, key, value
+    query, key, value = (torch.randn(9, heads, length, 16, generator=generator) for heads, length in shapes)
+    mask = torch.rand(9, 5, 40, generator=generator) > 0.4
+    mask[..., 0] = True
+    whole = decoder_module.attention(query, key, value, mask)
+    monkeypatch.setattr(decoder_module, "EAGER_SCORE_BYTES", 4 * 8 * 5 * 40 * 2)  # two rows per chunk
+    assert torch.equal(decoder_module.attention(query, key, value, mask), whole)
+    rows = torch.tensor([4, 0, 7])  # and queries attending over chosen rows of the K/V (scattered pool slots)
+    spread = decoder_module.attention(query[:3], key, value, mask, kv_rows=rows)
+    for index, row in enumerate(rows.tolist()):
+        own = slice(row, row + 1)
+        alone = decoder_module.attention(query[index : index + 1], key[own], value[own], mask[own])
+        torch.testing.assert_close(spread[index : index + 1], alone, rtol=0, atol=1e-6)

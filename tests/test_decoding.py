@@ -15,17 +15,21 @@ from pipeline.decoding import (
     NoRepeatNGram,
     RepetitionPenalty,
     SuppressTokens,
+    TokenHistories,
 )
 from pipeline.prompt import SpecialTokenIds
+from tests.decoding_reference import banned_ngram_followers
 
 INF = float("inf")
 NO_FILTERS = DecodeOptions(repetition_penalty=1.0, no_repeat_ngram_size=0)
 
 
 def applied(logit_filter, logits: list[list[float]], histories: list[list[int]]) -> torch.Tensor:
-    scores = torch.tensor(logits)
-    logit_filter.apply(scores, histories)
-    return scores
+    """The filter on a batch: scores with the sink column, histories as padded ids; the real columns after."""
+    vocab = len(logits[0])
+    scores = torch.cat([torch.tensor(logits), torch.zeros(len(logits), 1)], dim=1)
+    logit_filter.apply(scores, TokenHistories.of(histories, vocab, torch.device("cpu")))
+    return scores[:, :vocab]
 
 
 def test_suppress_tokens() -> None:
@@ -53,7 +57,7 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_seen_logits
     ],
 )
 def test_no_repeat_ngram_bans(size: int, history: list[int], banned: set[int]) -> None:
-    assert NoRepeatNGram(size).banned(history) == banned
+    assert banned_ngram_followers(history, size) == banned
     out = applied(NoRepeatNGram(size), [[1.0] * 8], [history])
     assert {i for i in range(8) if out[0, i] == -INF} == banned
 
@@ -270,3 +274,83 @@ def test_batched_decoding_across_streams_equals_each_alone() -> None:
                 active.remove(stream)
     assert hypotheses == [sequential_greedy(model, controls) for model in models]
     assert len({len(h) for h in hypotheses}) == 3  # the streams finish at different steps
+
+
+# --- property: the batched filters equal the per-row reference and transformers' processors ---------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from tests.decoding_reference import reference_pick, reference_verify  # noqa: E402
+
+SMALL_VOCAB = 7  # few ids: repeats, n-gram hits and ties everywhere
+
+
+def _rows(draw, count: int, vocab: int) -> torch.Tensor:
+    values = draw(st.lists(st.sampled_from([-3.0, -1.5, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0]), min_size=count * vocab,
+                           max_size=count * vocab))
+    return torch.tensor(values).view(count, vocab)
+
+
+@st.composite
+def batches(draw, max_rows: int = 5, max_history: int = 14):
+    """Logit rows over a small vocabulary, each with its own (ragged) history, and decode options."""
+    count = draw(st.integers(1, max_rows))
+    histories = [draw(st.lists(st.integers(0, SMALL_VOCAB - 1), max_size=max_history)) for _ in range(count)]
+    options = DecodeOptions(
+        suppress_token_ids=tuple(draw(st.sets(st.integers(0, SMALL_VOCAB - 1), max_size=2))),
+        repetition_penalty=draw(st.sampled_from([1.0, 1.15, 2.0, 0.7])),
+        no_repeat_ngram_size=draw(st.integers(0, 4)),
+        stop_token_ids=(0,),
+        max_new_tokens=64,
+    )
+    return _rows(draw, count, SMALL_VOCAB), histories, options
+
+
+@settings(max_examples=300, deadline=None)
+@given(batches())
+def test_batched_pick_equals_the_per_row_reference(batch) -> None:
+    logits, histories, options = batch
+    assert DecodeControls(options).pick(logits, histories) == reference_pick(options, logits, histories)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data(), st.integers(1, 4), st.integers(0, 12), st.sampled_from([1.15, 2.0, 0.5]), st.integers(1, 4))
+def test_batched_filters_equal_transformers_processors(data, rows: int, length: int, penalty: float, size: int) -> None:
+    """transformers' processors take equal-length input_ids: each row's history is all of its ids."""
+    ids = torch.tensor(
+        [data.draw(st.lists(st.integers(0, SMALL_VOCAB - 1), min_size=length, max_size=length)) for _ in range(rows)]
+    ).view(rows, length)
+    logits = _rows(data.draw, rows, SMALL_VOCAB)
+    histories = ids.tolist()
+    for ours, theirs in (
+        (RepetitionPenalty(penalty), RepetitionPenaltyLogitsProcessor(penalty)),
+        (NoRepeatNGram(size), NoRepeatNGramLogitsProcessor(size)),
+    ):
+        assert torch.equal(applied(ours, logits.tolist(), histories), theirs(ids, logits.clone()))
+
+
+@st.composite
+def verification_batches(draw):
+    """Several streams' histories and drafts (often agreeing with the favourite picks) and their pass logits."""
+    _, _, options = draw(batches(max_rows=1))
+    streams = draw(st.integers(1, 4))
+    histories = [draw(st.lists(st.integers(0, SMALL_VOCAB - 1), max_size=6)) for _ in range(streams)]
+    drafts = [draw(st.lists(st.integers(0, SMALL_VOCAB - 1), max_size=10)) for _ in range(streams)]
+    logits = _rows(draw, sum(len(draft) + 1 for draft in drafts), SMALL_VOCAB)
+    row = 0
+    for draft in drafts:  # make the draft the favourite of most of its rows, so acceptance runs deep
+        for token in draft:
+            if draw(st.booleans()) or draw(st.booleans()):
+                logits[row, token] += 5.0
+            row += 1
+        row += 1
+    return logits, drafts, histories, options
+
+
+@settings(max_examples=300, deadline=None)
+@given(verification_batches())
+def test_batched_verification_equals_the_per_row_reference(batch) -> None:
+    logits, drafts, histories, options = batch
+    verdicts = DecodeControls(options).verify_drafts(logits, drafts, histories)
+    assert verdicts == reference_verify(options, logits, drafts, histories)

@@ -194,3 +194,49 @@ def test_neighbouring_slots_run_in_place_and_match_growing_caches() -> None:
                 torch.testing.assert_close(cache.layer(1)[0], other.layer(1)[0], rtol=0, atol=1e-5)
                 cache.crop(cache.length - 2)
                 other.crop(other.length - 2)
+
+
+class _ScatterCalls(_TorchCalls):
+    """Also counts indexed writes (`index_put_`)."""
+
+    def __init__(self, pool) -> None:
+        super().__init__(pool)
+        self.scatters = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.scatters += getattr(func, "__name__", "") == "index_put_"
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_scattered_slots_with_unequal_lengths_attend_in_place_and_match_growing_caches() -> None:
+    """Streams in slots 4, 0, 2 (slot 1 holds a stream that sits this batch out, 3 and 5 none) with unequal cache
+    and input lengths: every layer writes with one scatter per tensor and attends over the pool itself (no
+    gathered copy of the K/V), results equal to growing caches, and the idle stream's K/V is untouched."""
+    decoder = random_decoder(seed=1)
+    pool = DecoderKVPool(decoder, slots=6, capacity=90)
+    slots = [4, 0, 2]
+    pooled = [pool.new_cache(slot) for slot in slots]
+    growing = [DecoderKVCache(len(decoder.layers)) for _ in slots]
+    idle = pool.new_cache(1)
+    generator = torch.Generator().manual_seed(4)
+    hidden = decoder.config.hidden_size
+    with torch.no_grad():
+        forward_streams(decoder, [idle], [torch.randn(13, hidden, generator=generator)])
+        idle_keys, idle_values = (part.clone() for part in idle.layer(1))
+        for lengths in ([20, 7, 12], [1, 3, 1], [9, 30, 2], [4, 4, 4], [1, 1, 1]):
+            inputs = [torch.randn(n, hidden, generator=generator) for n in lengths]
+            expected = forward_streams(decoder, growing, inputs)
+            calls = _ScatterCalls(pool)
+            with calls:
+                actual = forward_streams(decoder, pooled, inputs)
+            assert calls.matmuls_on_pool == 2 * len(decoder.layers)  # scores over the keys, weights x values
+            assert calls.scatters == 2 * len(decoder.layers)  # one write of every stream's K/V per tensor
+            for got, want in zip(actual, expected):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+            for cache, other in zip(pooled, growing):
+                assert cache.length == other.length
+                torch.testing.assert_close(cache.layer(1)[0], other.layer(1)[0], rtol=0, atol=1e-5)
+                cache.crop(cache.length - 1)
+                other.crop(other.length - 1)
+    assert idle.length == 13
+    assert torch.equal(idle.layer(1)[0], idle_keys) and torch.equal(idle.layer(1)[1], idle_values)

@@ -52,3 +52,19 @@ def test_bench_roofline_prints_the_estimate(monkeypatch, capsys) -> None:
     assert cli_main(["bench", "roofline"]) == 0
     out = capsys.readouterr().out
     assert out == one_device + "\n" and out.startswith("Roofline ESTIMATE") and "by step <= 1.92 s" in out
+
+
+def test_measured_host_time_lowers_the_capacity_and_is_labelled_measured() -> None:
+    from pipeline.roofline import MEASURED_HOST, HostCost
+
+    model = step_model(TINY, bytes_per_value=2)
+    without = model.max_streams(H100_SXM, 0.5, limit=100_000)
+    slow_host = HostCost(fixed_sec=0.01, per_stream_sec=0.001, source="test")
+    with_host = model.max_streams(H100_SXM, 0.5, limit=100_000, host=slow_host)
+    assert with_host < without and with_host <= 490  # 10 ms + 1 ms per stream alone caps it at 490
+    best = with_host
+    assert model.step_sec(best, H100_SXM) + slow_host.step_sec(best) <= 0.5
+    assert model.step_sec(best + 1, H100_SXM) + slow_host.step_sec(best + 1) > 0.5
+    assert "measured here" in MEASURED_HOST.source
+    report = format_roofline(devices=(H100_SXM,), calibration=(1,))
+    assert "by step + host <= 0.5 s" in report and MEASURED_HOST.source in report

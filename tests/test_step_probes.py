@@ -1,0 +1,36 @@
+"""The step probes: peak bytes of what a piece of code allocates, and its time inside tensor operators."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pipeline.step_probes import OpClock, PeakTensorBytes
+
+
+def test_peak_counts_fresh_allocations_until_freed_and_never_what_existed_before() -> None:
+    existing = torch.zeros(10_000)
+    with PeakTensorBytes() as probe:
+        a = torch.ones(100, 100)  # 40,000 bytes
+        b = a @ a  # 40,000
+        del a
+        c = torch.zeros(50, 100)  # 20,000
+        existing.add_(1)  # in place: no allocation
+        view = b[2:]  # a view: no allocation
+    assert probe.peak == 80_000
+    assert probe.live == 60_000
+    del b, c, view
+    assert probe.live == 0
+
+
+def test_op_clock_splits_wall_time_into_operators_and_the_rest() -> None:
+    x = torch.randn(300, 300)
+    started = time.perf_counter()
+    with OpClock() as clock:
+        for _ in range(5):
+            x = x @ x.T / 300
+        time.sleep(0.05)  # host work: not inside an operator
+    wall = time.perf_counter() - started
+    assert clock.ops >= 10 and 0 < clock.seconds < wall
+    assert 0.04 < clock.host_seconds(wall) < 0.05 + clock.seconds
