@@ -444,7 +444,7 @@ def run_staggered_start_bench(
     one under `OpClock` (its wall time split into tensor operators and host work), one under `PeakTensorBytes`
     (the bytes it allocates, next to the pools' bytes)."""
     options = options or SessionOptions(language="English")
-    block_samples = options.block_frames * SAMPLE_RATE // FRAMES_PER_SECOND
+    block_samples = options.encoder.block_frames * SAMPLE_RATE // FRAMES_PER_SECOND
     period = STAGGER_CADENCE * STAGGER_AGES
     OpClock.overhead_per_op()  # calibrated (and the dispatch mode initialised) outside the probed steps
     with PeakTensorBytes():

@@ -53,9 +53,15 @@ from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
 torch.set_num_threads(1)
 checkpoint, count, blocks = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 model = load_model(checkpoint, tower=checkpoint / TOWER_OVERLAY_DIR)
-options = SessionOptions(language="English", max_new_tokens=24)
+try:  # options nested by layer (since 2a521f1)
+    from pipeline.decoding import DecodeOptions
+    options = SessionOptions(language="English", decode=DecodeOptions(max_new_tokens=24))
+    block_frames = options.encoder.block_frames
+except TypeError:  # a revision with flat options
+    options = SessionOptions(language="English", max_new_tokens=24)
+    block_frames = options.block_frames
 engine = StreamingEngine(model, options, EngineOptions(max_streams=count))
-block_samples = options.block_frames * SAMPLE_RATE // FRAMES_PER_SECOND
+block_samples = block_frames * SAMPLE_RATE // FRAMES_PER_SECOND
 rng = np.random.default_rng(0)
 audio = {f"s{i}": (0.1 * rng.standard_normal(blocks * block_samples)).astype(np.float32) for i in range(count)}
 for stream_id in audio:

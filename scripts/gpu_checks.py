@@ -32,7 +32,7 @@ from tests.test_session import _comparable  # noqa: E402
 
 STREAMS = 12
 #: The tiny checkpoint's random weights decode until the budget: a small one keeps each check well under a minute.
-OPTIONS = SessionOptions(language="English", max_new_tokens=32)
+OPTIONS = SessionOptions.from_dict({"decode": {"max_new_tokens": 32}})
 
 
 def _tiny(checkpoint: str):
