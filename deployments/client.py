@@ -278,7 +278,10 @@ async def _send(
         end = min(start + step, len(audio)) // width
         if on_chunk_sent is not None:
             on_chunk_sent(end, time.monotonic())
-        for control in options.controls_after(start // width, end):
+        # A resumed stream sends the controls due exactly at its resume point again: the server's checkpoint may
+        # precede them, and a Finalize or UpdateContext that was already applied does nothing the second time.
+        resent = 1 if k == 0 and first > 0 else 0
+        for control in options.controls_after(start // width - resent, end):
             await call.write(asr_pb2.RecognizeRequest(control=control))
     await call.done_writing()
     if on_half_close is not None:

@@ -170,6 +170,7 @@ class ResponseWriter:
             start_ms=round(word.start_sec * 1000),
             end_ms=round(word.end_sec * 1000),
             time_precision_ms=self.time_precision_ms,
+            confidence=word.confidence,
         )
         self.next_index += 1
         return message

@@ -37,7 +37,7 @@ from torch import Tensor
 from pipeline.checkpoint import ASRModel, default_dtype, dtype_from_name, load_model
 from pipeline.config import QWEN3_ASR_0_6B, Qwen3ASRConfig
 from pipeline.decoder import TextDecoder
-from pipeline.decoding import DecodeControls
+from pipeline.decoding import DecodeControls, Pick, Verdict
 from pipeline.encoder import AudioTower
 from pipeline.engine import EngineOptions, StepTiming, StreamingEngine
 from pipeline.features import FRAMES_PER_SECOND, SAMPLE_RATE
@@ -71,23 +71,23 @@ class SyntheticDecodeBudget(DecodeControls):
         self.new_tokens = min(NEW_TOKENS_PER_UPDATE * blocks, DRAFT_TOKENS)
         self.accepted = DRAFT_TOKENS - self.new_tokens
 
-    def pick(self, logits: Tensor, histories: Sequence[Sequence[int]]) -> list[int]:
+    def pick(self, logits: Tensor, histories: Sequence[Sequence[int]]) -> list[Pick]:
         super().pick(logits, histories)  # the real cost of the filter chain; the choice is scripted
-        return [self._continue(history) for history in histories]
+        return [Pick(self._continue(history), 0.0) for history in histories]
 
     def verify_drafts(
         self,
         logits: Tensor,
         drafts: Sequence[Sequence[int]],
         histories: Sequence[Sequence[int]] | None = None,
-    ) -> list[tuple[int, int]]:
+    ) -> list[Verdict]:
         super().verify_drafts(logits, drafts, histories)  # the real cost: filter chain over every draft prefix
         return [self._scripted_verdict(draft) for draft in drafts]
 
-    def _scripted_verdict(self, draft: Sequence[int]) -> tuple[int, int]:
+    def _scripted_verdict(self, draft: Sequence[int]) -> Verdict:
         accepted = min(len(draft), self.accepted)
         taken = {*draft[max(0, accepted - 1) : accepted + 1]}
-        return accepted, next(word for word in self.words if word not in taken)
+        return Verdict(accepted, next(word for word in self.words if word not in taken), (0.0,) * (accepted + 1))
 
     def _continue(self, history: Sequence[int]) -> int:
         run = 0

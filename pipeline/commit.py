@@ -145,6 +145,8 @@ class CommittedWord:
     start_sec: float
     end_sec: float
     committed_at_sec: float
+    # Geometric-mean probability of the word's tokens in the hypothesis it was committed from (None: unknown).
+    confidence: float | None = None
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,9 @@ class TranscriptCommitter:
         self.options = options or CommitOptions()
         self.state = state or TranscriptCommitState()
         self.update_interval_sec = update_interval_sec
+        # Per word of the current segment's last hypothesis (not checkpointed: at a roll the segment is empty).
+        self._confidences: Sequence[float | None] = ()
+        self._segment_start = len(self.state.completed_words)  # global position of the segment's first word
 
     @property
     def transcript(self) -> str:
@@ -265,10 +270,15 @@ class TranscriptCommitter:
         """Everything emitted so far, exactly as the client received it."""
         return " ".join(self.state.emitted_words)
 
-    def update(self, hypothesis_text: str, audio_sec: float) -> CommitUpdate:
-        """Feed the current segment's hypothesis after a decoder update at stream time `audio_sec`."""
+    def update(
+        self, hypothesis_text: str, audio_sec: float, confidences: Sequence[float | None] = ()
+    ) -> CommitUpdate:
+        """Feed the current segment's hypothesis after a decoder update at stream time `audio_sec`, with its
+        words' confidences if known (the words committed from it carry them)."""
         self._advance_clock(audio_sec)
         words = hypothesis_text.split()
+        self._confidences = confidences
+        self._segment_start = len(self.state.completed_words)
         segment = self.state.segment
         advance_stable_prefix(segment, words, self.options)
         new_words = self._emit(audio_sec, at_end_of_stream=False)
@@ -282,13 +292,18 @@ class TranscriptCommitter:
         """Roll the segment: its last hypothesis becomes final; emit the words not yet emitted."""
         self._advance_clock(audio_sec)
         self._complete_segment()
-        return self._emit(audio_sec, at_end_of_stream=False)
+        words = self._emit(audio_sec, at_end_of_stream=False)
+        self._confidences = ()  # the next segment's words come from its own hypotheses
+        return words
 
     def finish(self, audio_sec: float) -> tuple[CommittedWord, ...]:
         """End of stream: finalize the last segment and emit the remainder, timed up to `audio_sec`."""
         self._advance_clock(audio_sec)
         self._complete_segment()
         return self._emit(audio_sec, at_end_of_stream=True)
+
+    def _confidence(self, position: int) -> float | None:
+        return self._confidences[position] if 0 <= position < len(self._confidences) else None
 
     def _advance_clock(self, audio_sec: float) -> None:
         if audio_sec < self.state.last_audio_sec:
@@ -333,12 +348,14 @@ class TranscriptCommitter:
         # At least min_word_sec per word, but never past the audio heard so far.
         end = max(start, min(max(lagged_end, start + self.options.min_word_sec * count), audio_sec))
         span = end - start
+        first = len(state.emitted_words) - self._segment_start  # the first new word's place in the hypothesis
         words = tuple(
             CommittedWord(
                 text=text,
                 start_sec=start + span * index / count,
                 end_sec=start + span * (index + 1) / count,
                 committed_at_sec=audio_sec,
+                confidence=self._confidence(first + index),
             )
             for index, text in enumerate(new_texts)
         )

@@ -15,6 +15,9 @@ across streams (one row per stream) are the same code. The filters are tensor op
 whole batch (histories as one padded id tensor, the penalty a gather/scatter, the n-gram ban a
 windowed comparison), so a thousand streams cost a few kernels, not a thousand Python loops; the
 host reads the picks (or the verdicts of every draft) once per call.
+
+Every pick comes with its log-probability under the model's own distribution (the raw logits, before the
+filters): what per-word confidence is made of.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -139,6 +143,25 @@ class NoRepeatNGram(LogitFilter):
         scores.scatter_(1, torch.where(matches, ids[:, context:], sink), float("-inf"))
 
 
+class Pick(NamedTuple):
+    token: int
+    logprob: float  # log-probability of `token` under the raw logits
+
+
+class Verdict(NamedTuple):
+    """A draft checked against one parallel pass: draft[:accepted] is what greedy decoding produces, then
+    `next_token` (possibly a stop); `logprobs` are those accepted + 1 tokens' log-probabilities."""
+
+    accepted: int
+    next_token: int
+    logprobs: tuple[float, ...]
+
+
+def pick_logprobs(logits: Tensor, picks: Tensor) -> Tensor:
+    """Log-probability [N] of each row's pick under the raw logits [N, vocab] (fp32, on their device)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, picks[:, None])[:, 0]
+
+
 class DecodeControls:
     """The decode-control chain of one `DecodeOptions`, applied to batches of rows."""
 
@@ -154,11 +177,14 @@ class DecodeControls:
         self.filters: tuple[LogitFilter, ...] = tuple(chain)
         self._stop_ids = frozenset(options.stop_token_ids)
 
-    def pick(self, logits: Tensor, histories: Sequence[Sequence[int]]) -> list[int]:
-        """Greedy pick per row of logits [N, vocab], row i continuing histories[i] (one read of the picks)."""
+    def pick(self, logits: Tensor, histories: Sequence[Sequence[int]]) -> list[Pick]:
+        """Greedy pick per row of logits [N, vocab], row i continuing histories[i], with its log-probability
+        (one read of both: token ids are exact in fp32)."""
         if logits.dim() != 2 or logits.shape[0] != len(histories):
             raise ValueError(f"logits have shape {tuple(logits.shape)}; expected [{len(histories)}, vocab]")
-        return read_to_host(self.pick_ids(logits, TokenHistories.of(histories, logits.shape[1], logits.device)))
+        picks = self.pick_ids(logits, TokenHistories.of(histories, logits.shape[1], logits.device))
+        read = read_to_host(torch.stack([picks.float(), pick_logprobs(logits, picks)], dim=1))
+        return [Pick(int(token), logprob) for token, logprob in read]
 
     def pick_ids(self, logits: Tensor, histories: TokenHistories) -> Tensor:
         """The greedy picks [N] of logits [N, vocab] continuing `histories`, on the logits' device (no sync)."""
@@ -191,7 +217,7 @@ class DecodeControls:
         logits: Tensor,
         drafts: Sequence[Sequence[int]],
         histories: Sequence[Sequence[int]] | None = None,
-    ) -> list[tuple[int, int]]:
+    ) -> list[Verdict]:
         """Check the drafts of many streams against the logits of one parallel pass over them: one filter
         chain and one argmax over all their rows.
 
@@ -214,12 +240,16 @@ class DecodeControls:
                     f"({self.options.max_new_tokens}); trim the draft with trim_draft"
                 )
         verdicts = read_to_host(self._verify_on_device(logits, drafts, histories))
-        return [(accepted, token) for accepted, token in verdicts]
+        return [
+            Verdict(int(accepted), int(token), tuple(logprobs[: int(accepted) + 1]))
+            for accepted, token, *logprobs in verdicts
+        ]
 
     def _verify_on_device(
         self, logits: Tensor, drafts: Sequence[Sequence[int]], histories: Sequence[Sequence[int]]
     ) -> Tensor:
-        """[streams, 2]: per draft (accepted, next_token), from one filter chain and argmax over every row.
+        """[streams, 2 + longest draft + 1] fp32: per draft (accepted, next_token, each row's pick's log-probability),
+        from one filter chain and argmax over every row.
 
         Row j of draft b continues history b + draft b[:j]: its history is row b of the padded [history + draft]
         ids, cut at len(history b) + j. The picks are laid out as [streams, longest draft + 1] and compared with the
@@ -242,5 +272,8 @@ class DecodeControls:
         stops = torch.isin(laid_out, to_device(sorted(self._stop_ids), device))
         ends = (laid_out != padded_drafts.view(len(drafts), width)) | stops
         accepted = ends.to(torch.int8).argmax(dim=1)  # the first end: at the latest the row after the draft
-        return torch.stack([accepted, laid_out.gather(1, accepted[:, None])[:, 0]], dim=1)
+        logprobs = logits.new_zeros(len(drafts), width, dtype=torch.float32)
+        logprobs.index_put_((stream_of_row, step_of_row), pick_logprobs(logits, picks))
+        verdicts = torch.stack([accepted, laid_out.gather(1, accepted[:, None])[:, 0]], dim=1)
+        return torch.cat([verdicts.float(), logprobs], dim=1)
 

@@ -15,6 +15,8 @@ Output: without a forced language the model writes `language English<asr_text>te
 
 from __future__ import annotations
 
+import math
+
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -221,6 +223,45 @@ def decode_asr_output(
     meta = decode(token_ids[:split])
     text = detect_and_fix_repetitions(decode(token_ids[split + 1 :]).strip())
     return _language_from_meta(meta), text
+
+
+#: Byte-level BPE marks a token that starts with a space (Ġ), a newline (Ċ) or a tab (ĉ).
+_WORD_START_MARKS = ("\u0120", "\u010a", "\u0109")
+
+
+def word_confidences(
+    tokenizer: PreTrainedTokenizerBase,
+    token_ids: Sequence[int],
+    logprobs: Sequence[float],
+    special: SpecialTokenIds,
+    words: Sequence[str],
+) -> tuple[float | None, ...]:
+    """Per word of the decoded text `words`: the geometric-mean probability of its tokens (exp of their mean
+    log-probability). Tokens are grouped into words where a token starts with whitespace; the `language X
+    <asr_text>` preamble, if the model wrote one, is left out. Where the grouping does not give exactly `words`
+    (the repetition fixer changed the text), every word's confidence is None: unknown, never guessed."""
+    if len(logprobs) != len(token_ids):
+        return (None,) * len(words)
+    start = list(token_ids).index(special.asr_text) + 1 if special.asr_text in token_ids else 0
+    groups: list[list[int]] = []
+    new_word = True
+    special_ids = set(tokenizer.all_special_ids)
+    pieces = tokenizer.convert_ids_to_tokens(list(token_ids[start:]))
+    for index, piece in enumerate(pieces, start=start):
+        if piece is None or token_ids[index] in special_ids:
+            continue
+        text = piece.lstrip("".join(_WORD_START_MARKS))
+        new_word = new_word or text != piece
+        if not text:  # whitespace alone: the next token starts a word
+            continue
+        if new_word:
+            groups.append([index])
+            new_word = False
+        else:
+            groups[-1].append(index)
+    if len(groups) != len(words):
+        return (None,) * len(words)
+    return tuple(math.exp(sum(logprobs[i] for i in group) / len(group)) for group in groups)
 
 
 def _language_from_meta(meta: str) -> str:

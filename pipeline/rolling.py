@@ -27,7 +27,7 @@ from torch import Tensor
 
 from pipeline.decode_step import DecodeStep, DynamicDecodeStep
 from pipeline.decoder import DecoderKVCache, TextDecoder, forward_padded
-from pipeline.decoding import DecodeControls
+from pipeline.decoding import DecodeControls, Verdict
 from pipeline.device_io import to_device
 from pipeline.prompt import CausalPrompt
 
@@ -73,6 +73,7 @@ class _PassInputs:
 class UpdateResult:
     tokens: tuple[int, ...]  # the new hypothesis, without the stop token
     stats: UpdateStats
+    logprobs: tuple[float, ...] = ()  # of each token, under the model's raw logits (per-word confidence)
 
 
 class RollingDecoder:
@@ -113,23 +114,27 @@ class RollingDecoder:
         verdicts = self._verify(hidden.flatten(0, 1).index_select(0, pass_inputs.verify_rows), drafts)
 
         tokens: list[list[int]] = []
+        logprobs: list[list[float]] = []
         accepted: list[int] = []
         pending: list[int] = []  # streams whose last token must be forwarded to continue
-        for index, (state, audio, draft, (count, next_token)) in enumerate(zip(states, new_audio, drafts, verdicts)):
+        for index, (state, audio, draft, verdict) in enumerate(zip(states, new_audio, drafts, verdicts)):
+            count, next_token = verdict.accepted, verdict.next_token
             state.audio_steps += audio.shape[0]
             prefix_length = self.head_length + state.audio_steps + len(self.prompt.tail_ids)
             accepted.append(count)
             tokens.append(list(draft[:count]))
+            logprobs.append(list(verdict.logprobs[:count]))
             state.cache.crop(prefix_length + count)
             if self.controls.continues(count, next_token):
                 tokens[index].append(next_token)
+                logprobs[index].append(verdict.logprobs[count])
                 if self._has_budget(tokens[index]):
                     pending.append(index)
 
-        steps = self._continue_greedy(states, tokens, pending, decode_step or self.decode_step)
+        steps = self._continue_greedy(states, tokens, logprobs, pending, decode_step or self.decode_step)
         results = []
-        for state, draft, count, hypothesis, step_count, forwarded in zip(
-            states, drafts, accepted, tokens, steps, pass_inputs.lengths
+        for state, draft, count, hypothesis, scores, step_count, forwarded in zip(
+            states, drafts, accepted, tokens, logprobs, steps, pass_inputs.lengths
         ):
             state.cache.crop(self.head_length + state.audio_steps)
             state.hypothesis = hypothesis
@@ -139,10 +144,10 @@ class RollingDecoder:
                 decode_steps=step_count,
                 positions_forwarded=forwarded + step_count,
             )
-            results.append(UpdateResult(tokens=tuple(hypothesis), stats=stats))
+            results.append(UpdateResult(tokens=tuple(hypothesis), stats=stats, logprobs=tuple(scores)))
         return results
 
-    def _verify(self, rows: Tensor, drafts: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    def _verify(self, rows: Tensor, drafts: Sequence[Sequence[int]]) -> list[Verdict]:
         """Verify every stream's draft from its pass rows [sum(len(draft) + 1), hidden] (per stream, its last tail
         position and each draft position, in stream order).
 
@@ -150,7 +155,7 @@ class RollingDecoder:
         `MAX_VERIFY_ROWS` rows: the output matrix is the largest weight and is read once per chunk, while the
         logits stay bounded (a thousand streams' 31 rows each would be 9 GB of bf16 logits at once).
         """
-        verdicts: list[tuple[int, int]] = []
+        verdicts: list[Verdict] = []
         start, first_row = 0, 0
         while start < len(drafts):
             end, total = start + 1, len(drafts[start]) + 1
@@ -197,20 +202,23 @@ class RollingDecoder:
         self,
         states: Sequence[RollingDecoderState],
         tokens: list[list[int]],
+        logprobs: list[list[float]],
         pending: list[int],
         decode_step: DecodeStep,
     ) -> list[int]:
-        """Sequential greedy steps for the streams in `pending`, batched; returns steps per stream."""
+        """Sequential greedy steps for the streams in `pending`, batched, appending to their `tokens` and
+        `logprobs`; returns steps per stream."""
         steps = [0] * len(states)
         active = list(pending)
         while active:
             logits = decode_step([states[i].cache for i in active], [tokens[i][-1] for i in active])
             picks = self.controls.pick(logits, [tokens[i] for i in active])
             still_active = []
-            for i, token in zip(active, picks):
+            for i, (token, logprob) in zip(active, picks):
                 steps[i] += 1
                 if self.controls.continues(len(tokens[i]), token):
                     tokens[i].append(token)
+                    logprobs[i].append(logprob)
                     if self._has_budget(tokens[i]):
                         still_active.append(i)
             active = still_active

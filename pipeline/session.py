@@ -30,7 +30,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal
 
@@ -52,7 +52,14 @@ from pipeline.commit import (
 from pipeline.decoding import DecodeControls, DecodeOptions
 from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, OFFLINE_CHUNK_FRAMES, STEP_FRAMES, offline_output_steps
 from pipeline.features import FRAMES_PER_SECOND, HOP_LENGTH, N_MELS, LogMelState, StreamingLogMel
-from pipeline.prompt import MAX_CONTEXT_TOKENS, CausalPrompt, build_causal_prompt, canonical_language, decode_asr_output
+from pipeline.prompt import (
+    MAX_CONTEXT_TOKENS,
+    CausalPrompt,
+    build_causal_prompt,
+    canonical_language,
+    decode_asr_output,
+    word_confidences,
+)
 from pipeline.rolling import UpdateResult, UpdateStats, decode_from_scratch
 from pipeline.stages import (
     DecoderSettings,
@@ -493,7 +500,7 @@ class StreamingSession:
 
     def complete_block(self, block: CausalBlock, result: UpdateResult) -> list[TranscriptEvent]:
         """Commit and segment policy after the decoder update of `block`; returns its events."""
-        return block.roll_events + self._after_update(list(result.tokens), result.stats)
+        return block.roll_events + self._after_update(list(result.tokens), result.stats, result.logprobs)
 
     @property
     def block_ready(self) -> bool:
@@ -696,11 +703,14 @@ class StreamingSession:
         stats = UpdateStats(draft_tokens=0, draft_accepted=0, decode_steps=decode_steps, positions_forwarded=prefill + decode_steps)
         return self._after_update(tokens, stats)
 
-    def _after_update(self, tokens: list[int], stats: UpdateStats) -> list[TranscriptEvent]:
+    def _after_update(
+        self, tokens: list[int], stats: UpdateStats, logprobs: Sequence[float] = ()
+    ) -> list[TranscriptEvent]:
         segment = self.segment
         segment.tokens = tokens
         text = self._text(tokens)
-        update = self.committer.update(text, self.audio_sec)
+        confidences = word_confidences(self.model.tokenizer, tokens, logprobs, self.prompt.special, text.split())
+        update = self.committer.update(text, self.audio_sec, confidences)
         ages = self.stability.update(text.split())
         span = None
         if segment.start_frame is not None:  # causal: the blocks this update decoded

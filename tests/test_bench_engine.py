@@ -27,15 +27,15 @@ def test_budget_accepts_21_of_a_30_token_draft_then_takes_9_steps() -> None:
     budget = SyntheticDecodeBudget(DecodeControls(DecodeOptions(stop_token_ids=(99,))), words=(5, 6, 7))
     logits = torch.zeros(31, 100)
     draft = [5] * 9 + [6] * 9 + [5] * 9 + [6] * 3
-    [(accepted, token)] = budget.verify_drafts(logits, [draft])
+    [(accepted, token, _)] = budget.verify_drafts(logits, [draft])
     assert (accepted, token) == (21, 6)  # draft[20:22] is [5, 5]: the new run is of another word
     hypothesis = draft[:21] + [token]
-    while (pick := budget.pick(torch.zeros(1, 100), [hypothesis])[0]) != 99:
+    while (pick := budget.pick(torch.zeros(1, 100), [hypothesis])[0].token) != 99:
         hypothesis.append(pick)
     assert hypothesis == draft[:21] + [6] * 9
-    assert budget.verify_drafts(torch.zeros(1, 100), [[]]) == [(0, 5)]
+    assert budget.verify_drafts(torch.zeros(1, 100), [[]]) == [(0, 5, (0.0,))]
     # A full accept of a short draft continues with a word other than its last one.
-    assert budget.verify_drafts(torch.zeros(10, 100), [[5] * 9]) == [(9, 6)]
+    assert budget.verify_drafts(torch.zeros(10, 100), [[5] * 9]) == [(9, 6, (0.0,) * 10)]
 
 
 def test_engine_bench_runs_the_real_engine_with_the_budget(tiny_checkpoint: Path) -> None:
@@ -62,10 +62,10 @@ def test_engine_bench_runs_the_real_engine_with_the_budget(tiny_checkpoint: Path
 def test_budget_for_two_blocks_per_update_re_decodes_18_tokens() -> None:
     budget = SyntheticDecodeBudget(DecodeControls(DecodeOptions(stop_token_ids=(99,))), words=(5, 6, 7), blocks_per_update=2)
     draft = [5] * 12 + [6] * 18
-    [(accepted, token)] = budget.verify_drafts(torch.zeros(31, 100), [draft])
+    [(accepted, token, _)] = budget.verify_drafts(torch.zeros(31, 100), [draft])
     assert (accepted, token) == (12, 7)
     hypothesis = draft[:12] + [token]
-    while (pick := budget.pick(torch.zeros(1, 100), [hypothesis])[0]) != 99:
+    while (pick := budget.pick(torch.zeros(1, 100), [hypothesis])[0].token) != 99:
         hypothesis.append(pick)
     assert hypothesis == draft[:12] + [7] * 18
 

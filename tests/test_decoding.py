@@ -13,9 +13,11 @@ from pipeline.decoding import (
     DecodeControls,
     DecodeOptions,
     NoRepeatNGram,
+    Pick,
     RepetitionPenalty,
     SuppressTokens,
     TokenHistories,
+    Verdict,
 )
 from pipeline.prompt import SpecialTokenIds
 from tests.decoding_reference import banned_ngram_followers
@@ -85,13 +87,13 @@ def test_chain_order_and_each_filter_matters() -> None:
     options = DecodeOptions(suppress_token_ids=(5,), repetition_penalty=2.0, no_repeat_ngram_size=2)
     controls = DecodeControls(options)
     assert [type(f) for f in controls.filters] == [SuppressTokens, RepetitionPenalty, NoRepeatNGram]
-    assert controls.pick(logits, history) == [1]
+    assert _tokens(controls.pick(logits, history)) == [1]
     without = {
         "suppress": DecodeOptions(repetition_penalty=2.0, no_repeat_ngram_size=2),
         "penalty": DecodeOptions(suppress_token_ids=(5,), repetition_penalty=1.0, no_repeat_ngram_size=2),
         "ngram": DecodeOptions(suppress_token_ids=(5,), repetition_penalty=2.0, no_repeat_ngram_size=0),
     }
-    assert {name: DecodeControls(o).pick(logits, history)[0] for name, o in without.items()} == {
+    assert {name: DecodeControls(o).pick(logits, history)[0].token for name, o in without.items()} == {
         "suppress": 5,
         "penalty": 0,
         "ngram": 2,
@@ -103,7 +105,7 @@ def test_rows_use_their_own_histories() -> None:
     controls = DecodeControls(DecodeOptions(no_repeat_ngram_size=0))
     logits = torch.tensor([[2.0, 1.9], [2.0, 1.9], [2.0, 1.9]])
     # 2.0 / 1.15 = 1.739 < 1.9 once id 0 was generated.
-    assert controls.pick(logits, [[0], [1], []]) == [1, 0, 0]
+    assert _tokens(controls.pick(logits, [[0], [1], []])) == [1, 0, 0]
     with pytest.raises(ValueError, match=r"expected \[2, vocab\]"):
         controls.pick(logits, [[0], [1]])
 
@@ -154,12 +156,12 @@ def rows_favouring(tokens: Sequence[int], vocab: int = 6, runner_up: int = 3) ->
 )
 def test_verify_a_single_draft(row_picks: list[int], draft: list[int], expected: tuple[int, int]) -> None:
     controls = DecodeControls(NO_FILTERS)
-    assert controls.verify_drafts(rows_favouring(row_picks), [draft]) == [expected]
+    assert _verdicts(controls.verify_drafts(rows_favouring(row_picks), [draft])) == [expected]
 
 
 def test_verify_stops_at_a_stop_even_when_the_draft_agrees() -> None:
     controls = DecodeControls(DecodeOptions(stop_token_ids=(0,), repetition_penalty=1.0, no_repeat_ngram_size=0))
-    assert controls.verify_drafts(rows_favouring([2, 0, 4, 5]), [[2, 0, 4]]) == [(1, 0)]
+    assert _verdicts(controls.verify_drafts(rows_favouring([2, 0, 4, 5]), [[2, 0, 4]])) == [(1, 0)]
 
 
 def test_verify_row_j_sees_history_plus_draft_prefix() -> None:
@@ -167,7 +169,7 @@ def test_verify_row_j_sees_history_plus_draft_prefix() -> None:
     # History [4], draft [1, 2, 1, 2]: rows 0-2 agree; row 3 continues [4, 1, 2, 1], where the
     # bigram (1, 2) already occurred, so 2 is banned and the runner-up 3 is the correction.
     logits = rows_favouring([1, 2, 1, 2, 5])
-    assert controls.verify_drafts(logits, [[1, 2, 1, 2]], [[4]]) == [(3, 3)]
+    assert _verdicts(controls.verify_drafts(logits, [[1, 2, 1, 2]], [[4]])) == [(3, 3)]
     with pytest.raises(ValueError, match="expected sum\\(len\\(draft\\) \\+ 1\\) = 5"):
         controls.verify_drafts(logits[:4], [[1, 2, 1, 2]])
     small_budget = DecodeControls(DecodeOptions(max_new_tokens=3))
@@ -186,7 +188,10 @@ def test_batched_verification_equals_one_stream_at_a_time() -> None:
         for j, token in enumerate(draft[:-1]):
             logits[j, token] += 4.0
     expected = [controls.verify_drafts(l, [d], [h])[0] for l, d, h in zip(per_stream, drafts, histories)]
-    assert controls.verify_drafts(torch.cat(per_stream), drafts, histories) == expected
+    batched = controls.verify_drafts(torch.cat(per_stream), drafts, histories)
+    assert _verdicts(batched) == _verdicts(expected)
+    for together, alone in zip(batched, expected):
+        assert together.logprobs == pytest.approx(alone.logprobs, abs=1e-6)
     assert len({verdict[0] for verdict in expected}) > 1
     with pytest.raises(ValueError, match="expected sum\\(len\\(draft\\) \\+ 1\\) = 14"):
         controls.verify_drafts(torch.cat(per_stream)[:-1], drafts, histories)
@@ -218,10 +223,10 @@ def fake_model(seed: int) -> Callable[[Sequence[int]], torch.Tensor]:
 
 def sequential_greedy(model: Callable, controls: DecodeControls) -> list[int]:
     hypothesis: list[int] = []
-    token = controls.pick(model(hypothesis)[None], [hypothesis])[0]
+    token = controls.pick(model(hypothesis)[None], [hypothesis])[0].token
     while controls.continues(len(hypothesis), token):
         hypothesis.append(token)
-        token = controls.pick(model(hypothesis)[None], [hypothesis])[0]
+        token = controls.pick(model(hypothesis)[None], [hypothesis])[0].token
     return hypothesis
 
 
@@ -229,11 +234,11 @@ def speculative_greedy(model: Callable, controls: DecodeControls, draft: Sequenc
     """Verify the draft against one 'parallel pass', then continue greedily from the correction."""
     draft = controls.trim_draft(draft)
     logits = torch.stack([model(draft[:j]) for j in range(len(draft) + 1)])
-    [(accepted, token)] = controls.verify_drafts(logits, [draft])
+    [(accepted, token, _)] = controls.verify_drafts(logits, [draft])
     hypothesis = list(draft[:accepted])
     while controls.continues(len(hypothesis), token):
         hypothesis.append(token)
-        token = controls.pick(model(hypothesis)[None], [hypothesis])[0]
+        token = controls.pick(model(hypothesis)[None], [hypothesis])[0].token
     return hypothesis
 
 
@@ -267,7 +272,7 @@ def test_batched_decoding_across_streams_equals_each_alone() -> None:
     active = list(range(len(models)))
     while active:
         picks = controls.pick(torch.stack([models[s](hypotheses[s]) for s in active]), [hypotheses[s] for s in active])
-        for stream, token in zip(list(active), picks):
+        for stream, (token, _) in zip(list(active), picks):
             if controls.continues(len(hypotheses[stream]), token):
                 hypotheses[stream].append(token)
             else:
@@ -311,7 +316,7 @@ def batches(draw, max_rows: int = 5, max_history: int = 14):
 @given(batches())
 def test_batched_pick_equals_the_per_row_reference(batch) -> None:
     logits, histories, options = batch
-    assert DecodeControls(options).pick(logits, histories) == reference_pick(options, logits, histories)
+    assert _tokens(DecodeControls(options).pick(logits, histories)) == reference_pick(options, logits, histories)
 
 
 @settings(max_examples=200, deadline=None)
@@ -353,4 +358,28 @@ def verification_batches(draw):
 def test_batched_verification_equals_the_per_row_reference(batch) -> None:
     logits, drafts, histories, options = batch
     verdicts = DecodeControls(options).verify_drafts(logits, drafts, histories)
-    assert verdicts == reference_verify(options, logits, drafts, histories)
+    assert _verdicts(verdicts) == reference_verify(options, logits, drafts, histories)
+
+
+def _tokens(picks: Sequence[Pick]) -> list[int]:
+    return [pick.token for pick in picks]
+
+
+def _verdicts(verdicts: Sequence[Verdict]) -> list[tuple[int, int]]:
+    return [(verdict.accepted, verdict.next_token) for verdict in verdicts]
+
+
+def test_picks_and_verdicts_carry_the_raw_log_probabilities() -> None:
+    """A pick's log-probability is under the model's raw logits (not the filtered ones); a verdict's are those of
+    its accepted draft tokens and its next token, equal to what sequential picks give."""
+    controls = DecodeControls(DecodeOptions(repetition_penalty=1.3, no_repeat_ngram_size=2, stop_token_ids=(0,)))
+    logits = torch.randn(1, 8, generator=torch.Generator().manual_seed(3))
+    (pick,) = controls.pick(logits, [[2, 2]])
+    assert pick.logprob == pytest.approx(torch.log_softmax(logits[0], -1)[pick.token].item(), abs=1e-6)
+    model = fake_model(4)
+    draft = sequential_greedy(model, DecodeControls(PROPERTY_OPTIONS))[:5]
+    rows = torch.stack([model(draft[:j]) for j in range(len(draft) + 1)])
+    (verdict,) = DecodeControls(PROPERTY_OPTIONS).verify_drafts(rows, [draft])
+    sequential = [DecodeControls(PROPERTY_OPTIONS).pick(model(draft[:j])[None], [draft[:j]])[0].logprob
+                  for j in range(verdict.accepted + 1)]  # fmt: skip
+    assert verdict.accepted == len(draft) and verdict.logprobs == pytest.approx(sequential, abs=1e-6)

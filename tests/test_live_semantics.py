@@ -3,6 +3,7 @@ and exact audio-time spans. The served path's plumbing of the same features is t
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -225,8 +226,10 @@ def clips() -> list[np.ndarray]:
 
 def _feed(session: StreamingSession, audio: np.ndarray, cuts: list[int], finalize_at: set[int], start: int = 0) -> list[TranscriptEvent]:
     """Push `audio[start:]` in pieces ending at `cuts` (absolute samples), `finalize_now` after those in
-    `finalize_at`, then finish."""
-    events = []
+    `finalize_at`, then finish. A session resumed at a Finalize's sample gets the Finalize again first: it may
+    have been taken before it, and a second one with nothing to finalize does nothing (the client library
+    re-sends controls at its resume point for this)."""
+    events = session.finalize_now() if start in finalize_at else []
     for end in [cut for cut in cuts if cut > start] + [audio.size]:
         events += session.push_audio(audio[start:end])
         if end in finalize_at:
@@ -291,3 +294,35 @@ def test_gate_bench_counts_the_work_it_saves(model: ASRModel) -> None:
     assert on.blocks_encoded + on.blocks_skipped == off.blocks_encoded and on.blocks_skipped >= 1
     assert on.updates < off.updates and on.detector_seconds > 0
     assert "| on |" in format_gate_bench([off, on], audio.size / SAMPLE_RATE)
+
+
+# ---------------------------------------------------------------------------------------------- confidence
+
+
+def test_committed_words_carry_the_confidence_of_their_tokens(model: ASRModel) -> None:
+    events, session = _run(model, _audio(9.0, seed=11), 4000, CAUSAL)
+    words = [w for e in events for w in e.new_words]
+    assert words and all(w.confidence is None or 0.0 < w.confidence <= 1.0 for w in words)
+    assert sum(w.confidence is not None for w in words) >= len(words) // 2
+    # The decoder's per-token log-probabilities are those of greedy decoding from scratch (the speculative pass
+    # and the sequential steps score the same tokens alike).
+    updates = [e for e in events if e.kind == "update"]
+    assert updates and all(e.stats is not None for e in updates)
+    response = ResponseWriter().response(next(e for e in events if e.new_words)).result
+    assert all(word.HasField("confidence") == (source.confidence is not None)
+               for word, source in zip(response.committed, next(e for e in events if e.new_words).new_words))  # fmt: skip
+
+
+def test_word_confidence_groups_tokens_at_word_starts(model: ASRModel) -> None:
+    from pipeline.prompt import word_confidences
+
+    tokenizer, special = model.tokenizer, StreamingSession(model, CAUSAL).prompt.special
+    ids = tokenizer.encode(" hello wor ld", add_special_tokens=False)
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    logprobs = [math.log(0.5)] * len(ids)
+    confidences = word_confidences(tokenizer, ids, logprobs, special, ["hello", "wor", "ld"])
+    assert confidences == pytest.approx((0.5, 0.5, 0.5)) and len(pieces) >= 3
+    assert word_confidences(tokenizer, ids, logprobs, special, ["hello", "world"]) == (None, None)
+    with_preamble = [*tokenizer.encode("language English", add_special_tokens=False), special.asr_text, *ids]
+    scores = [math.log(0.9)] * (len(with_preamble) - len(ids)) + logprobs
+    assert word_confidences(tokenizer, with_preamble, scores, special, ["hello", "wor", "ld"]) == pytest.approx((0.5,) * 3)

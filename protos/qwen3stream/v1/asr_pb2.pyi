@@ -173,18 +173,20 @@ class Started(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., config: _Optional[_Union[StreamConfig, _Mapping]] = ..., resume_token: _Optional[str] = ..., resume_from_sample: _Optional[int] = ..., next_word_index: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Word(_message.Message):
-    __slots__ = ("index", "text", "start_ms", "end_ms", "time_precision_ms")
+    __slots__ = ("index", "text", "start_ms", "end_ms", "time_precision_ms", "confidence")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     START_MS_FIELD_NUMBER: _ClassVar[int]
     END_MS_FIELD_NUMBER: _ClassVar[int]
     TIME_PRECISION_MS_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     index: int
     text: str
     start_ms: int
     end_ms: int
     time_precision_ms: int
-    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., start_ms: _Optional[int] = ..., end_ms: _Optional[int] = ..., time_precision_ms: _Optional[int] = ...) -> None: ...
+    confidence: float
+    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., start_ms: _Optional[int] = ..., end_ms: _Optional[int] = ..., time_precision_ms: _Optional[int] = ..., confidence: _Optional[float] = ...) -> None: ...
 
 class Result(_message.Message):
     __slots__ = ("committed", "interim", "segment_index", "audio_processed_ms", "segment_final", "interim_stability", "start_sample", "end_sample", "segment_end_reason")
