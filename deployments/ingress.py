@@ -276,12 +276,15 @@ class Ingress:
         except StageAtCapacity as error:
             self._fail(grpc_context, grpc.StatusCode.RESOURCE_EXHAUSTED, f"{error}; retry in {RETRY_AFTER_MS} ms or elsewhere")
             raise
-        except (Overloaded, QuotaExceeded) as error:
-            self._fail(grpc_context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
-            raise
-        except Unauthenticated as error:
-            self._fail(grpc_context, grpc.StatusCode.UNAUTHENTICATED, str(error))
-            raise
+        except (Overloaded, QuotaExceeded, Unauthenticated) as error:
+            # Refusals come in crowds (an overload, a client retrying without a key). Ending the call without an
+            # exception costs Serve 3.7 ms instead of 58 (its error path pickles and logs the traceback twice);
+            # its proxy passes on the status this call set only together with a message, so one empty
+            # RecognizeResponse goes before the status (clients ignore it; the API says so).
+            code = grpc.StatusCode.UNAUTHENTICATED if isinstance(error, Unauthenticated) else grpc.StatusCode.RESOURCE_EXHAUSTED
+            self._fail(grpc_context, code, str(error))
+            yield asr_pb2.RecognizeResponse()
+            return
         except Idle as error:
             self._fail(grpc_context, grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
             raise
