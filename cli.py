@@ -936,12 +936,12 @@ def _add_tls_front(commands: argparse._SubParsersAction) -> None:
 def _run_tls_front(args: argparse.Namespace) -> int:
     import asyncio
 
-    from deployments.tls_front import TlsFront
+    from deployments.tls_front import GrpcFront
 
     tls = _server_tls(args)
     if tls is None:
         raise UsageError("tls-front needs --tls-cert and --tls-key")
-    front = TlsFront(args.upstream, tls, args.port)
+    front = GrpcFront(args.upstream, tls, args.port)
     print(f"qwen3-stream: TLS on port {args.port} -> {args.upstream}; Ctrl-C stops", file=sys.stderr, flush=True)
     try:
         asyncio.run(front.serve_until_cancelled())

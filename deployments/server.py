@@ -1,8 +1,9 @@
 """`qwen3-stream serve`: a local Ray, the Serve application from the checked-in config, and a clean stop.
 
 The same config file drives `serve run`, KubeRay and this command; the command's flags override the model,
-the device, the port and the transport between deployments. With TLS files, Serve's proxy listens on a free
-internal port and a TLS front (`deployments.tls_front`) on the public one. Stage calls ride Serve's gRPC
+the device, the port and the transport between deployments. Serve's proxy listens on a free internal port and the
+gRPC front (`deployments.tls_front`: TLS with TLS files, and the bound on clients that stop reading) on the public
+one. Stage calls ride Serve's gRPC
 inter-deployment transport (`RAY_SERVE_USE_GRPC_BY_DEFAULT=1`) or Ray object references (`by_reference`), set for
 every process of the local cluster (`bench serve` measures both).
 """
@@ -22,13 +23,13 @@ import yaml
 
 from deployments.app import APP_NAME, DEFAULT_CONFIG, GRPC_SERVICERS, application
 from deployments.embedded_store import EmbeddedStore
-from deployments.tls_front import FrontThread, TlsFiles, TlsFront
+from deployments.tls_front import FrontThread, GrpcFront, TlsFiles
 
 log = logging.getLogger(__name__)
 
 #: The embedded session store of the running server, if `start` started one.
 _embedded: EmbeddedStore | None = None
-#: The TLS front of the running server, if it was started with TLS files.
+#: The gRPC front of the running server.
 _front: FrontThread | None = None
 
 #: How stage calls travel between deployments, and the environment that selects it.
@@ -80,7 +81,7 @@ def start(settings: ServerSettings) -> str:
     if settings.redis is None:
         _embedded = EmbeddedStore().start()
         log.info("session store: embedded valkey-server at %s", _embedded.url)
-    port = public_port if settings.tls is None else _free_port()
+    port = _free_port()  # Serve's proxy, behind the front
     ray.init(
         num_cpus=settings.num_cpus or max(os.cpu_count() or 1, _cpus_to_start(_deployment_options(config, settings))),
         include_dashboard=False,
@@ -93,17 +94,17 @@ def start(settings: ServerSettings) -> str:
         grpc_options=gRPCOptions(port=port, grpc_servicer_functions=list(GRPC_SERVICERS)),
     )
     deploy(settings)
-    address = f"127.0.0.1:{port}"
-    if settings.tls is not None:
-        _front = FrontThread(TlsFront(address, settings.tls, public_port))
-        _front.start()
-        address = f"127.0.0.1:{public_port}"
-    log.info("serving %s on %s (%s transport%s)", APP_NAME, address, settings.transport, ", TLS" if _front else "")
+    # The front on the public port: TLS if asked, and the bound on clients that stop reading (Serve's proxy
+    # queues a stream's responses without one).
+    _front = FrontThread(GrpcFront(f"127.0.0.1:{port}", settings.tls, public_port))
+    _front.start()
+    address = f"127.0.0.1:{public_port}"
+    log.info("serving %s on %s (%s transport%s)", APP_NAME, address, settings.transport, ", TLS" if settings.tls else "")
     return address
 
 
 def _free_port() -> int:
-    """A port free on loopback now (for the proxy behind the TLS front)."""
+    """A port free on loopback now (for the proxy behind the front)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

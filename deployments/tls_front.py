@@ -1,8 +1,9 @@
-"""A TLS-terminating gRPC front for the public port: Serve's gRPC proxy has no TLS of its own.
+"""The gRPC front of the public port: TLS (Serve's gRPC proxy has none) and a bound on slow consumers.
 
-The front is a `grpc.aio` server with TLS credentials (a server certificate and key; with a client CA, mutual TLS:
-a client without a certificate that CA signed is refused in the handshake). It forwards `Recognizer/Recognize` and
-`grpc.health.v1.Health/Check` to the proxy's plaintext port on loopback as raw bytes (nothing is parsed twice),
+The front is a `grpc.aio` server, with TLS credentials when given (a server certificate and key; with a client CA,
+mutual TLS: a client without a certificate that CA signed is refused in the handshake), plaintext otherwise. It
+forwards `Recognizer/Recognize`, `grpc.health.v1.Health/Check` and server reflection to the proxy's plaintext port
+on loopback as raw bytes (nothing is parsed twice),
 with the client's metadata (`authorization`, anything else a client sends), and hands the proxy's status, details
 and trailing metadata back. A client that goes away cancels the forwarded call, so the ingress sees the same
 cancel it would see on the plaintext port (the session stays resumable). Anything else is UNIMPLEMENTED.
@@ -11,8 +12,8 @@ A client that keeps sending but stops reading is ended here with RESOURCE_EXHAUS
 wait for it beyond its HTTP/2 window: Serve's proxy and replica queue a stream's responses without bound, and the
 front is the one hop that sees what the client has taken.
 
-The front runs inside `qwen3-stream serve --tls-cert/--tls-key` (a thread of its own, `FrontThread`), and as a
-sidecar container of the Kubernetes pods (`qwen3-stream tls-front`, k8s/).
+The front runs inside `qwen3-stream serve` (a thread of its own, `FrontThread`; with `--tls-cert/--tls-key` it
+speaks TLS), and as a sidecar container of the Kubernetes pods (`qwen3-stream tls-front`, k8s/).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 
 RECOGNIZE = f"/{SERVICE}/Recognize"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+REFLECTION = ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+              "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")  # fmt: skip
 #: The largest message the front accepts from a client: the proxy's own limit (deployments/server.py).
 MAX_REQUEST_BYTES = 4 * 2**20
 #: Responses a stream may leave unread (beyond its HTTP/2 window) before it is ended with RESOURCE_EXHAUSTED: a
@@ -96,9 +99,9 @@ class _Forwarder(grpc.GenericRpcHandler):
         self.channel, self.max_backlog = channel, max_backlog
         self.peak_backlog = 0  # the most responses any stream has left unread at once (beyond its window)
         self.handlers = {
-            RECOGNIZE: grpc.stream_stream_rpc_method_handler(self._stream(RECOGNIZE)),
-            HEALTH_CHECK: grpc.unary_unary_rpc_method_handler(self._unary(HEALTH_CHECK)),
+            method: grpc.stream_stream_rpc_method_handler(self._stream(method)) for method in (RECOGNIZE, *REFLECTION)
         }
+        self.handlers[HEALTH_CHECK] = grpc.unary_unary_rpc_method_handler(self._unary(HEALTH_CHECK))
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         return self.handlers.get(handler_call_details.method)
@@ -175,11 +178,12 @@ class _Forwarder(grpc.GenericRpcHandler):
         return forward
 
 
-class TlsFront:
-    """The front on `host:port`, forwarding to `upstream` (HOST:PORT of Serve's plaintext gRPC proxy)."""
+class GrpcFront:
+    """The front on `host:port`, forwarding to `upstream` (HOST:PORT of Serve's plaintext gRPC proxy); TLS with
+    `tls`, plaintext without."""
 
     def __init__(
-        self, upstream: str, tls: TlsFiles, port: int, host: str = "[::]", max_backlog: int = MAX_BACKLOG
+        self, upstream: str, tls: TlsFiles | None, port: int, host: str = "[::]", max_backlog: int = MAX_BACKLOG
     ) -> None:
         if max_backlog < 1:
             raise ValueError(f"max_backlog is {max_backlog}; expected at least 1 response")
@@ -195,7 +199,7 @@ class TlsFront:
 
     async def start(self) -> int:
         """Listen; returns the port (the one asked for, or the one picked for port 0)."""
-        credentials = self.tls.credentials()  # before anything listens: a bad file is one error
+        credentials = None if self.tls is None else self.tls.credentials()  # a bad file fails before anything listens
         # Unlimited toward the proxy (it enforces its own limit); a Final of a long stream can be large.
         self._channel = grpc.aio.insecure_channel(
             self.upstream, options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -203,15 +207,17 @@ class TlsFront:
         self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
         self._forwarder = _Forwarder(self._channel, self.max_backlog)
         self._server.add_generic_rpc_handlers((self._forwarder,))
-        bound = self._server.add_secure_port(f"{self.host}:{self.port}", credentials)
+        address = f"{self.host}:{self.port}"
+        if credentials is None:
+            bound = self._server.add_insecure_port(address)
+        else:
+            bound = self._server.add_secure_port(address, credentials)
         if bound == 0:
-            raise OSError(f"the TLS front cannot listen on {self.host}:{self.port}; expected a free port")
+            raise OSError(f"the gRPC front cannot listen on {address}; expected a free port")
         self.port = bound
         await self._server.start()
-        log.info(
-            "TLS front on %s:%d -> %s (%s)", self.host, bound, self.upstream,
-            "mutual TLS" if self.tls.client_ca is not None else "TLS",
-        )  # fmt: skip
+        security = "plaintext" if self.tls is None else "mutual TLS" if self.tls.client_ca is not None else "TLS"
+        log.info("gRPC front on %s:%d -> %s (%s)", self.host, bound, self.upstream, security)
         return bound
 
     async def stop(self, grace_s: float = 5.0) -> None:
@@ -231,9 +237,9 @@ class TlsFront:
 
 
 class FrontThread:
-    """A `TlsFront` on an event loop of its own thread, for a process whose main thread does other things."""
+    """A `GrpcFront` on an event loop of its own thread, for a process whose main thread does other things."""
 
-    def __init__(self, front: TlsFront) -> None:
+    def __init__(self, front: GrpcFront) -> None:
         self.front = front
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="tls-front", daemon=True)

@@ -25,7 +25,7 @@ from deployments.client import (
     tls_credentials,
     wait_until_serving,
 )
-from deployments.tls_front import FrontThread, TlsFiles, TlsFront
+from deployments.tls_front import FrontThread, TlsFiles, GrpcFront
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
 from protos.qwen3stream.v1 import asr_pb2
@@ -85,7 +85,7 @@ def served(tiny_checkpoint: Path, pki: Pki, tmp_path_factory: pytest.TempPathFac
     address = server.start(settings)
     assert server._front is not None
     plaintext = server._front.front.upstream
-    mutual = FrontThread(TlsFront(plaintext, TlsFiles(pki.server.cert, pki.server.key, client_ca=pki.ca), _free_port()))
+    mutual = FrontThread(GrpcFront(plaintext, TlsFiles(pki.server.cert, pki.server.key, client_ca=pki.ca), _free_port()))
     port = mutual.start()
     try:
         yield Served(address, plaintext, f"127.0.0.1:{port}")
@@ -235,7 +235,7 @@ def test_a_client_that_stops_reading_is_ended_and_others_are_unaffected(
     """Issue 16 fault 9. Upstream of the front nothing stops a stream whose client reads nothing (Serve queues the
     responses), so the front ends it once SLOW_BACKLOG responses wait beyond its window; a healthy stream through
     the same front, in flight meanwhile, keeps its exact transcript."""
-    front = FrontThread(TlsFront(served.plaintext, TlsFiles(pki.server.cert, pki.server.key), _free_port(),
+    front = FrontThread(GrpcFront(served.plaintext, TlsFiles(pki.server.cert, pki.server.key), _free_port(),
                                  max_backlog=SLOW_BACKLOG))  # fmt: skip
     address = f"127.0.0.1:{front.start()}"
 
