@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:  # annotations only: importing these loads torch
     from pipeline.checkpoint import ASRModel
-    from pipeline.session import SessionOptions
+    from pipeline.options import SessionOptions
 
 PROG = "qwen3-stream"
 
@@ -259,7 +259,7 @@ def _device(name: str) -> str:
 def _session_options(args: argparse.Namespace) -> SessionOptions:
     """SessionOptions from the shared flags (`--max-new-tokens` where the subcommand has it)."""
     from pipeline.prompt import canonical_language
-    from pipeline.session import SessionOptions
+    from pipeline.options import SessionOptions
 
     language = None
     if args.language.strip().lower() != "auto":

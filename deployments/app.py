@@ -17,7 +17,7 @@ from ray.serve.config import RequestRouterConfig
 from deployments.ingress import Ingress
 from deployments.stage_replicas import CausalEncoder, Decoder, FeatureExtractor, ModelSpec
 from pipeline.checkpoint import DEFAULT_MODEL_ID, DEFAULT_TOWER_ID
-from pipeline.session import SessionOptions
+from pipeline.options import SessionOptions
 
 #: The checked-in Serve config: `qwen3-stream serve` and `serve run` read it.
 DEFAULT_CONFIG = Path(__file__).with_name("serve_config.yaml")

@@ -35,7 +35,8 @@ from pipeline.checkpoint import load_model
 from pipeline.engine import EngineOptions, StreamingEngine
 from pipeline.features import SAMPLE_RATE
 from pipeline.decoding import DecodeOptions
-from pipeline.session import SessionOptions, StreamingSession
+from pipeline.options import SessionOptions
+from pipeline.session import StreamingSession
 from pipeline.stages import FeatureStage
 from pipeline.stream_driver import LocalStages, StreamDriver
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR, make_random_checkpoint

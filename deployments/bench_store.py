@@ -19,7 +19,8 @@ from deployments.embedded_store import EmbeddedStore
 from deployments.session_store import DurableState, SessionStore
 from pipeline.checkpoint import load_model
 from pipeline.decoding import DecodeOptions
-from pipeline.session import SessionOptions, StreamingSession, checkpoint_offset
+from pipeline.options import SessionOptions
+from pipeline.session import StreamingSession, checkpoint_offset
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR, make_tiny_checkpoint
 
 #: A stream's segments last 12-16 s (DESIGN.md): rolls per minute of audio at the two ends.

@@ -16,7 +16,8 @@ from pipeline.causal_encoder import TRAINED_BLOCK_FRAMES
 from pipeline.commit import CommittedWord
 from pipeline.features import SAMPLE_RATE
 from pipeline.prompt import MAX_CONTEXT_TOKENS, canonical_language
-from pipeline.session import SessionOptions, TranscriptEvent
+from pipeline.options import SessionOptions
+from pipeline.session import TranscriptEvent
 from pipeline.voice_gate import VadOptions
 from protos.qwen3stream.v1 import asr_pb2
 

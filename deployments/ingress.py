@@ -44,7 +44,8 @@ from deployments.stage_replicas import ModelSpec, reserve_threads
 from grpc_health.v1 import health_pb2
 from pipeline.rolling import UpdateResult
 from pipeline.features import HOP_LENGTH, SAMPLE_RATE
-from pipeline.session import SessionOptions, StreamingSession
+from pipeline.options import SessionOptions
+from pipeline.session import StreamingSession
 from pipeline.stages import DecodeRequest, EncodeRequest, FeatureRequest, FeatureResult, StageAtCapacity, StageMiss
 from pipeline.stream_driver import StreamDriver
 from protos.qwen3stream.v1 import asr_pb2

@@ -26,7 +26,8 @@ from pipeline.checkpoint import ASRModel, dtype_from_name, load_model
 from pipeline.engine import EngineOptions
 from pipeline.prompt import SUPPORTED_LANGUAGES, build_causal_prompt
 from pipeline.rolling import UpdateResult
-from pipeline.session import SessionOptions, decoder_positions_needed
+from pipeline.options import SessionOptions
+from pipeline.session import decoder_positions_needed
 from pipeline.stages import (
     DecoderStage,
     DecodeRequest,

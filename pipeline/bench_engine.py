@@ -42,7 +42,7 @@ from pipeline.encoder import AudioTower
 from pipeline.engine import EngineOptions, StepTiming, StreamingEngine
 from pipeline.features import FRAMES_PER_SECOND, SAMPLE_RATE
 from pipeline.step_probes import OpClock, PeakTensorBytes
-from pipeline.session import SessionOptions
+from pipeline.options import SessionOptions
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR, build_tiny_tokenizer
 
 log = logging.getLogger(__name__)

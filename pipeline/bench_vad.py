@@ -13,7 +13,8 @@ import numpy as np
 
 from pipeline.checkpoint import ASRModel
 from pipeline.features import SAMPLE_RATE
-from pipeline.session import SessionOptions, StreamingSession
+from pipeline.options import SessionOptions
+from pipeline.session import StreamingSession
 from pipeline.vad import VadState, load_silero_vad, score_streams
 from pipeline.voice_gate import VadOptions
 

@@ -51,13 +51,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from pipeline.checkpoint import ASRModel
+from pipeline.options import SessionOptions
 from pipeline.prompt import build_causal_prompt
 from pipeline.session import (
     CausalBlock,
-    SessionOptions,
     StreamingSession,
     TranscriptEvent,
     checkpoint_offset,

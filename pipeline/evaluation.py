@@ -46,7 +46,8 @@ from pipeline.scoring import (
     simulate_real_streaming,
     summarize,
 )
-from pipeline.session import SessionOptions, StreamingSession, TranscriptEvent
+from pipeline.options import SessionOptions
+from pipeline.session import StreamingSession, TranscriptEvent
 
 log = logging.getLogger(__name__)
 

@@ -56,7 +56,8 @@ from pipeline.decoding import DecodeOptions
 from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, STEP_FRAMES, AudioTower, offline_output_steps
 from pipeline.features import FRAMES_PER_SECOND
 from pipeline.prompt import MAX_CONTEXT_TOKENS
-from pipeline.session import SessionOptions, StreamingSession, offline_step_end_frames
+from pipeline.options import SessionOptions
+from pipeline.session import StreamingSession, offline_step_end_frames
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR, make_tiny_checkpoint
 
 log = logging.getLogger(__name__)

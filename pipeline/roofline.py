@@ -21,7 +21,7 @@ from pipeline.config import QWEN3_ASR_0_6B, Qwen3ASRConfig
 from pipeline.encoder import STEP_FRAMES
 from pipeline.flops import ModelFlopCounter
 from pipeline.kv_pool import ENCODER_SLOT_COLUMNS
-from pipeline.session import SessionOptions
+from pipeline.options import SessionOptions
 
 _OPTIONS = SessionOptions()  # the published causal operating point: one default block per update
 BLOCK_SEC = _OPTIONS.update_interval_sec

@@ -14,7 +14,8 @@ import numpy as np
 from pipeline.checkpoint import ASRModel
 from pipeline.engine import EngineOptions, StreamingEngine
 from pipeline.features import SAMPLE_RATE
-from pipeline.session import SessionOptions, StreamingSession, TranscriptEvent
+from pipeline.options import SessionOptions
+from pipeline.session import StreamingSession, TranscriptEvent
 
 
 def stream_recording(

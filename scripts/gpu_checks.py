@@ -25,7 +25,7 @@ from pipeline.decode_step import StaticDecodeStep  # noqa: E402
 from pipeline.device_io import host_reads  # noqa: E402
 from pipeline.engine import EngineOptions, StreamingEngine  # noqa: E402
 from pipeline.kv_pool import DecoderKVPool  # noqa: E402
-from pipeline.session import SessionOptions  # noqa: E402
+from pipeline.options import SessionOptions  # noqa: E402
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR  # noqa: E402
 from tests.test_engine import _engine_events, _plans  # noqa: E402
 from tests.test_session import _comparable  # noqa: E402

@@ -19,7 +19,7 @@ from pipeline.bench_engine import (
 from pipeline.checkpoint import load_model
 from pipeline.engine import EngineOptions
 from pipeline.decoding import DecodeControls, DecodeOptions
-from pipeline.session import SessionOptions
+from pipeline.options import SessionOptions
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
 
 

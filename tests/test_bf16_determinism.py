@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from pipeline.checkpoint import ASRModel, load_model
 from pipeline.encoder import STEP_FRAMES, stem_conv
-from pipeline.session import SessionOptions, StreamingSession
+from pipeline.options import SessionOptions
+from pipeline.session import StreamingSession
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
 
 SAMPLE_RATE = 16000

@@ -19,7 +19,8 @@ import cli
 from cli import main as cli_main
 from pipeline.audio_io import read_audio
 from pipeline.checkpoint import load_model
-from pipeline.session import SessionOptions, StreamingSession
+from pipeline.options import SessionOptions
+from pipeline.session import StreamingSession
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
 from tests.speech import speak
 

@@ -16,7 +16,8 @@ from pipeline.decoding import DecodeOptions
 from pipeline.engine import AsyncStreamingEngine, EngineAtCapacity, EngineFailed, EngineOptions, StreamingEngine
 from pipeline.kv_pool import EncoderKVPool
 from pipeline.rolling import RollingDecoder
-from pipeline.session import SessionOptions, StreamingSession, TranscriptEvent
+from pipeline.options import SessionOptions
+from pipeline.session import StreamingSession, TranscriptEvent
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
 from tests.test_session import CAUSAL, SAMPLE_RATE, _audio, _comparable
 

@@ -35,7 +35,8 @@ from pipeline.scoring import (
     simulate_real_streaming,
     word_errors,
 )
-from pipeline.session import SessionOptions, StreamingSession
+from pipeline.options import SessionOptions
+from pipeline.session import StreamingSession
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
 from tests.speech import SpokenAudio, speak, speak_words
 

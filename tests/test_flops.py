@@ -25,7 +25,8 @@ from pipeline.flops import (
     probe_session_memory,
     windowed_schedule,
 )
-from pipeline.session import SessionOptions, StreamingSession, decoder_positions_needed
+from pipeline.options import SessionOptions
+from pipeline.session import StreamingSession, decoder_positions_needed
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
 
 TINY = Qwen3ASRConfig(audio=TINY_AUDIO, text=TINY_TEXT)

@@ -16,7 +16,8 @@ from deployments.grpc_api import ResponseWriter
 from pipeline.checkpoint import ASRModel
 from pipeline.features import HOP_LENGTH
 from pipeline.prompt import MAX_CONTEXT_TOKENS
-from pipeline.session import SessionOptions, StreamingSession, TranscriptEvent, checkpoint_offset
+from pipeline.options import SessionOptions
+from pipeline.session import StreamingSession, TranscriptEvent, checkpoint_offset
 from pipeline.vad import VadState, load_silero_vad, score_streams
 from pipeline.voice_gate import VadOptions
 from tests.speech import synthesize

@@ -36,7 +36,8 @@ def _pcm_chunk(namespace: dict[str, Any]) -> np.ndarray:
 
 
 def _roll_event(namespace: dict[str, Any]) -> Any:
-    from pipeline.session import SessionOptions, StreamingSession
+    from pipeline.options import SessionOptions
+    from pipeline.session import StreamingSession
 
     session = StreamingSession(namespace["model"], SessionOptions(language="en"))
     noise = (0.1 * np.random.default_rng(1).standard_normal(20 * 16_000)).astype(np.float32)

@@ -20,7 +20,8 @@ from deployments.grpc_api import ResponseWriter
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pipeline.checkpoint import load_model
 from pipeline.engine import EngineOptions, StreamingEngine
-from pipeline.session import SessionOptions, StreamingSession
+from pipeline.options import SessionOptions
+from pipeline.session import StreamingSession
 from pipeline.transcribe import stream_recording
 from pipeline.voice_gate import VadOptions
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR

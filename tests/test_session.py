@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from pipeline.checkpoint import ASRModel, load_model
-from pipeline.session import SessionOptions, StreamingSession, TranscriptEvent, checkpoint_offset, checkpoint_options
+from pipeline.options import SessionOptions
+from pipeline.session import StreamingSession, TranscriptEvent, checkpoint_offset, checkpoint_options
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
 
 SAMPLE_RATE = 16000

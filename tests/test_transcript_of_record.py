@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.causal_encoder import CausalEncoderOptions
 from pipeline.checkpoint import ASRModel
-from pipeline.session import SessionOptions, StreamingSession
+from pipeline.options import SessionOptions
+from pipeline.session import StreamingSession
 from tests.test_session import _audio, model  # noqa: F401  (model is a fixture)
 
 
