@@ -320,7 +320,9 @@ class StreamingSession:
 
         A whole block is ready once `block_frames` are buffered. After `begin_finish`, when no whole block is
         left, the pending frames rounded down to whole steps go as one last short block (fewer than 8 frames
-        are dropped, as the reference does).
+        are dropped, as the reference does). After `request_finalize`, the blocks run up to the audio buffered
+        then (the last one short if need be) and the segment rolls after its update. A block the voice gate
+        finds silent comes back `skipped`, with the events of the utterance it may have ended.
 
         `more_to_come`: the caller takes the next ready block right after this one and wants one decoder update
         for both (an engine catching up a lagging stream): this block is held unless a roll or the end forces
