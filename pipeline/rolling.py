@@ -235,13 +235,10 @@ class RollingDecoder:
 @torch.inference_mode()
 def decode_from_scratch(
     decoder: TextDecoder, prompt: CausalPrompt, audio: Tensor, controls: DecodeControls
-) -> tuple[list[int], int]:
+) -> UpdateResult:
     """Plain greedy decoding after a fresh prefill of `[head + audio + tail]` (no rolling cache, no draft).
 
     The reference that speculative rolling updates must reproduce token for token, and the decoder of the
-    windowed backend. Returns (hypothesis tokens, decode steps).
-    """
+    windowed backend (its stats count the prefill as the positions forwarded)."""
     rolling = RollingDecoder(decoder, prompt, controls, speculative=False)
-    state = rolling.new_state()
-    result = rolling.update([state], [audio])[0]
-    return list(result.tokens), result.stats.decode_steps
+    return rolling.update([rolling.new_state()], [audio])[0]

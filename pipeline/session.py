@@ -588,10 +588,8 @@ class StreamingSession:
         self.segment.steps += new_steps.shape[0]
         self.segment.embeddings.append(new_steps)
         audio = torch.cat(self.segment.embeddings)
-        tokens, decode_steps = decode_from_scratch(self.model.text_decoder, self.prompt, audio, self.controls)
-        prefill = len(self.prompt.head_ids) + audio.shape[0] + len(self.prompt.tail_ids)
-        stats = UpdateStats(draft_tokens=0, draft_accepted=0, decode_steps=decode_steps, positions_forwarded=prefill + decode_steps)
-        return self._after_update(tokens, stats)
+        result = decode_from_scratch(self.model.text_decoder, self.prompt, audio, self.controls)
+        return self._after_update(list(result.tokens), result.stats, result.logprobs)
 
     def _after_update(
         self, tokens: list[int], stats: UpdateStats, logprobs: Sequence[float] = ()

@@ -182,7 +182,7 @@ def our_decode(
     """Our hypothesis ids and the offline tower's audio embeddings they were decoded from."""
     with torch.inference_mode():
         audio = model.audio_tower.forward_offline(mel)
-    tokens, _ = decode_from_scratch(model.text_decoder, prompt, audio, DecodeControls(options))
+    tokens = list(decode_from_scratch(model.text_decoder, prompt, audio, DecodeControls(options)).tokens)
     return tokens, audio
 
 

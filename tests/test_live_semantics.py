@@ -21,7 +21,7 @@ from pipeline.session import StreamingSession, TranscriptEvent, checkpoint_offse
 from pipeline.vad import VadState, load_silero_vad, score_streams
 from pipeline.voice_gate import VadOptions
 from tests.speech import synthesize
-from tests.test_session import CAUSAL, SAMPLE_RATE, _audio, _comparable, _run, model  # noqa: F401  (fixture)
+from tests.test_session import CAUSAL, SAMPLE_RATE, WINDOWED, _audio, _comparable, _run, model  # noqa: F401  (fixture)
 
 GATED = replace(CAUSAL, vad=VadOptions(enabled=True))
 
@@ -300,8 +300,9 @@ def test_gate_bench_counts_the_work_it_saves(model: ASRModel) -> None:
 # ---------------------------------------------------------------------------------------------- confidence
 
 
-def test_committed_words_carry_the_confidence_of_their_tokens(model: ASRModel) -> None:
-    events, session = _run(model, _audio(9.0, seed=11), 4000, CAUSAL)
+@pytest.mark.parametrize("options", [CAUSAL, WINDOWED], ids=["causal", "windowed"])
+def test_committed_words_carry_the_confidence_of_their_tokens(model: ASRModel, options: SessionOptions) -> None:
+    events, session = _run(model, _audio(9.0, seed=11), 4000, options)
     words = [w for e in events for w in e.new_words]
     assert words and all(w.confidence is None or 0.0 < w.confidence <= 1.0 for w in words)
     assert sum(w.confidence is not None for w in words) >= len(words) // 2

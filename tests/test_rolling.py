@@ -40,7 +40,7 @@ def test_speculative_rolling_equals_greedy_from_a_fresh_prefill(parts, seed: int
     for delta in _audio_updates(seed, model.config.text.hidden_size, scale=0.05 + 0.1 * (seed % 3)):
         seen.append(delta)
         result = rolling.update([state], [delta])[0]
-        expected, _ = decode_from_scratch(model.text_decoder, prompt, torch.cat(seen), controls)
+        expected = list(decode_from_scratch(model.text_decoder, prompt, torch.cat(seen), controls).tokens)
         assert list(result.tokens) == expected
         # Between updates the cache holds exactly [head + all audio so far].
         assert state.cache.length == len(prompt.head_ids) + sum(d.shape[0] for d in seen)
@@ -113,7 +113,7 @@ def test_draft_diverging_mid_way_is_corrected_and_continued(parts, agree: int) -
     hidden = model.config.text.hidden_size
     generator = torch.Generator().manual_seed(agree)
     first, second = (0.1 * torch.randn(24, hidden, generator=generator) for _ in range(2))
-    expected, _ = decode_from_scratch(model.text_decoder, prompt, torch.cat([first, second]), controls)
+    expected = list(decode_from_scratch(model.text_decoder, prompt, torch.cat([first, second]), controls).tokens)
     assert len(expected) > agree
     rolling = RollingDecoder(model.text_decoder, prompt, controls)
     state = rolling.new_state()
