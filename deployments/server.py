@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,6 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def start(settings: ServerSettings) -> str:
     """Start a local Ray and the application; returns the gRPC address. Stop with `stop()`."""
-    import ray
     from ray import serve
     from ray.serve.config import gRPCOptions, HTTPOptions
 
@@ -82,7 +82,7 @@ def start(settings: ServerSettings) -> str:
         _embedded = EmbeddedStore().start()
         log.info("session store: embedded valkey-server at %s", _embedded.url)
     port = _free_port()  # Serve's proxy, behind the front
-    ray.init(
+    _start_ray(
         num_cpus=settings.num_cpus or max(os.cpu_count() or 1, _cpus_to_start(_deployment_options(config, settings))),
         include_dashboard=False,
         runtime_env={"env_vars": {**TRANSPORTS[settings.transport], **MAX_MESSAGE_ENV}},
@@ -101,6 +101,26 @@ def start(settings: ServerSettings) -> str:
     address = f"127.0.0.1:{public_port}"
     log.info("serving %s on %s (%s transport%s)", APP_NAME, address, settings.transport, ", TLS" if settings.tls else "")
     return address
+
+
+#: Ray gives its raylet a fixed 30 s to register; on a busy small machine (or while the processes of a Ray stopped
+#: a moment ago still exit) it may not. One more try then, after a pause.
+RAY_START_ATTEMPTS, RAY_RETRY_PAUSE_S = 2, 5.0
+
+
+def _start_ray(**options: Any) -> None:
+    import ray
+
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            ray.init(**options)
+            return
+        except Exception as error:  # Ray raises a bare Exception for this one case; anything else is re-raised
+            if "timed out during startup" not in str(error) or attempt == RAY_START_ATTEMPTS:
+                raise
+            log.warning("Ray did not start (%s); trying again in %.0f s", error, RAY_RETRY_PAUSE_S)
+            ray.shutdown()
+            time.sleep(RAY_RETRY_PAUSE_S)
 
 
 def _free_port() -> int:
