@@ -260,11 +260,13 @@ class StreamingEngine:
         blocks = {}
         for stream_id in stream_ids:
             session = self._sessions[stream_id]
-            while (block := session.next_block(more_to_come=not last_round and session.whole_blocks_buffered >= 2)) is not None:
-                if not block.skipped:
-                    blocks[stream_id] = block
+            while True:
+                block = session.next_block(more_to_come=not last_round and session.whole_blocks_buffered >= 2)
+                if block is None or not block.skipped:
                     break
                 events[stream_id] += block.roll_events
+            if block is not None:
+                blocks[stream_id] = block
         return blocks
 
     def _close(self, stream_id: str) -> None:

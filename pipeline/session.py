@@ -597,9 +597,10 @@ class StreamingSession:
         segment = self.segment
         segment.tokens = tokens
         text = self._text(tokens)
-        confidences = word_confidences(self.model.tokenizer, tokens, logprobs, self.prompt.special, text.split())
+        words = text.split()
+        confidences = word_confidences(self.model.tokenizer, tokens, logprobs, self.prompt.special, words)
         update = self.committer.update(text, self.audio_sec, confidences)
-        ages = self.stability.update(text.split())
+        ages = self.stability.update(words)
         span = None
         if segment.start_frame is not None:  # causal: the blocks this update decoded
             span = (max(segment.start_frame, segment.decoded_until) * HOP_LENGTH, segment.end_frame * HOP_LENGTH)
@@ -799,13 +800,11 @@ def offline_step_end_frames(frames: int) -> Tensor:
 
 
 def _encode_vad(state: VadState) -> dict[str, Any]:
-    arrays = {name: _encode_array(getattr(state, name)) for name in ("h", "c", "context", "pending")}
-    return arrays | {"windows_done": state.windows_done}
+    return {name: _encode_array(value) for name, value in asdict(state).items()}
 
 
 def _decode_vad(encoded: dict[str, Any]) -> VadState:
-    arrays = {name: _decode_array(encoded[name]) for name in ("h", "c", "context", "pending")}
-    return VadState(**arrays, windows_done=encoded["windows_done"])
+    return VadState(**{name: _decode_array(value) for name, value in encoded.items()})
 
 
 def _encode_array(array: np.ndarray) -> dict[str, Any]:

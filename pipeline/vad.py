@@ -86,7 +86,6 @@ class VadState:
     c: np.ndarray  # [128]
     context: np.ndarray  # [64] the samples before the next window
     pending: np.ndarray  # [< 512] samples not yet in a whole window
-    windows_done: int = 0  # windows scored so far: window k covers samples 512k .. 512(k+1)
 
     @classmethod
     def initial(cls) -> "VadState":
@@ -125,7 +124,6 @@ def score_streams(model: SileroVAD, states: list[VadState], pcm: list[np.ndarray
             c=c[i].numpy().copy(),
             context=context[i].copy(),
             pending=buffered[i][counts[i] * WINDOW_SAMPLES :].copy(),
-            windows_done=state.windows_done + counts[i],
         )
         results.append((new_state, probabilities[i]))
     return results

@@ -16,9 +16,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from pipeline.features import SAMPLE_RATE
 from pipeline.vad import WINDOW_SAMPLES
-
-SAMPLES_PER_MS = 16
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ class VoiceGate:
         first = state.first_window
         state.first_window += count
         speech = [first + i for i, p in enumerate(windows) if p >= self.options.threshold]
-        end_silence = self.options.end_silence_ms * SAMPLES_PER_MS
+        end_silence = self.options.end_silence_ms * SAMPLE_RATE // 1000
         if speech:
             begin = None if state.in_utterance else max(start, speech[0] * WINDOW_SAMPLES)
             state.in_utterance = True
