@@ -2,11 +2,11 @@
 
 Each replica loads the model it needs, sets torch's thread count to the CPUs Ray reserved for it (two torch
 processes spinning on the same cores slow each other 5-10x), and runs its stage on one worker thread, so the
-replica's event loop keeps collecting the next batch while a forward runs. Encoder and decoder batch concurrent
-calls of many streams with `@serve.batch`: every call that arrived while the previous forward ran goes into the
-next one (that is the stage's own step loop, fed by concurrent calls). They are routed sticky per stream and
-segment (`session_id`, consistent hashing; see `deployments.app`), because they hold K/V; a call that lands on
-a replica without the stream's state gets a `StageMiss` and the ingress replays the segment.
+replica's event loop keeps collecting the next batch while a forward runs. All three batch concurrent calls of
+many streams with `@serve.batch`: every call that arrived while the previous forward ran goes into the next one
+(that is the stage's own step loop, fed by concurrent calls). Encoder and decoder are routed sticky per stream
+and segment (`session_id`, consistent hashing; see `deployments.app`), because they hold K/V; a call that lands
+on a replica without the stream's state gets a `StageMiss` and the ingress replays the segment.
 """
 
 from __future__ import annotations
@@ -98,8 +98,10 @@ class FeatureExtractor(_StageHost):
         reserve_threads()
         self.stage = FeatureStage()
 
-    async def extract(self, request: FeatureRequest) -> FeatureResult:
-        return (await self.run(self.stage.extract, [request]))[0]
+    # No wait for a batch to fill: the calls queued while the last batch ran go together (stacked FFTs).
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
+    async def extract(self, requests: list[FeatureRequest]) -> list[FeatureResult]:
+        return await self.run(self.stage.extract, requests)
 
 
 @serve.deployment

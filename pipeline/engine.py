@@ -9,11 +9,13 @@ pool wherever their slots are; the encoder's do so in neighbouring slots (the co
 lowest first) and gather a copy of their windows otherwise; activations are per-step tensors (the CUDA caching
 allocator recycles them; the decode steps run in fixed buffers). The end of a stream frees its slots; at a
 segment roll, when its K/V starts empty, a stream's next segment starts in the lowest free slot, so the live
-streams stay packed at the low slots that batches and fixed-shape steps cover. Audio is buffered per stream
-(only the cheap log-mel front-end runs on arrival); `step()` then advances every stream that has a whole block
-buffered, or whose end was signalled, by one block (a stream that has fallen behind by up to
-`EngineOptions.catch_up_blocks`, see below):
+streams stay packed at the low slots that batches and fixed-shape steps cover. Audio is held per stream as it
+arrives (checked, nothing computed: the caller's thread, e.g. an asyncio driver's, does no signal work);
+`step()` then advances every stream that has a whole block, or whose end was signalled, by one block (a stream
+that has fallen behind by up to `EngineOptions.catch_up_blocks`, see below):
 
+0. the front end: one `FeatureStage.extract` over every stream whose held audio completes a block (or ends the
+   stream): log-mel groups of all of them in stacked FFT calls, voice activity in one batched forward;
 1. scheduling: each session's `next_block` rolls its segment if the block would pass the cap and hands out the
    block (the same code the single-stream session runs);
 2. one `EncoderStage.encode`: one forward over all those blocks, on their slots' K/V;
@@ -73,6 +75,7 @@ class StepTiming:
     """Wall time of one `step`, by phase (seconds on the host's clock; CUDA work is not waited for per phase)."""
 
     streams: int  # blocks advanced in this step
+    features_sec: float  # the front end of the audio held since the last step
     schedule_sec: float
     encoder_sec: float
     decoder_sec: float
@@ -80,7 +83,7 @@ class StepTiming:
 
     @property
     def total_sec(self) -> float:
-        return self.schedule_sec + self.encoder_sec + self.decoder_sec + self.policy_sec
+        return self.features_sec + self.schedule_sec + self.encoder_sec + self.decoder_sec + self.policy_sec
 
 
 @dataclass(frozen=True)
@@ -199,23 +202,28 @@ class StreamingEngine:
     # ------------------------------------------------------------------ input
 
     def push_audio(self, stream_id: str, pcm: np.ndarray) -> None:
-        """Buffer 16 kHz mono float32 PCM for a stream; it is encoded by later `step` calls."""
-        self.session(stream_id).buffer_audio(pcm, self.features)
+        """Hold 16 kHz mono float32 PCM for a stream (checked now); later `step` calls extract and encode it."""
+        self.session(stream_id).hold_audio(pcm)
 
     def finish_stream(self, stream_id: str) -> None:
         """Signal the end of a stream's audio; later steps decode what is left, then finalize it."""
-        self.session(stream_id).begin_finish(self.features)
+        self.session(stream_id).hold_end()
 
     @property
     def has_work(self) -> bool:
-        """Whether a `step` now would advance some stream (a whole block buffered, or an end to process)."""
-        return any(session.block_ready or session.done_encoding for session in self._sessions.values())
+        """Whether a `step` now would advance some stream (a whole block held or buffered, or an end to process)."""
+        return any(
+            session.front_end_due or session.block_ready or session.done_encoding
+            for session in self._sessions.values()
+        )
 
     # ------------------------------------------------------------------ the step
 
     def step(self) -> dict[str, list[TranscriptEvent]]:
         """Advance every ready stream (by up to `catch_up_blocks` blocks); returns the new events per stream."""
         clock = _PhaseClock()
+        self._run_front_end()
+        features_sec = clock.lap()
         events: dict[str, list[TranscriptEvent]] = defaultdict(list)
         updates: dict[str, tuple[CausalBlock, DecodeRequest]] = {}  # per stream: the block its update follows
         advanced, schedule_sec, encoder_sec = 0, 0.0, 0.0
@@ -246,10 +254,20 @@ class StreamingEngine:
             if session.done_encoding:
                 events[stream_id] += session.finalize()
                 self._close(stream_id)
-        self.last_step_timing = StepTiming(advanced, schedule_sec, encoder_sec, decoder_sec, clock.lap())
+        self.last_step_timing = StepTiming(advanced, features_sec, schedule_sec, encoder_sec, decoder_sec, clock.lap())
         if advanced:
             log.debug("step: %d blocks over %d open streams", advanced, len(self._sessions))
         return {stream_id: stream_events for stream_id, stream_events in events.items() if stream_events}
+
+    def _run_front_end(self) -> None:
+        """One front-end call for every stream whose held audio completes a block or ends the stream."""
+        due = [session for session in self._sessions.values() if session.front_end_due]
+        if not due:
+            return
+        requests = [session.take_feature_request() for session in due]
+        results = self.features.extract([request for request, _ in requests])
+        for session, (_, end), result in zip(due, requests, results):
+            session.accept_features(result, end=end)
 
     def _next_blocks(
         self, stream_ids: list[str], last_round: bool, events: dict[str, list[TranscriptEvent]]
@@ -378,7 +396,7 @@ class AsyncStreamingEngine:
         for apply, done in requests:
             try:
                 apply()
-            except (ValueError, KeyError, RuntimeError) as error:  # a bad request: the answer goes to its caller
+            except (TypeError, ValueError, KeyError, RuntimeError) as error:  # a bad request: its caller's answer
                 done.set_exception(error)
             else:
                 done.set_result(None)

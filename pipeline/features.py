@@ -30,6 +30,12 @@ Short streams. With n <= 200 samples a single reflection cannot pad 200 samples;
 repeats the reflection (numpy's `np.pad(mode="reflect")`), which gives one frame for 160 <= n <= 200
 and none below 160. From n = 201 on this is the reference padding.
 
+Many streams at once. `extract_log_mel` advances many extractors in one go: each stream's frames are laid out
+in their fixed-shape groups as above, and the groups of many streams go through one stacked FFT and one stacked
+matmul (each group still its own [8, 400] row block of the same call shapes, so every frame is bit-identical to
+the one-stream path), in calls of at most `GROUPS_PER_CALL` groups to bound their memory. `push` and `flush` are
+that call for one stream.
+
 The extractor state (`LogMelState`) is plain data, so a session can be saved at a segment boundary and
 resumed elsewhere with identical frames.
 """
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +58,9 @@ HOP_LENGTH = 160
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second
 N_MELS = 128
 FRAMES_PER_GROUP = 8  # one conv-stem step of the causal tower (80 ms)
+#: Most groups one stacked FFT call takes (~3 MB of windows; 21 streams' 1.92 s blocks): batching beyond this
+#: saves no per-call overhead worth the memory.
+GROUPS_PER_CALL = 512
 LOG_MEL_EPS = 1e-10
 DYNAMIC_RANGE = 8.0  # log10 units: 80 dB below the (running) max
 _HALF_WINDOW = N_FFT // 2
@@ -72,14 +82,16 @@ def _analysis_constants() -> tuple[np.ndarray, np.ndarray]:
     return window, np.ascontiguousarray(filters, dtype=np.float32)
 
 
-def _group_log_mel(frames: np.ndarray) -> np.ndarray:
-    """Unfloored log10 mel of one group: [FRAMES_PER_GROUP, N_FFT] samples -> [FRAMES_PER_GROUP, N_MELS].
+def _groups_log_mel(groups: np.ndarray) -> np.ndarray:
+    """Unfloored log10 mel of groups: [groups, FRAMES_PER_GROUP, N_FFT] samples -> [groups, FRAMES_PER_GROUP, N_MELS].
 
-    numpy rather than torch: numpy's FFT is single-threaded and its small GEMM stays on one thread,
-    whereas torch's intra-op threads cost far more than the work at this size and may vary the result.
+    The FFT is per row, and the stacked matmul is one [FRAMES_PER_GROUP, bins] x [bins, N_MELS] product per group,
+    so a group's result does not depend on how many groups share the call. numpy rather than torch: numpy's FFT
+    is single-threaded and its small GEMM stays on one thread, whereas torch's intra-op threads cost far more than
+    the work at this size and may vary the result.
     """
     window, filters = _analysis_constants()
-    power = np.abs(np.fft.rfft(frames * window)) ** 2
+    power = np.abs(np.fft.rfft(groups * window)) ** 2
     return np.log10(np.maximum(power @ filters, np.float32(LOG_MEL_EPS)))
 
 
@@ -147,12 +159,7 @@ class StreamingLogMel:
 
     def push(self, chunk: np.ndarray) -> torch.Tensor:
         """Append 16 kHz float32 samples; return the frames completed by them, [n, N_MELS] float32."""
-        if self._flushed:
-            raise RuntimeError("stream already flushed; call reset() to start a new one")
-        self._check_chunk(chunk)
-        self._pending = np.concatenate([self._pending, chunk])
-        self._samples_received += chunk.size
-        return self._emit_until(frames_complete(self._samples_received))
+        return extract_log_mel([self], [chunk], [False])[0]
 
     def frames_after(self, more_samples: int) -> int:
         """How many frames `push` would have emitted in all after `more_samples` more samples (no work done)."""
@@ -160,11 +167,7 @@ class StreamingLogMel:
 
     def flush(self) -> torch.Tensor:
         """End the stream: return the last frames (end-reflect padded); the total is then samples // 160."""
-        if self._flushed:
-            raise RuntimeError("stream already flushed; call reset() to start a new one")
-        frames = self._emit_until(self._samples_received // HOP_LENGTH)
-        self._flushed = True
-        return frames
+        return extract_log_mel([self], [np.zeros(0, dtype=np.float32)], [True])[0]
 
     def state(self) -> LogMelState:
         return LogMelState(
@@ -192,48 +195,49 @@ class StreamingLogMel:
         extractor._flushed = state.flushed
         return extractor
 
-    def _check_chunk(self, chunk: np.ndarray) -> None:
-        if not isinstance(chunk, np.ndarray) or chunk.dtype != np.float32 or chunk.ndim != 1:
-            described = (
-                f"{chunk.dtype} array of shape {chunk.shape}" if isinstance(chunk, np.ndarray) else type(chunk).__name__
-            )
-            raise TypeError(
-                f"chunk is a {described}; expected a 1-D float32 numpy array of 16 kHz samples "
-                "(convert with prepare_pcm)"
-            )
-        bad = _first_non_finite(chunk)
-        if bad is not None:
-            raise ValueError(
-                f"chunk sample {bad[0]} (stream sample {self._samples_received + bad[0]}) is "
-                f"{chunk[bad[0]]}; expected finite PCM"
-            )
+    def _accept(self, chunk: np.ndarray, flush: bool) -> int:
+        """Append `chunk` (checked); return the frame index this call emits up to (flush: the end of the stream)."""
+        if self._flushed:
+            raise RuntimeError("stream already flushed; call reset() to start a new one")
+        check_pcm(chunk, self._samples_received)
+        self._pending = np.concatenate([self._pending, chunk])
+        self._samples_received += chunk.size
+        stop = self._samples_received // HOP_LENGTH if flush else frames_complete(self._samples_received)
+        return max(stop, self._frames_emitted)
 
-    def _emit_until(self, stop: int) -> torch.Tensor:
-        """Compute and floor frames [frames_emitted, stop), group by group, then drop spent samples."""
-        emitted = []
-        while self._frames_emitted < stop:
-            first = self._frames_emitted
-            group_start = first - first % FRAMES_PER_GROUP
-            end = min(stop, group_start + FRAMES_PER_GROUP)
-            log_mel = self._group_rows(group_start, first, end)
-            emitted.append(self._floor(log_mel))
-            self._frames_emitted = end
-        self._pending = self._pending[_first_needed_sample(self._frames_emitted) - self._pending_start() :].copy()
-        if not emitted:
-            return torch.zeros(0, N_MELS, dtype=torch.float32)
-        return torch.from_numpy(np.concatenate(emitted))
+    def _windows(self, stop: int) -> np.ndarray:
+        """Samples of frames [frames_emitted, stop) in their groups, [groups, FRAMES_PER_GROUP, N_FFT]: each frame
+        at its row of the group aligned to absolute frame indices, the group's other rows zero."""
+        first = self._frames_emitted
+        group_start = first - first % FRAMES_PER_GROUP
+        groups = -(-(stop - group_start) // FRAMES_PER_GROUP) if stop > first else 0
+        windows = np.zeros((groups * FRAMES_PER_GROUP, N_FFT), dtype=np.float32)
+        if stop > first:
+            # The frames' span of samples, reflected only where it passes an end of the stream (its first
+            # frames, or the last ones at a flush); frame t is the span's window at (t - first) hops.
+            low, high = HOP_LENGTH * first - _HALF_WINDOW, HOP_LENGTH * (stop - 1) + _HALF_WINDOW
+            if low >= 0 and high <= self._samples_received:
+                span = self._pending[low - self._pending_start() : high - self._pending_start()]
+            else:
+                span = self._pending[_reflect(np.arange(low, high), self._samples_received) - self._pending_start()]
+            frames = np.lib.stride_tricks.sliding_window_view(span, N_FFT)[::HOP_LENGTH]
+            windows[first - group_start : stop - group_start] = frames
+        return windows.reshape(groups, FRAMES_PER_GROUP, N_FFT)
+
+    def _emit(self, group_log_mel: np.ndarray, stop: int, flush: bool) -> torch.Tensor:
+        """Floor the frames [frames_emitted, stop) out of their groups' log-mel, advance, drop spent samples."""
+        first = self._frames_emitted
+        offset = first % FRAMES_PER_GROUP
+        frames = group_log_mel.reshape(-1, N_MELS)[offset : offset + stop - first]
+        if stop > first:
+            frames = self._floor(frames)
+        self._frames_emitted = stop
+        self._pending = self._pending[_first_needed_sample(stop) - self._pending_start() :].copy()
+        self._flushed = flush
+        return torch.from_numpy(frames)
 
     def _pending_start(self) -> int:
         return self._samples_received - self._pending.size
-
-    def _group_rows(self, group_start: int, first: int, end: int) -> np.ndarray:
-        """Unfloored log-mel of frames [first, end), computed in their group's fixed-shape call."""
-        frame_index = np.arange(first, end)[:, None]
-        sample_index = HOP_LENGTH * frame_index - _HALF_WINDOW + np.arange(N_FFT)
-        rows = slice(first - group_start, end - group_start)
-        group = np.zeros((FRAMES_PER_GROUP, N_FFT), dtype=np.float32)
-        group[rows] = self._pending[_reflect(sample_index, self._samples_received) - self._pending_start()]
-        return _group_log_mel(group)[rows]
 
     def _floor(self, log_mel: np.ndarray) -> np.ndarray:
         """Apply the running-max floor and the (x + 4) / 4 scaling to the next frames of the stream."""
@@ -242,6 +246,52 @@ class StreamingLogMel:
         self._running_max = float(running_max[-1])
         floor = running_max - np.float32(DYNAMIC_RANGE)
         return (np.maximum(log_mel, floor[:, None]) + np.float32(4.0)) / np.float32(4.0)
+
+
+def extract_log_mel(
+    extractors: Sequence[StreamingLogMel], chunks: Sequence[np.ndarray], flush: Sequence[bool]
+) -> list[torch.Tensor]:
+    """`push` chunks[i] to extractors[i] (then `flush` it where flush[i]), for many streams in stacked calls:
+    returns each stream's new frames [n, N_MELS], bit-identical to its own `push` / `flush`."""
+    if not len(extractors) == len(chunks) == len(flush):
+        raise ValueError(f"got {len(extractors)} extractors, {len(chunks)} chunks and {len(flush)} flush flags")
+    if len({id(extractor) for extractor in extractors}) != len(extractors):
+        raise ValueError("an extractor appears twice; its frames depend on each other and must go in order")
+    stops = [extractor._accept(chunk, end) for extractor, chunk, end in zip(extractors, chunks, flush)]
+    frames: list[torch.Tensor] = []
+    batch: list[np.ndarray] = []  # windows of the streams frames[len(frames):], not computed yet
+
+    def compute_batch() -> None:
+        log_mel = _groups_log_mel(np.concatenate(batch)) if batch else None
+        offset = 0
+        for windows in batch:
+            index = len(frames)
+            groups = windows.shape[0]
+            frames.append(extractors[index]._emit(log_mel[offset : offset + groups], stops[index], flush[index]))
+            offset += groups
+        batch.clear()
+
+    for extractor, stop, end in zip(extractors, stops, flush):
+        batch.append(extractor._windows(stop))
+        if sum(windows.shape[0] for windows in batch) >= GROUPS_PER_CALL:
+            compute_batch()
+    compute_batch()
+    return frames
+
+
+def check_pcm(chunk: np.ndarray, stream_offset: int = 0) -> None:
+    """Raise unless `chunk` is what a stream takes: a 1-D float32 numpy array of finite 16 kHz samples
+    (`stream_offset`: the stream sample of chunk[0], named in the error)."""
+    if not isinstance(chunk, np.ndarray) or chunk.dtype != np.float32 or chunk.ndim != 1:
+        described = f"{chunk.dtype} array of shape {chunk.shape}" if isinstance(chunk, np.ndarray) else type(chunk).__name__
+        raise TypeError(
+            f"chunk is a {described}; expected a 1-D float32 numpy array of 16 kHz samples (convert with prepare_pcm)"
+        )
+    bad = _first_non_finite(chunk)
+    if bad is not None:
+        raise ValueError(
+            f"chunk sample {bad[0]} (stream sample {stream_offset + bad[0]}) is {chunk[bad[0]]}; expected finite PCM"
+        )
 
 
 def frames_complete(samples: int) -> int:

@@ -48,7 +48,7 @@ from pipeline.commit import (
 )
 from pipeline.decoding import DecodeControls, DecodeOptions
 from pipeline.encoder import OFFLINE_CHUNK_FRAMES, STEP_FRAMES, offline_output_steps
-from pipeline.features import FRAMES_PER_SECOND, HOP_LENGTH, N_MELS, LogMelState, StreamingLogMel
+from pipeline.features import FRAMES_PER_SECOND, HOP_LENGTH, N_MELS, LogMelState, StreamingLogMel, check_pcm
 from pipeline.prompt import (
     MAX_CONTEXT_TOKENS,
     CausalPrompt,
@@ -180,6 +180,9 @@ class StreamingSession:
         self.committer = TranscriptCommitter(opts.commit, update_interval_sec=opts.update_interval_sec)
         self.stability = HypothesisStability()
         self.features = StreamingLogMel()
+        self._held_pcm: list[np.ndarray] = []  # audio received since the last front-end request (`hold_audio`)
+        self._held_samples = 0
+        self._end_held = False  # the end of audio was signalled and waits for the next front-end request
         # The voice gate (off by default) and its detector's state, which travels with feature requests.
         self.gate = VoiceGate(opts.vad) if opts.vad.enabled else None
         self.vad = VadState.initial() if opts.vad.enabled else None
@@ -219,7 +222,8 @@ class StreamingSession:
         """Feed 16 kHz mono float32 PCM (see `pipeline.features.prepare_pcm`); returns the new events."""
         self._check_open()
         if self.options.backend == "causal":
-            self.buffer_audio(samples)
+            self.hold_audio(samples)
+            self._run_front_end()
             return self._run_ready_blocks()
         return self._consume_windowed(self.features.push(samples))
 
@@ -227,7 +231,8 @@ class StreamingSession:
         """End of stream: encode the partial block once, decode, and finalize the transcript."""
         self._check_open()
         if self.options.backend == "causal":
-            self.begin_finish()
+            self.hold_end()
+            self._run_front_end()
             events = self._run_ready_blocks()
         else:
             events = self._consume_windowed(self._flush_features())
@@ -282,23 +287,44 @@ class StreamingSession:
     # policy). A session on its own sends its requests to private stages, one stream at a time;
     # `pipeline.engine.StreamingEngine` sends many sessions' requests to shared stages in one batch each.
 
-    def feature_request(self, samples: np.ndarray | None = None, *, end: bool = False) -> FeatureRequest:
-        """Causal backend: the front-end request for new PCM, or (`end`) for the end of audio."""
-        self._check_open()
-        self._check_causal()
-        if self.finishing:
-            raise RuntimeError("the end of the stream was signalled; no more audio is accepted")
-        pcm = np.zeros(0, dtype=np.float32) if samples is None else samples
-        return FeatureRequest(self.features, pcm, flush=end and not self.features.flushed, vad=self.vad)
+    def hold_audio(self, samples: np.ndarray) -> None:
+        """Causal backend: keep new 16 kHz float32 PCM for the next front-end request. It is checked now, so a bad
+        chunk is its sender's error, not a later step's."""
+        self._check_accepting_audio()
+        check_pcm(samples, self.features.samples_received + self._held_samples)
+        self._held_pcm.append(samples)
+        self._held_samples += samples.size
 
-    def completes_block_with(self, more_samples: int) -> bool:
-        """Whether `more_samples` more samples would complete a block (an owner whose front-end runs elsewhere
-        calls it only then: a block cannot be encoded before its last sample, so earlier calls buy nothing)."""
-        new_frames = self.features.frames_after(more_samples) - self.features.frames_emitted
-        return self.pending_mel.shape[0] + new_frames >= self.options.encoder.block_frames
+    def hold_end(self) -> None:
+        """Causal backend: the end of audio, sent with the next front-end request."""
+        self._check_accepting_audio()
+        self._end_held = True
+
+    @property
+    def holds_audio(self) -> bool:
+        """Whether audio (or the end of audio) waits for the front end."""
+        return self._held_samples > 0 or self._end_held
+
+    @property
+    def front_end_due(self) -> bool:
+        """Whether what is held should go through the front end now: it completes a block, or ends the stream. An
+        owner calls the front end only then: a block cannot be encoded before its last sample, so earlier calls
+        would only add work and hops."""
+        if self._end_held:
+            return True
+        new_frames = self.features.frames_after(self._held_samples) - self.features.frames_emitted
+        return self._held_samples > 0 and self.pending_mel.shape[0] + new_frames >= self.options.encoder.block_frames
+
+    def take_feature_request(self) -> tuple[FeatureRequest, bool]:
+        """The front-end request for everything held, and whether it carries the end of audio; give its result to
+        `accept_features` with that flag."""
+        pcm = np.concatenate(self._held_pcm) if self._held_pcm else np.zeros(0, dtype=np.float32)
+        end = self._end_held
+        self._held_pcm, self._held_samples, self._end_held = [], 0, False
+        return FeatureRequest(self.features, pcm, flush=end and not self.features.flushed, vad=self.vad), end
 
     def accept_features(self, result: FeatureResult, *, end: bool = False) -> None:
-        """Buffer a front-end result (its mel waits for `next_block`); `end`: it was the end-of-audio request."""
+        """Buffer a front-end result (its mel waits for `next_block`); `end`: its request carried the end of audio."""
         self.features = result.frontend
         self._buffer_mel(result.mel)
         if self.gate is not None:
@@ -306,19 +332,15 @@ class StreamingSession:
             self.gate.add(result.speech)
         self.finishing = end
 
-    def buffer_audio(self, samples: np.ndarray, features: FeatureStage | None = None) -> None:
-        """Causal backend: run the front-end (on `features`, e.g. an engine's stage) on new PCM and buffer its mel;
-        no block is encoded yet."""
-        self.accept_features((features or _FEATURES).extract([self.feature_request(samples)])[0])
-
-    def begin_finish(self, features: FeatureStage | None = None) -> None:
-        """Causal backend: end of audio. The remaining blocks, then the partial one, come out of `next_block`."""
-        self.accept_features((features or _FEATURES).extract([self.feature_request(end=True)])[0], end=True)
+    def _run_front_end(self) -> None:
+        """Everything held through this session's own front end (a session used on its own)."""
+        request, end = self.take_feature_request()
+        self.accept_features(_FEATURES.extract([request])[0], end=end)
 
     def next_block(self, more_to_come: bool = False) -> CausalBlock | None:
         """The next block to encode (rolling the segment first if the block would pass the cap), or None.
 
-        A whole block is ready once `block_frames` are buffered. After `begin_finish`, when no whole block is
+        A whole block is ready once `block_frames` are buffered. After `hold_end`, when no whole block is
         left, the pending frames rounded down to whole steps go as one last short block (fewer than 8 frames
         are dropped, as the reference does). After `request_finalize`, the blocks run up to the audio buffered
         then (the last one short if need be) and the segment rolls after its update. A block the voice gate
@@ -750,6 +772,12 @@ class StreamingSession:
     def _check_causal(self) -> None:
         if self.options.backend != "causal":
             raise ValueError(f"backend is {self.options.backend!r}; block-wise calls need the 'causal' backend")
+
+    def _check_accepting_audio(self) -> None:
+        self._check_open()
+        self._check_causal()
+        if self.finishing or self._end_held:
+            raise RuntimeError("the end of the stream was signalled; no more audio is accepted")
 
 
 #: The front-end stage of every session on its own (it holds no state: the front-end travels in the request).

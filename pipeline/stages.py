@@ -39,7 +39,7 @@ from pipeline.decode_step import DecodeStep, DynamicDecodeStep, StaticDecodeStep
 from pipeline.decoder import TextDecoder
 from pipeline.decoding import DecodeControls
 from pipeline.encoder import AudioTower
-from pipeline.features import N_MELS, StreamingLogMel
+from pipeline.features import N_MELS, StreamingLogMel, extract_log_mel
 from pipeline.kv_pool import DecoderKVPool, EncoderKVPool
 from pipeline.prompt import CausalPrompt
 from pipeline.rolling import RollingDecoder, RollingDecoderState, UpdateResult
@@ -96,19 +96,24 @@ class FeatureResult:
 
 class FeatureStage:
     """Streaming log-mel, and voice activity for the streams that gate on it, for many streams. Holds no stream
-    state: the front-end and the detector travel with the request. The detector's windows of all requests go
-    through one batched forward."""
+    state: the front-end and the detector travel with the request. The log-mel groups of all requests go through
+    stacked FFT calls (`pipeline.features.extract_log_mel`), the detector's windows through one batched forward."""
 
     def __init__(self) -> None:
         self._vad_model: SileroVAD | None = None  # loaded on the first request that needs it
 
     def extract(self, requests: Sequence[FeatureRequest]) -> list[FeatureResult]:
-        results = []
-        for request in requests:
-            mel = [request.frontend.push(request.pcm)] if request.pcm.size else []
-            if request.flush:
-                mel.append(request.frontend.flush())
-            results.append(FeatureResult(request.frontend, torch.cat(mel) if mel else torch.zeros(0, N_MELS)))
+        working = [request for request in requests if request.pcm.size or request.flush]  # (a flushed front-end
+        # takes no audio: a request with neither is a no-op, e.g. a session restored after its flush)
+        mels = extract_log_mel(
+            [request.frontend for request in working],
+            [request.pcm for request in working],
+            [request.flush for request in working],
+        )
+        mel_of = {id(request): mel for request, mel in zip(working, mels)}
+        results = [
+            FeatureResult(request.frontend, mel_of.get(id(request), torch.zeros(0, N_MELS))) for request in requests
+        ]
         gated = [i for i, request in enumerate(requests) if request.vad is not None]
         if gated:
             if self._vad_model is None:

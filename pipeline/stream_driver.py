@@ -97,41 +97,37 @@ class StreamDriver:
         self.stages = stages
         self.stats = DriverStats()
         self._segment_on_stages: int | None = None  # the segment whose state the stages hold for this stream
-        self._held_pcm: list[np.ndarray] = []  # audio received since the last front-end call
-        self._held_samples = 0
 
     async def push_audio(self, pcm: np.ndarray) -> list[TranscriptEvent]:
         """Feed 16 kHz mono float32 PCM; returns the events of the blocks it completed.
 
-        Audio is held until it completes a block: then one front-end call takes all of it (a block cannot be
-        encoded before its last sample arrives, so calling per chunk would only add hops)."""
-        self._held_pcm.append(pcm)
-        self._held_samples += pcm.size
-        if not self.session.completes_block_with(self._held_samples):
+        Audio is held by the session until it completes a block: then one front-end call takes all of it (see
+        `StreamingSession.front_end_due`)."""
+        self.session.hold_audio(pcm)
+        if not self.session.front_end_due:
             return []
-        await self._extract(end=False)
+        await self._extract()
         return await self._run_ready_blocks()
 
     async def finalize_now(self) -> list[TranscriptEvent]:
         """Commit the tail now and keep the stream open (`StreamingSession.finalize_now`): the audio held so far
         goes through the front-end first, so everything received is finalized."""
-        if self._held_pcm:
-            await self._extract(end=False)
+        if self.session.holds_audio:
+            await self._extract()
         self.session.request_finalize()
         return await self._run_ready_blocks()
 
     async def finish(self) -> list[TranscriptEvent]:
         """End of audio: decode what is left, finalize, and release the stream's stage state."""
-        await self._extract(end=True)
+        self.session.hold_end()
+        await self._extract()
         events = await self._run_ready_blocks()
         events += self.session.finalize()
         await self.close()
         return events
 
-    async def _extract(self, end: bool) -> None:
-        pcm = np.concatenate(self._held_pcm) if self._held_pcm else np.zeros(0, dtype=np.float32)
-        self._held_pcm, self._held_samples = [], 0
-        request = self.session.feature_request(pcm, end=end)
+    async def _extract(self) -> None:
+        request, end = self.session.take_feature_request()
         self.session.accept_features(await self._timed("features", self.stages.extract(request)), end=end)
 
     async def close(self) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from pipeline.kv_pool import EncoderKVPool
 from pipeline.rolling import RollingDecoder
 from pipeline.options import SessionOptions
 from pipeline.session import StreamingSession, TranscriptEvent
+from pipeline.stages import FeatureRequest, FeatureResult, FeatureStage
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
 from tests.test_session import CAUSAL, SAMPLE_RATE, _audio, _comparable
 
@@ -257,6 +260,63 @@ def test_async_engine_serves_concurrent_clients(model: ASRModel) -> None:
     results = asyncio.run(serve())
     for plan, received in zip(plans, results):
         assert _comparable(received) == _comparable(_single_stream_events(model, plan.audio, CAUSAL))
+
+
+class _RecordingFeatureStage(FeatureStage):
+    """The real front end, noting the thread and the number of streams of every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, int]] = []  # (thread ident, requests)
+
+    def extract(self, requests: Sequence[FeatureRequest]) -> list[FeatureResult]:
+        self.calls.append((threading.get_ident(), len(requests)))
+        return super().extract(requests)
+
+
+def test_the_front_end_runs_in_the_step_batched_not_on_the_driver_thread(model: ASRModel) -> None:
+    """Pushing audio only holds it (checked at once); the log-mel of every stream whose audio completes a block
+    runs inside `step`, one call for all of them, in the async engine's worker thread, and events stay exact."""
+    plans = _plans(3)
+    engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=3))
+    engine.features = recorder = _RecordingFeatureStage()
+    front = AsyncStreamingEngine(engine)
+
+    async def serve() -> tuple[int, list[list[TranscriptEvent]]]:
+        driver = asyncio.create_task(front.run())
+        for stream_id in map(str, range(len(plans))):
+            await front.open_stream(stream_id)
+        with pytest.raises(TypeError, match="float32"):
+            await front.push_audio("0", np.zeros(100, dtype=np.float64))
+        with pytest.raises(ValueError, match="stream sample 7"):
+            await front.push_audio("0", np.array([0.0] * 7 + [np.nan], dtype=np.float32))
+
+        async def client(stream_id: str, audio: np.ndarray) -> list[TranscriptEvent]:
+            received: list[TranscriptEvent] = []
+
+            async def read() -> None:
+                async for event in front.events(stream_id):
+                    received.append(event)
+
+            reader = asyncio.create_task(read())
+            for start in range(0, audio.size, 9000):
+                await front.push_audio(stream_id, audio[start : start + 9000])
+            await front.finish_stream(stream_id)
+            await reader
+            return received
+
+        results = await asyncio.gather(*(client(str(i), plan.audio) for i, plan in enumerate(plans)))
+        driver.cancel()
+        return threading.get_ident(), results
+
+    loop_thread, results = asyncio.run(serve())
+    for plan, received in zip(plans, results):
+        assert _comparable(received) == _comparable(_single_stream_events(model, plan.audio, CAUSAL))
+    assert recorder.calls and all(thread != loop_thread for thread, _ in recorder.calls)
+    assert max(streams for _, streams in recorder.calls) > 1  # streams' blocks share a call
+    # One call per block of each stream at most (audio is held until it completes a block), plus the ends.
+    blocks = sum(plan.audio.size // (CAUSAL.encoder.block_frames * SAMPLE_RATE // 100) + 1 for plan in plans)
+    assert sum(streams for _, streams in recorder.calls) <= blocks
 
 
 def test_streams_decoding_every_few_blocks_match_their_sessions(model: ASRModel) -> None:

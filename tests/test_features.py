@@ -14,11 +14,13 @@ from transformers import WhisperFeatureExtractor
 from transformers.models.qwen3_asr.feature_extraction_qwen3_asr import Qwen3ASRFeatureExtractor
 
 from pipeline.features import (
+    GROUPS_PER_CALL,
     HOP_LENGTH,
     N_MELS,
     SAMPLE_RATE,
     LogMelState,
     StreamingLogMel,
+    extract_log_mel,
     log_mel,
     prepare_pcm,
 )
@@ -255,3 +257,40 @@ def test_from_state_rejects_inconsistent_pending_samples():
         StreamingLogMel.from_state(dataclasses.replace(state, pending=state.pending[1:]))
     with pytest.raises(ValueError, match="dtype float64"):
         StreamingLogMel.from_state(dataclasses.replace(state, pending=state.pending.astype(np.float64)))
+
+
+def test_many_streams_in_stacked_calls_equal_each_stream_alone():
+    """`extract_log_mel` over many streams (ragged chunks, some flushing, more groups than one call takes) gives
+    every stream exactly the frames its own push/flush sequence gives."""
+    rng = np.random.default_rng(7)
+    streams = 40
+    clips = [speech_like_noise(int(rng.integers(200, 40_000)), seed) for seed in range(streams)]
+    alone = [StreamingLogMel() for _ in range(streams)]
+    together = [StreamingLogMel() for _ in range(streams)]
+    expected, got = [[] for _ in range(streams)], [[] for _ in range(streams)]
+    positions = [0] * streams
+    for round_index in range(4):
+        last = round_index == 3
+        chunks = []
+        for i, clip in enumerate(clips):
+            size = len(clip) - positions[i] if last else int(rng.integers(0, len(clip) // 2))
+            chunks.append(clip[positions[i] : positions[i] + size])
+            positions[i] += size
+        flush = [last and i % 3 != 0 for i in range(streams)]
+        for i in range(streams):
+            expected[i].append(alone[i].push(chunks[i]))
+            if flush[i]:
+                expected[i].append(alone[i].flush())
+        got_now = extract_log_mel(together, chunks, flush)
+        for i in range(streams):
+            got[i].append(got_now[i])
+    assert sum(len(clip) for clip in clips) // (HOP_LENGTH * 8) > GROUPS_PER_CALL  # several stacked calls
+    for i in range(streams):
+        assert torch.equal(torch.cat(got[i]), torch.cat(expected[i])), f"stream {i}"
+        assert together[i].state().frames_emitted == alone[i].state().frames_emitted
+
+
+def test_many_streams_reject_an_extractor_twice():
+    extractor = StreamingLogMel()
+    with pytest.raises(ValueError, match="appears twice"):
+        extract_log_mel([extractor, extractor], [np.zeros(10, np.float32)] * 2, [False, False])
