@@ -242,8 +242,7 @@ class _ChunkArrivals:
         """The engine is idle: deliver chunks in time order until one makes its stream ready; returns that time."""
         while True:
             arrival, stream_id = self._deliver_next()
-            session = self.engine.session(stream_id)
-            if session.block_ready or session.done_encoding:
+            if self.engine.session(stream_id).ready_for_step:
                 return arrival
 
     def _deliver_next(self) -> tuple[float, str]:

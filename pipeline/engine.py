@@ -212,10 +212,7 @@ class StreamingEngine:
     @property
     def has_work(self) -> bool:
         """Whether a `step` now would advance some stream (a whole block held or buffered, or an end to process)."""
-        return any(
-            session.front_end_due or session.block_ready or session.done_encoding
-            for session in self._sessions.values()
-        )
+        return any(session.ready_for_step for session in self._sessions.values())
 
     # ------------------------------------------------------------------ the step
 

@@ -312,8 +312,12 @@ class StreamingSession:
         would only add work and hops."""
         if self._end_held:
             return True
-        new_frames = self.features.frames_after(self._held_samples) - self.features.frames_emitted
-        return self._held_samples > 0 and self.pending_mel.shape[0] + new_frames >= self.options.encoder.block_frames
+        return self._held_samples > 0 and self.pending_mel.shape[0] + self._held_frames >= self.options.encoder.block_frames
+
+    @property
+    def _held_frames(self) -> int:
+        """Mel frames the held audio completes."""
+        return self.features.frames_after(self._held_samples) - self.features.frames_emitted
 
     def take_feature_request(self) -> tuple[FeatureRequest, bool]:
         """The front-end request for everything held, and whether it carries the end of audio; give its result to
@@ -372,8 +376,9 @@ class StreamingSession:
 
     @property
     def whole_blocks_buffered(self) -> int:
-        """Whole blocks waiting to be encoded (a stream keeping up has at most one)."""
-        return self.pending_mel.shape[0] // self.options.encoder.block_frames
+        """Whole blocks waiting to be encoded, the audio held for the front end included (a stream keeping up has
+        at most one)."""
+        return (self.pending_mel.shape[0] + self._held_frames) // self.options.encoder.block_frames
 
     def encode_request(self, block: CausalBlock) -> EncodeRequest:
         """The encoder stage request for `block`."""
@@ -421,6 +426,12 @@ class StreamingSession:
         if self.finalize_at_frame is not None:
             return True
         return pending >= self.options.encoder.block_frames or (self.finishing and not self.final_update)
+
+    @property
+    def ready_for_step(self) -> bool:
+        """Whether an engine step would advance this stream: held audio completes a block, a block is buffered, or
+        the end of audio is to be processed."""
+        return self.front_end_due or self.block_ready or self.done_encoding
 
     @property
     def done_encoding(self) -> bool:
