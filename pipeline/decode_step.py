@@ -55,12 +55,21 @@ class DynamicDecodeStep:
         return self.decoder.logits(hidden[:, 0])
 
 
+#: The smallest span bucket of a static step: shorter caches attend over this many columns.
+SMALLEST_SPAN = 64
+
+
 def bucket_sizes(limit: int, smallest: int = 1) -> list[int]:
     """Powers of two from `smallest` below `limit`, then `limit`: the fixed sizes a static step runs (and captures)."""
     sizes = [min(smallest, limit)]
     while sizes[-1] * 2 < limit:
         sizes.append(sizes[-1] * 2)
     return sorted({*sizes, limit})
+
+
+def bucket_for(value: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket above `value` (a slot index or a cache length: the bucket holds value + 1 of them)."""
+    return next(size for size in buckets if size > value)
 
 
 class StaticDecodeStep:
@@ -74,7 +83,7 @@ class StaticDecodeStep:
     """
 
     def __init__(
-        self, decoder: TextDecoder, pool: DecoderKVPool, cuda_graphs: bool = False, smallest_span: int = 64
+        self, decoder: TextDecoder, pool: DecoderKVPool, cuda_graphs: bool = False, smallest_span: int = SMALLEST_SPAN
     ) -> None:
         device = pool.keys.device
         if cuda_graphs and device.type != "cuda":
@@ -97,8 +106,8 @@ class StaticDecodeStep:
 
     def __call__(self, caches: Sequence[DecoderKVCache], token_ids: Sequence[int]) -> Tensor:
         slots = [self._slot_of(cache) for cache in caches]
-        rows = next(size for size in self.row_buckets if size > max(slots))
-        span = next(size for size in self.span_buckets if size > max(cache.length for cache in caches))
+        rows = bucket_for(max(slots), self.row_buckets)
+        span = bucket_for(max(cache.length for cache in caches), self.span_buckets)
         device = self._token_ids.device
         index = to_device(slots, device)
         self._write_columns[:rows] = self.pool.scratch_column
