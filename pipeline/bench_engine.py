@@ -399,7 +399,8 @@ class StaggeredStartResult:
     steps: int  # measured steps: every stream started, none finished
     mean_batch: float  # streams advanced per measured step
     step_mean_sec: float
-    features_sec: float  # phase means per measured step (the front end runs inside the step, batched)
+    features_sec: float  # phase means per measured step; features: the driver's time on the front end (running
+    # it, or waiting for the call the last step started on the front-end thread)
     schedule_sec: float
     encoder_sec: float
     decoder_sec: float
@@ -505,8 +506,10 @@ def format_staggered_table(results: Sequence[StaggeredStartResult], device: str)
     lines = [
         f"device: {device}; staggered starts (stream i starts at step i mod {STAGGER_CADENCE * STAGGER_AGES}, one "
         f"block every {STAGGER_CADENCE} steps: each step updates every {STAGGER_CADENCE}nd slot, streams of "
-        f"{STAGGER_AGES} ages); decode budget synthetic. Kernels and host: one probed step's time inside tensor "
-        "operators and outside them (Python, scheduling, bookkeeping; the probe's own cost removed).",
+        f"{STAGGER_AGES} ages); decode budget synthetic. Features: the driver's time on the front end (a step's "
+        "log-mel ran on the front-end thread during the step before: this is the wait for it). Kernels and host: "
+        "one probed step's time inside tensor operators and outside them (Python, scheduling, bookkeeping; the "
+        "probe's own cost removed).",
         "",
         "| N | steps | streams/step | mean step (s) | features | schedule | encoder | decoder | policy | "
         "step ms/stream | kernels ms/stream | host ms/stream | ops in step | peak step MiB | pools MiB |",

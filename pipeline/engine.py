@@ -15,7 +15,11 @@ arrives (checked, nothing computed: the caller's thread, e.g. an asyncio driver'
 that has fallen behind by up to `EngineOptions.catch_up_blocks`, see below):
 
 0. the front end: one `FeatureStage.extract` over every stream whose held audio completes a block (or ends the
-   stream): log-mel groups of all of them in stacked FFT calls, voice activity in one batched forward;
+   stream): log-mel groups of all of them in stacked FFT calls, voice activity in one batched forward. When the
+   step has blocks to work on already, that call runs on the engine's front-end thread while the step's model
+   work runs (numpy and torch release the GIL), and the next step takes its frames: the front end leaves the
+   driver's critical path at the price of at most one step's wait for those blocks. With nothing else to do the
+   step runs it and waits, so an idle engine adds no latency;
 1. scheduling: each session's `next_block` rolls its segment if the block would pass the cap and hands out the
    block (the same code the single-stream session runs);
 2. one `EncoderStage.encode`: one forward over all those blocks, on their slots' K/V;
@@ -49,6 +53,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,7 +70,15 @@ from pipeline.session import (
     checkpoint_options,
     decoder_positions_needed,
 )
-from pipeline.stages import DECODE_STEP_KINDS, DecodeRequest, DecoderStage, EncoderStage, FeatureStage, answer_of
+from pipeline.stages import (
+    DECODE_STEP_KINDS,
+    DecodeRequest,
+    DecoderStage,
+    EncoderStage,
+    FeatureResult,
+    FeatureStage,
+    answer_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +132,24 @@ class EngineAtCapacity(RuntimeError):
     """Every stream slot is taken: retry once a stream has finished, or send the stream elsewhere."""
 
 
+@dataclass
+class _FrontEndCall:
+    """One `FeatureStage.extract` over several sessions' held audio, running on the engine's front-end thread.
+
+    Each request carries a copy of its session's front end (`take_feature_request`), so the session stays
+    readable, and checkpointable, while the call runs: audio in flight is not in its `sample_offset` yet, and
+    a stream restored from a checkpoint taken meanwhile is fed that audio again."""
+
+    sessions: list[StreamingSession]
+    ends: list[bool]  # whether each session's request carries the end of audio
+    results: Future[list[FeatureResult]]
+
+    def accept(self) -> None:
+        """Wait for the call; hand each session its frames."""
+        for session, end, result in zip(self.sessions, self.ends, self.results.result()):
+            session.accept_features(result, end=end)
+
+
 class EngineFailed(RuntimeError):
     """The engine's driver stopped on an error: its streams are lost here; restore them elsewhere from their last
     roll checkpoint."""
@@ -147,6 +178,8 @@ class StreamingEngine:
             model.text_decoder, slots, decoder_capacity, self.engine_options.decode_step_on(model.device)
         )
         self._sessions: dict[str, StreamingSession] = {}
+        self._front_end_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="front-end")
+        self._front_end_call: _FrontEndCall | None = None  # started by the last step, taken by the next
         self.last_step_timing: StepTiming | None = None  # for metrics and benchmarks
 
     # ------------------------------------------------------------------ admission
@@ -211,8 +244,9 @@ class StreamingEngine:
 
     @property
     def has_work(self) -> bool:
-        """Whether a `step` now would advance some stream (a whole block held or buffered, or an end to process)."""
-        return any(session.ready_for_step for session in self._sessions.values())
+        """Whether a `step` now would advance some stream (a whole block held, being extracted or buffered, or an
+        end to process)."""
+        return self._front_end_call is not None or any(session.ready_for_step for session in self._sessions.values())
 
     # ------------------------------------------------------------------ the step
 
@@ -257,14 +291,21 @@ class StreamingEngine:
         return {stream_id: stream_events for stream_id, stream_events in events.items() if stream_events}
 
     def _run_front_end(self) -> None:
-        """One front-end call for every stream whose held audio completes a block or ends the stream."""
+        """Take the front-end call the last step started, then start one for every stream whose held audio now
+        completes a block or ends the stream: in the background if this step has blocks to work on meanwhile,
+        otherwise here."""
+        if self._front_end_call is not None:
+            self._front_end_call.accept()
+            self._front_end_call = None
         due = [session for session in self._sessions.values() if session.front_end_due]
         if not due:
             return
-        requests = [session.take_feature_request() for session in due]
-        results = self.features.extract([request for request, _ in requests])
-        for session, (_, end), result in zip(due, requests, results):
-            session.accept_features(result, end=end)
+        requests, ends = zip(*(session.take_feature_request() for session in due))
+        call = _FrontEndCall(due, list(ends), self._front_end_thread.submit(self.features.extract, list(requests)))
+        if any(session.block_ready or session.done_encoding for session in self._sessions.values()):
+            self._front_end_call = call
+        else:
+            call.accept()
 
     def _next_blocks(
         self, stream_ids: list[str], last_round: bool, events: dict[str, list[TranscriptEvent]]

@@ -183,6 +183,7 @@ class StreamingSession:
         self._held_pcm: list[np.ndarray] = []  # audio received since the last front-end request (`hold_audio`)
         self._held_samples = 0
         self._end_held = False  # the end of audio was signalled and waits for the next front-end request
+        self._in_flight: _InFlight | None = None  # the front-end request taken and not yet accepted
         # The voice gate (off by default) and its detector's state, which travels with feature requests.
         self.gate = VoiceGate(opts.vad) if opts.vad.enabled else None
         self.vad = VadState.initial() if opts.vad.enabled else None
@@ -291,7 +292,7 @@ class StreamingSession:
         """Causal backend: keep new 16 kHz float32 PCM for the next front-end request. It is checked now, so a bad
         chunk is its sender's error, not a later step's."""
         self._check_accepting_audio()
-        check_pcm(samples, self.features.samples_received + self._held_samples)
+        check_pcm(samples, self.features.samples_received + self._samples_not_extracted)
         self._held_pcm.append(samples)
         self._held_samples += samples.size
 
@@ -310,14 +311,21 @@ class StreamingSession:
         """Whether what is held should go through the front end now: it completes a block, or ends the stream. An
         owner calls the front end only then: a block cannot be encoded before its last sample, so earlier calls
         would only add work and hops."""
+        if self._in_flight is not None:  # the next request goes after that one's result
+            return False
         if self._end_held:
             return True
         return self._held_samples > 0 and self.pending_mel.shape[0] + self._held_frames >= self.options.encoder.block_frames
 
     @property
+    def _samples_not_extracted(self) -> int:
+        """Samples held, or in a front-end request not yet accepted."""
+        return self._held_samples + (self._in_flight.samples if self._in_flight is not None else 0)
+
+    @property
     def _held_frames(self) -> int:
-        """Mel frames the held audio completes."""
-        return self.features.frames_after(self._held_samples) - self.features.frames_emitted
+        """Mel frames the audio not extracted yet completes."""
+        return self.features.frames_after(self._samples_not_extracted) - self.features.frames_emitted
 
     def take_feature_request(self) -> tuple[FeatureRequest, bool]:
         """The front-end request for everything held, and whether it carries the end of audio; give its result to
@@ -325,10 +333,15 @@ class StreamingSession:
         pcm = np.concatenate(self._held_pcm) if self._held_pcm else np.zeros(0, dtype=np.float32)
         end = self._end_held
         self._held_pcm, self._held_samples, self._end_held = [], 0, False
-        return FeatureRequest(self.features, pcm, flush=end and not self.features.flushed, vad=self.vad), end
+        # A copy of the front end goes: the session's own stays as it was until `accept_features`, so the request
+        # may run elsewhere (another thread, a replica) while the session is read or checkpointed.
+        frontend = StreamingLogMel.from_state(self.features.state())
+        self._in_flight = _InFlight(pcm.size, end)
+        return FeatureRequest(frontend, pcm, flush=end and not self.features.flushed, vad=self.vad), end
 
     def accept_features(self, result: FeatureResult, *, end: bool = False) -> None:
         """Buffer a front-end result (its mel waits for `next_block`); `end`: its request carried the end of audio."""
+        self._in_flight = None
         self.features = result.frontend
         self._buffer_mel(result.mel)
         if self.gate is not None:
@@ -787,8 +800,16 @@ class StreamingSession:
     def _check_accepting_audio(self) -> None:
         self._check_open()
         self._check_causal()
-        if self.finishing or self._end_held:
+        if self.finishing or self._end_held or (self._in_flight is not None and self._in_flight.end):
             raise RuntimeError("the end of the stream was signalled; no more audio is accepted")
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    """A front-end request taken (`take_feature_request`) and not yet accepted."""
+
+    samples: int
+    end: bool  # it carries the end of audio
 
 
 #: The front-end stage of every session on its own (it holds no state: the front-end travels in the request).
