@@ -224,6 +224,22 @@ def test_closing_a_stream_frees_its_slot(model: ASRModel) -> None:
     engine.open_stream("b")
 
 
+async def _stream_through(front: AsyncStreamingEngine, stream_id: str, audio: np.ndarray) -> list[TranscriptEvent]:
+    """A client of an open stream: push its audio in 9000-sample chunks, finish it, and collect its events."""
+    received: list[TranscriptEvent] = []
+
+    async def read() -> None:
+        async for event in front.events(stream_id):
+            received.append(event)
+
+    reader = asyncio.create_task(read())
+    for start in range(0, audio.size, 9000):
+        await front.push_audio(stream_id, audio[start : start + 9000])
+    await front.finish_stream(stream_id)
+    await reader
+    return received
+
+
 def test_async_engine_serves_concurrent_clients(model: ASRModel) -> None:
     plans = _plans(3)
 
@@ -233,18 +249,7 @@ def test_async_engine_serves_concurrent_clients(model: ASRModel) -> None:
 
         async def client(stream_id: str, audio: np.ndarray) -> list[TranscriptEvent]:
             await engine.open_stream(stream_id)
-            received: list[TranscriptEvent] = []
-
-            async def read() -> None:
-                async for event in engine.events(stream_id):
-                    received.append(event)
-
-            reader = asyncio.create_task(read())
-            for start in range(0, audio.size, 9000):
-                await engine.push_audio(stream_id, audio[start : start + 9000])
-            await engine.finish_stream(stream_id)
-            await reader
-            return received
+            return await _stream_through(engine, stream_id, audio)
 
         results = await asyncio.gather(*(client(str(i), plan.audio) for i, plan in enumerate(plans)))
         for stream_id in "abc":
@@ -293,21 +298,7 @@ def test_the_front_end_runs_in_the_step_batched_not_on_the_driver_thread(model: 
         with pytest.raises(ValueError, match="stream sample 7"):
             await front.push_audio("0", np.array([0.0] * 7 + [np.nan], dtype=np.float32))
 
-        async def client(stream_id: str, audio: np.ndarray) -> list[TranscriptEvent]:
-            received: list[TranscriptEvent] = []
-
-            async def read() -> None:
-                async for event in front.events(stream_id):
-                    received.append(event)
-
-            reader = asyncio.create_task(read())
-            for start in range(0, audio.size, 9000):
-                await front.push_audio(stream_id, audio[start : start + 9000])
-            await front.finish_stream(stream_id)
-            await reader
-            return received
-
-        results = await asyncio.gather(*(client(str(i), plan.audio) for i, plan in enumerate(plans)))
+        results = await asyncio.gather(*(_stream_through(front, str(i), plan.audio) for i, plan in enumerate(plans)))
         driver.cancel()
         return threading.get_ident(), results
 
