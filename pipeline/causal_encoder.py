@@ -31,7 +31,7 @@ forward, ragged in cache length and block length. Its core, `causal_block_forwar
 caches: each layer stores its block's keys and values through a callback that returns what to attend
 over, and a `KeyColumns` says where each stream's keys lie along that key axis. The per-state path
 concatenates `[cache ; block]`; `pipeline.kv_pool.EncoderKVPool` writes the block straight into
-preallocated slots and attends over a view of them.
+preallocated slots and attends over them where they lie (`kv_rows` says which slot is whose).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pipeline.row_chunks import consecutive_runs
 from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, STEP_FRAMES, AudioKVStore, AudioTower, check_block_frames
 
 logger = logging.getLogger(__name__)
@@ -133,13 +134,15 @@ def causal_block_forward(
     columns: KeyColumns,
     kv_store: AudioKVStore,
     left_context_steps: int = CAUSAL_LEFT_CONTEXT_STEPS,
+    kv_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One block from each of B streams through the layers and head, in one forward.
 
     steps [B, S, D]: conv-stem output of each block, zero-padded to the longest (step_counts [B] real), stream b's
     first step at absolute position first_positions[b]. `kv_store(layer, key, value)` keeps the block's keys and
     values where the caller's cache lives and returns the keys and values to attend over, laid out as `columns`
-    says. Returns embeddings [B, S, output_dim] (rows past step_counts are padding).
+    says: one row per stream, or with `kv_rows` [B] stream b's in row kv_rows[b] (e.g. a pool's slots).
+    Returns embeddings [B, S, output_dim] (rows past step_counts are padding).
     """
     device = steps.device
     # Host-made index tensors: asynchronous copies (a blocking one would wait for every queued kernel).
@@ -148,7 +151,7 @@ def causal_block_forward(
     allowed = block_attention_mask(first_positions, step_counts, steps.shape[1], columns, left_context_steps)
     step_positions = first_positions[:, None] + torch.arange(steps.shape[1], device=device)
     x = tower.add_positions(steps, step_positions)
-    return tower.head(tower.encode(x, allowed, kv_store))
+    return tower.head(tower.encode(x, allowed, kv_store, kv_rows))
 
 
 class CausalAudioEncoder:
@@ -234,8 +237,11 @@ class CausalAudioEncoder:
                     f"up to block_frames={self.options.block_frames}"
                 )
         device = self.tower.conv_out.weight.device
-        steps = self.tower.conv_steps(torch.cat([block.to(device) for block in blocks]))
-        return list(steps.split([b.shape[0] // STEP_FRAMES for b in blocks]))
+        counts = [block.shape[0] // STEP_FRAMES for block in blocks]
+        # One call's blocks concatenated at a time: never a copy of the whole batch's mel.
+        calls = consecutive_runs(counts, self.tower.conv_pieces_per_call())
+        steps = [self.tower.conv_steps(torch.cat([blocks[i].to(device) for i in call])) for call in calls]
+        return list(torch.cat(steps).split(counts))
 
     def _encode_steps(self, states: list[CausalEncoderState], steps: list[torch.Tensor]) -> list[torch.Tensor]:
         """Layers + head for one conv-stemmed block per stream; each state gets a new cache of its own."""

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.row_chunks import in_row_chunks
 from pipeline.config import TextDecoderConfig
 from pipeline.device_io import to_device
 
@@ -135,27 +136,13 @@ def attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, kv_rows: 
     return _attend(spread, key, value, mask).index_select(0, kv_rows)
 
 
-#: Most bytes of fp32 scores (and as many of their softmax) the explicit (CPU) attention holds at once: larger
-#: batches run in row chunks, so a step's transient memory stays small next to the K/V pools (a thousand streams'
-#: parallel pass would otherwise hold scores of 1.4 GB per layer at full size).
-EAGER_SCORE_BYTES = 16 * 2**20
-
-
 def _attend(query: Tensor, key: Tensor, value: Tensor, mask: Tensor) -> Tensor:
     # Fused kernels accumulate the softmax in fp32 on GPU; on CPU the explicit form is the tested one.
     if query.is_cuda:
         return sdpa_attention(query, key, value, mask)
-    batch, heads, length, _ = query.shape
-    rows = max(1, EAGER_SCORE_BYTES // (4 * heads * length * key.shape[2]))
-    if rows >= batch:
-        return eager_attention(query, key, value, mask)
-    return torch.cat(
-        [
-            eager_attention(query[start : start + rows], key[start : start + rows], value[start : start + rows],
-                            mask[start : start + rows])
-            for start in range(0, batch, rows)
-        ]
-    )
+    # Per row: fp32 scores and their softmax, in chunks of rows (`pipeline.row_chunks`).
+    heads, length = query.shape[1], query.shape[2]
+    return in_row_chunks(eager_attention, 2 * 4 * heads * length * key.shape[2], query, key, value, mask)
 
 
 class DecoderAttention(nn.Module):

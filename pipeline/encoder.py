@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.row_chunks import in_row_chunks, rows_per_chunk
 from pipeline.config import AudioEncoderConfig
 
 #: Mel frames per causal step: three stride-2 convs turn 8 frames into one step (8 -> 4 -> 2 -> 1).
@@ -41,11 +42,6 @@ CAUSAL_LEFT_CONTEXT_STEPS = 195
 AudioKVAccess = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 #: The same with the layer index first: how a whole forward reaches its K/V storage.
 AudioKVStore = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-#: Pieces per conv-stem call. The first conv's output is 480 x 64 x 4 values per piece (0.25 MB in bf16), so an
-#: engine step over a thousand streams' blocks (24k pieces) would need 6 GB at once; 2048 pieces bound it to 0.5 GB.
-CONV_PIECES_PER_CALL = 2048
 
 
 def conv_output_length(frames: int) -> int:
@@ -119,33 +115,80 @@ class AudioSelfAttention(nn.Module):
         """[B, S, D] -> [B, H, S, head_dim]."""
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor, kv: AudioKVAccess | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        allowed: torch.Tensor,
+        kv: AudioKVAccess | None = None,
+        kv_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Attend queries `x` [B, S, D] -> [B, S, D] to the keys where `allowed` [B, S, T] is true.
 
         Without `kv` the keys are x's own (T = S); with it, `kv(key, value)` stores x's keys and values where the
-        caller keeps them and returns the T keys and values to attend over (e.g. a stream's cache and x's).
+        caller keeps them and returns the T keys and values to attend over (e.g. a stream's cache and x's), row
+        kv_rows[b] of them for batch row b if given (see `audio_attention`).
         """
         query = self.split_heads(self.q_proj(x))
         key = self.split_heads(self.k_proj(x))
         value = self.split_heads(self.v_proj(x))
         if kv is not None:
             key, value = kv(key, value)
-        out = audio_attention(query, key, value, allowed, fused=query.is_cuda).transpose(1, 2).flatten(-2)
-        return self.out_proj(out)
+        out = audio_attention(query, key, value, allowed, fused=query.is_cuda, kv_rows=kv_rows)
+        return self.out_proj(out.transpose(1, 2).flatten(-2))
 
 
 def audio_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, fused: bool
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    allowed: torch.Tensor,
+    fused: bool,
+    kv_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over the `allowed` [B, S, T] keys, with the softmax in fp32.
+
+    query [B, heads, S, d]; key/value [R, heads, T, d]: R = B, or with `kv_rows` [B] query row b reads K/V row
+    kv_rows[b] (e.g. the rows are a pool's slots and the batch's streams sit in scattered ones). The batch runs in
+    chunks of rows (`pipeline.row_chunks`), and with `kv_rows` each chunk gathers its own rows' K/V: the copy is
+    one chunk's, never the batch's. Gathering per chunk keeps memory bounded and work proportional to the batch;
+    attending over the slot range in place (queries spread to every slot, as the decoder does) would copy nothing
+    but compute every idle slot between the batch's, e.g. ten times the work for 100 ready streams of 1000.
 
     `fused` uses PyTorch's SDPA (flash / memory-efficient kernels on CUDA, which accumulate in fp32 even for bf16
     inputs); otherwise the explicit form in fp32, the reference runtime's arithmetic and the tested CPU path.
     """
+    attend = partial(_attend, fused=fused)
+    row_bytes = _attention_row_bytes(query, key, fused, gathers=kv_rows is not None)
+    if kv_rows is None:
+        return attend(query, key, value, allowed) if row_bytes == 0 else in_row_chunks(
+            attend, row_bytes, query, key, value, allowed
+        )
+
+    def gathered(query: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        return attend(query, key.index_select(0, rows), value.index_select(0, rows), allowed)
+
+    return in_row_chunks(gathered, row_bytes, query, kv_rows, allowed)
+
+
+def _attention_row_bytes(query: torch.Tensor, key: torch.Tensor, fused: bool, gathers: bool) -> int:
+    """Bytes one batch row of `audio_attention` allocates beyond its output: the explicit path's fp32 scores and
+    their softmax (+ fp32 copies of lower-precision keys and values), and the gathered K/V when it gathers."""
+    heads, length, head_dim = query.shape[1], query.shape[2], query.shape[3]
+    columns = key.shape[2]
+    kv_bytes = 2 * heads * columns * head_dim * key.element_size()
+    scores = 0 if fused else 2 * 4 * heads * length * columns
+    upcast = 0 if fused or key.dtype == torch.float32 else 2 * 4 * heads * columns * head_dim
+    return scores + upcast + (kv_bytes if gathers else 0)
+
+
+def _attend(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor, fused: bool
+) -> torch.Tensor:
     if fused:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed[:, None])
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5
-    scores = scores.masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2))
+    # In place: the scores are the attention's largest intermediate.
+    scores.mul_(query.shape[-1] ** -0.5).masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
     return torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
 
 
@@ -160,9 +203,15 @@ class AudioEncoderLayer(nn.Module):
         self.fc2 = nn.Linear(config.encoder_ffn_dim, config.d_model)
         self.final_layer_norm = nn.LayerNorm(config.d_model)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor, kv: AudioKVAccess | None = None) -> torch.Tensor:
-        """The new hidden states [B, S, D]; `allowed` and `kv` as in AudioSelfAttention."""
-        attended = self.self_attn(self.self_attn_layer_norm(x), allowed, kv)
+    def forward(
+        self,
+        x: torch.Tensor,
+        allowed: torch.Tensor,
+        kv: AudioKVAccess | None = None,
+        kv_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The new hidden states [B, S, D]; `allowed`, `kv` and `kv_rows` as in AudioSelfAttention."""
+        attended = self.self_attn(self.self_attn_layer_norm(x), allowed, kv, kv_rows)
         x = x + attended
         x = x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
         if x.dtype == torch.float16:
@@ -207,25 +256,39 @@ class AudioTower(nn.Module):
         return self.conv_out(x.permute(0, 3, 1, 2).flatten(2))
 
     def conv_steps(self, mel: torch.Tensor) -> torch.Tensor:
-        """Causal conv stem: mel [n·8, mel_bins] -> [n, d_model], one step per 8-frame piece, one conv call."""
+        """Causal conv stem: mel [n·8, mel_bins] -> [n, d_model], one step per 8-frame piece, in calls of
+        `conv_pieces_per_call` pieces."""
         frames = mel.shape[0]
         if frames % STEP_FRAMES:
             raise ValueError(f"mel has {frames} frames; expected a multiple of {STEP_FRAMES}")
         pieces = mel.reshape(frames // STEP_FRAMES, STEP_FRAMES, mel.shape[1]).transpose(1, 2)
-        return torch.cat([self.conv_stem(chunk).squeeze(1) for chunk in pieces.split(CONV_PIECES_PER_CALL)])
+        return torch.cat([self.conv_stem(chunk).squeeze(1) for chunk in pieces.split(self.conv_pieces_per_call())])
+
+    def conv_pieces_per_call(self) -> int:
+        """Pieces per conv-stem call: the first conv's feature map and its GELU, the stem's largest intermediates
+        (480 x 64 x 4 values per piece at full size), within `pipeline.row_chunks.CHUNK_BYTES`."""
+        freq, time = ((size + 1) // 2 for size in (self.config.num_mel_bins, STEP_FRAMES))  # one stride-2 conv
+        first_map = self.conv2d1.out_channels * freq * time * self.conv_out.weight.element_size()
+        return rows_per_chunk(2 * first_map)
 
     def add_positions(self, steps: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """steps [..., S, D] + sinusoids of `positions` [..., S], computed in fp32, added in the steps' dtype."""
         return steps + sinusoidal_positions(positions, self.config.d_model).to(steps.dtype)
 
-    def encode(self, x: torch.Tensor, allowed: torch.Tensor, kv_store: AudioKVStore | None = None) -> torch.Tensor:
+    def encode(
+        self,
+        x: torch.Tensor,
+        allowed: torch.Tensor,
+        kv_store: AudioKVStore | None = None,
+        kv_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """All layers over x [B, S, D] with one attention mask `allowed` [B or 1, S, T].
 
         Without `kv_store` each layer attends within x (T = S); with it, layer i reaches its K/V through
-        `kv_store(i, key, value)` (see `AudioKVStore`).
+        `kv_store(i, key, value)` (see `AudioKVStore`), batch row b attending over row kv_rows[b] of it if given.
         """
         for index, layer in enumerate(self.layers):
-            x = layer(x, allowed, None if kv_store is None else partial(kv_store, index))
+            x = layer(x, allowed, None if kv_store is None else partial(kv_store, index), kv_rows)
         return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:

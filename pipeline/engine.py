@@ -4,12 +4,12 @@ A `StreamingEngine` owns up to `max_streams` `StreamingSession`s (state and poli
 (`pipeline.stages`: features, encoder, decoder), the same stage objects the served pipeline's deployments host.
 The encoder and decoder stages keep the streams' K/V in preallocated slot pools (`pipeline.kv_pool`), one slot
 per stream, so admission is a free-slot check (a clear `EngineAtCapacity` otherwise) and no cache memory is
-allocated per update: the decoder's streams write their new K/V into their slots and attend over views of the
-pool wherever their slots are; the encoder's do so in neighbouring slots (the common case: slots are handed out
-lowest first) and gather a copy of their windows otherwise; activations are per-step tensors (the CUDA caching
-allocator recycles them; the decode steps run in fixed buffers). The end of a stream frees its slots; at a
-segment roll, when its K/V starts empty, a stream's next segment starts in the lowest free slot, so the live
-streams stay packed at the low slots that batches and fixed-shape steps cover. Audio is held per stream as it
+allocated per update: the streams write their new K/V into their slots and attend over the pool wherever their
+slots are (the encoder's scattered batches read their slots' windows chunk by chunk, see `audio_attention`);
+activations are per-step tensors (the CUDA caching allocator recycles them; the decode steps run in fixed
+buffers), and batch-wide ones run in row chunks within one bound (`pipeline.row_chunks.CHUNK_BYTES`). The end
+of a stream frees its slots; at a segment roll, when its K/V starts empty, a stream's next segment starts in the
+lowest free slot, so the live streams stay packed at the low slots that batches and fixed-shape steps cover. Audio is held per stream as it
 arrives (checked, nothing computed: the caller's thread, e.g. an asyncio driver's, does no signal work);
 `step()` then advances every stream that has a whole block, or whose end was signalled, by one block (a stream
 that has fallen behind by up to `EngineOptions.catch_up_blocks`, see below):

@@ -87,8 +87,10 @@ class EncoderKVPool:
     ) -> list[Tensor]:
         """`CausalAudioEncoder.encode_blocks` for streams whose caches live in `slots`: same result, no new cache.
 
-        Streams in a run of neighbouring slots (any order) attend over a view of the pool; any other batch
-        gathers its slots' occupied columns first. Both write the blocks' K/V into the slots in place.
+        Streams in a run of neighbouring slots (any order) attend over a view of the pool; streams in scattered
+        slots attend over the pool's columns with their slot indices (`audio_attention`'s `kv_rows`), each chunk of
+        the batch reading its own slots' windows: no copy of the whole batch's. Both write the blocks' K/V into
+        the slots in place.
         """
         left_context = encoder.options.left_context_steps
         if left_context > self.window:
@@ -109,6 +111,7 @@ class EncoderKVPool:
             columns=batch.key_columns(),
             kv_store=batch.store,
             left_context_steps=left_context,
+            kv_rows=batch.kv_rows,
         )
         row_of = {}
         for row, index in enumerate(order):
@@ -157,7 +160,7 @@ class EncoderKVPool:
             write_columns=to_device([ends[row] + step for row, step in zip(rows, step_in_block)], device),
             block_rows=to_device(rows, device),
             block_steps=to_device(step_in_block, device),
-            gather=None if neighbouring else to_device(slots, device),
+            kv_rows=None if neighbouring else to_device(slots, device),
         )
 
     def _run(self, slot: int, steps: int) -> tuple[Tensor, Tensor]:
@@ -205,7 +208,7 @@ class _SlotBatch:
     write_columns: Tensor  # its column there,
     block_rows: Tensor  # and its row and step in the padded block [B, S].
     block_steps: Tensor
-    gather: Tensor | None  # the slots to gather; None when they are neighbours (rows of one view)
+    kv_rows: Tensor | None  # row r's slot; None when the slots are neighbours (the rows of one view)
 
     def key_columns(self) -> KeyColumns:
         return KeyColumns(
@@ -215,17 +218,17 @@ class _SlotBatch:
         )
 
     def store(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        """Write the block's real K/V into the slots; return the batch's columns [B, heads, T, head_dim] of them."""
+        """Write the block's real K/V into the slots; return the batch's columns of them, [B, heads, T, head_dim]
+        for neighbouring slots, else every slot's [slots, heads, T, head_dim] (a view: row r reads kv_rows[r])."""
         attended = []
         for pool, new in ((self.keys[layer], key), (self.values[layer], value)):
             # As [slots, columns, heads, d] and [B, S, heads, d]: one indexed write of every real step.
             new_steps = new.transpose(1, 2)[self.block_rows, self.block_steps]
             pool.transpose(1, 2).index_put_((self.write_slots, self.write_columns), new_steps)
             columns = pool[:, :, self.low : self.high]
-            if self.gather is None:
-                attended.append(columns[self.slots[0] : self.slots[0] + len(self.slots)])
-            else:
-                attended.append(columns.index_select(0, self.gather))
+            if self.kv_rows is None:
+                columns = columns[self.slots[0] : self.slots[0] + len(self.slots)]
+            attended.append(columns)
         return attended[0], attended[1]
 
 

@@ -25,15 +25,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from pipeline.row_chunks import consecutive_runs, rows_per_chunk
 from pipeline.decode_step import DecodeStep, DynamicDecodeStep
 from pipeline.decoder import DecoderKVCache, TextDecoder, forward_padded
 from pipeline.decoding import DecodeControls, Verdict
 from pipeline.device_io import to_device
 from pipeline.prompt import CausalPrompt
-
-
-#: Verification rows per logits matmul: 2048 x 151,936 vocab = 0.6 GB of bf16 logits (+ 1.2 GB of fp32 scores).
-MAX_VERIFY_ROWS = 2048
 
 
 @dataclass
@@ -151,20 +148,21 @@ class RollingDecoder:
         """Verify every stream's draft from its pass rows [sum(len(draft) + 1), hidden] (per stream, its last tail
         position and each draft position, in stream order).
 
-        Logits only for those rows, and one matmul + one filter chain for as many streams as fit in
-        `MAX_VERIFY_ROWS` rows: the output matrix is the largest weight and is read once per chunk, while the
-        logits stay bounded (a thousand streams' 31 rows each would be 9 GB of bf16 logits at once).
+        Logits only for those rows, and one matmul + one filter chain per run of whole streams whose logits fit a
+        chunk (`pipeline.row_chunks`; a thousand streams' 31 rows each would be 9 GB of bf16 logits at once at full
+        size). The output matrix, the largest weight, is read once per chunk, so a chunk may be as large as it.
         """
+        weight = self.decoder.embed_tokens.weight
+        # Per row: the logits, the filter chain's fp32 scores, the log-softmax and an fp32 copy of the logits.
+        row_bytes = weight.shape[0] * (weight.element_size() + 3 * 4)
+        limit = rows_per_chunk(row_bytes, reread_bytes=weight.numel() * weight.element_size())
         verdicts: list[Verdict] = []
-        start, first_row = 0, 0
-        while start < len(drafts):
-            end, total = start + 1, len(drafts[start]) + 1
-            while end < len(drafts) and total + len(drafts[end]) + 1 <= MAX_VERIFY_ROWS:
-                total += len(drafts[end]) + 1
-                end += 1
+        first_row = 0
+        for run in consecutive_runs([len(draft) + 1 for draft in drafts], limit):
+            total = sum(len(drafts[index]) + 1 for index in run)
             logits = self.decoder.logits(rows[first_row : first_row + total])
-            verdicts += self.controls.verify_drafts(logits, drafts[start:end])
-            start, first_row = end, first_row + total
+            verdicts += self.controls.verify_drafts(logits, drafts[run.start : run.stop])
+            first_row += total
         return verdicts
 
     def _pass_inputs(

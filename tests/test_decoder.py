@@ -220,7 +220,7 @@ def test_explicit_attention_in_row_chunks_is_bitwise_the_same(monkeypatch) -> No
     mask = torch.rand(9, 5, 40, generator=generator) > 0.4
     mask[..., 0] = True
     whole = decoder_module.attention(query, key, value, mask)
-    monkeypatch.setattr(decoder_module, "EAGER_SCORE_BYTES", 4 * 8 * 5 * 40 * 2)  # two rows per chunk
+    monkeypatch.setattr("pipeline.row_chunks.CHUNK_BYTES", 2 * (2 * 4 * 8 * 5 * 40))  # two rows' scores + softmax
     assert torch.equal(decoder_module.attention(query, key, value, mask), whole)
     rows = torch.tensor([4, 0, 7])  # and queries attending over chosen rows of the K/V (scattered pool slots)
     spread = decoder_module.attention(query[:3], key, value, mask, kv_rows=rows)

@@ -203,13 +203,14 @@ def test_fused_attention_path_equals_the_explicit_one() -> None:
 
 
 def test_conv_stem_in_bounded_calls_equals_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The conv stem splits many pieces into calls of CONV_PIECES_PER_CALL (bounded activations); pieces are
-    independent, so the steps are the same."""
+    """The conv stem splits many pieces into calls within `pipeline.row_chunks.CHUNK_BYTES` (bounded
+    activations); pieces are independent, so the steps are the same."""
     tower = random_tower(seed=4)
     mel = torch.randn(8 * 37, TINY_AUDIO.num_mel_bins, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         whole = tower.conv_steps(mel)
-        monkeypatch.setattr("pipeline.encoder.CONV_PIECES_PER_CALL", 5)
+        monkeypatch.setattr("pipeline.row_chunks.CHUNK_BYTES", 1)  # one piece per call
+        assert tower.conv_pieces_per_call() == 1
         chunked = tower.conv_steps(mel)
     assert chunked.shape == (37, TINY_AUDIO.d_model)
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)

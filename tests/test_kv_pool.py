@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline.causal_encoder import CausalAudioEncoder, CausalEncoderOptions
 from pipeline.config import TINY_AUDIO
@@ -104,7 +105,54 @@ def test_neighbouring_slots_attend_over_the_pool_itself() -> None:
     apart = _TorchCalls(pool)
     with apart:
         pool.encode_blocks(encoder, [0, 2], [states[0], states[2]], [torch.randn(192, BINS), torch.randn(192, BINS)])
-    assert "index_select" in apart.names and apart.matmuls_on_pool == 0  # gathered first
+    assert "index_select" in apart.names and apart.matmuls_on_pool == 0  # each chunk reads its own slots' windows
+
+
+class _Gathers(TorchDispatchMode):
+    """Records the shape of every index_select result (how the attention reads scattered slots' K/V)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.index_select.default:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def test_scattered_slots_equal_each_stream_alone_and_copy_no_batch_of_windows(monkeypatch) -> None:
+    """Streams in slots 0, 5 and 9 with unequal cache lengths, in one batch: each gets what it gets encoded alone,
+    and the attention reads their windows one chunk of rows at a time (here one row: the bound is set to one
+    row's attention), never as one [streams, heads, columns, head_dim] copy of the batch's."""
+    tower = random_tower(seed=3)
+    encoder = CausalAudioEncoder(tower)
+    pool = EncoderKVPool(tower, slots=10)
+    slots, history = [0, 5, 9], [3, 1, 6]  # blocks each stream has had before the batch
+    generator = torch.Generator().manual_seed(5)
+    blocks = [[torch.randn(192, BINS, generator=generator) for _ in range(count + 1)] for count in history]
+    alone = [encoder.new_state() for _ in slots]
+    pooled = [pool.new_state(encoder, slot) for slot in slots]
+    for state, pooled_state, slot, own in zip(alone, pooled, slots, blocks):
+        for block in own[:-1]:
+            encoder.encode_blocks([state], [block])
+            pool.encode_blocks(encoder, [slot], [pooled_state], [block])
+    assert len({state.cached_steps for state in pooled}) == len(slots)
+    expected = [encoder.encode_blocks([state], [own[-1]])[0] for state, own in zip(alone, blocks)]
+
+    config = tower.config
+    columns = max(state.cached_steps for state in pooled) + encoder.options.steps_per_block
+    one_row = 2 * 4 * config.encoder_attention_heads * columns * (encoder.options.steps_per_block + config.head_dim)
+    monkeypatch.setattr("pipeline.row_chunks.CHUNK_BYTES", one_row)
+    gathers = _Gathers()
+    with gathers:
+        actual = pool.encode_blocks(encoder, slots, pooled, [own[-1] for own in blocks])
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    window_reads = [shape for shape in gathers.shapes if len(shape) == 4]
+    assert len(window_reads) == 2 * len(slots) * len(tower.layers)  # keys and values, per row, per layer
+    assert all(shape[0] == 1 for shape in window_reads)
 
 
 def test_state_views_stay_put_until_the_window_is_moved_back() -> None:

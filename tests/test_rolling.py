@@ -66,10 +66,11 @@ def test_drafts_are_accepted_when_the_audio_barely_changes(parts) -> None:
     assert again.stats.decode_steps <= 1
 
 
-@pytest.mark.parametrize("verify_rows", [2048, 20], ids=["one-chunk", "chunked"])
-def test_batched_streams_equal_each_stream_alone(parts, verify_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Also with verification split into chunks of at most `verify_rows` logit rows (a stream never splits)."""
-    monkeypatch.setattr("pipeline.rolling.MAX_VERIFY_ROWS", verify_rows)
+@pytest.mark.parametrize("chunk_bytes", [2**30, 1], ids=["one-chunk", "chunked"])
+def test_batched_streams_equal_each_stream_alone(parts, chunk_bytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also with verification split into the smallest chunks of logit rows (as large as the output matrix; a
+    stream never splits) and every other batch-wide intermediate in chunks of one row."""
+    monkeypatch.setattr("pipeline.row_chunks.CHUNK_BYTES", chunk_bytes)
     model, prompt, controls = parts
     rolling = RollingDecoder(model.text_decoder, prompt, controls)
     streams = [_audio_updates(seed, model.config.text.hidden_size, 0.1) for seed in (1, 2, 3)]
