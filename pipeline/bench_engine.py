@@ -407,7 +407,9 @@ class StaggeredStartResult:
     policy_sec: float
     probe_streams: int  # streams advanced by the probed step
     probe_kernel_sec: float  # its time inside tensor operators (`OpClock`)
-    probe_host_sec: float  # the rest of its wall time (less the probe's own cost): Python, scheduling, bookkeeping
+    # The rest of its wall time but the front end's (its own stage: the log-mel is numpy work on the engine's
+    # front-end thread, or the feature deployment's), less the probe's own cost: Python, scheduling, bookkeeping.
+    probe_host_sec: float
     probe_ops: int  # operators it ran (on a GPU, each one is also a kernel launch from the host)
     peak_step_bytes: int  # tensors one step allocates beyond weights and pools (`PeakTensorBytes`)
     pool_bytes: int  # the encoder + decoder K/V pools
@@ -441,7 +443,7 @@ def run_staggered_start_bench(
 
     Measured: the steps in which every stream has started and none has finished; their wall time by phase
     (`StepTiming`, the front end's log-mel included). The first two such steps are probes, not timed:
-    one under `OpClock` (its wall time split into tensor operators and host work), one under `PeakTensorBytes`
+    one under `OpClock` (its wall time but the front end's split into tensor operators and host work), one under `PeakTensorBytes`
     (the bytes it allocates, next to the pools' bytes)."""
     options = options or SessionOptions(language="English")
     block_samples = options.encoder.block_frames * SAMPLE_RATE // FRAMES_PER_SECOND
@@ -490,7 +492,7 @@ def run_staggered_start_bench(
                 policy_sec=statistics.fmean(t.policy_sec for t in timings),
                 probe_streams=op_clock[1].streams,
                 probe_kernel_sec=op_clock[0].seconds,
-                probe_host_sec=op_clock[0].host_seconds(op_clock[1].total_sec),
+                probe_host_sec=op_clock[0].host_seconds(op_clock[1].total_sec - op_clock[1].features_sec),
                 probe_ops=op_clock[0].ops,
                 peak_step_bytes=peak_bytes,
                 pool_bytes=engine.kv_bytes_per_stream * count,
@@ -509,7 +511,7 @@ def format_staggered_table(results: Sequence[StaggeredStartResult], device: str)
         f"{STAGGER_AGES} ages); decode budget synthetic. Features: the driver's time on the front end (a step's "
         "log-mel ran on the front-end thread during the step before: this is the wait for it). Kernels and host: "
         "one probed step's time inside tensor operators and outside them (Python, scheduling, bookkeeping; the "
-        "probe's own cost removed).",
+        "front end's time and the probe's own cost removed).",
         "",
         "| N | steps | streams/step | mean step (s) | features | schedule | encoder | decoder | policy | "
         "step ms/stream | kernels ms/stream | host ms/stream | ops in step | peak step MiB | pools MiB |",

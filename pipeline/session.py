@@ -383,7 +383,7 @@ class StreamingSession:
         usable = pending // STEP_FRAMES * STEP_FRAMES
         if usable == 0:
             self.frames_encoded += pending
-            self.pending_mel = self.pending_mel[:0]
+            self._drop_pending(pending)
             return None
         return self._take_block(usable, dropped_frames=pending - usable)
 
@@ -517,7 +517,13 @@ class StreamingSession:
         return self._own_stages
 
     def _buffer_mel(self, mel: Tensor) -> None:
-        self.pending_mel = torch.cat([self.pending_mel, mel.to(self.pending_mel)])
+        mel = mel.to(self.pending_mel)
+        self.pending_mel = torch.cat([self.pending_mel, mel]) if self.pending_mel.shape[0] else mel
+
+    def _drop_pending(self, frames: int) -> None:
+        """Drop the first `frames` pending frames. What is left (less than a block) is copied out, so that the
+        storage of the frames taken is freed with the block that reads them, not kept by a view of the rest."""
+        self.pending_mel = self.pending_mel[frames:].clone()
 
     def _take_block(self, frames: int, dropped_frames: int = 0, more_to_come: bool = False) -> CausalBlock:
         """Roll if the block would pass the cap (or the voice gate ended the utterance), then take the first
@@ -536,7 +542,7 @@ class StreamingSession:
             voice, judged = self.gate.judge(start * HOP_LENGTH, (start + frames) * HOP_LENGTH)
             if not voice.encode:  # silence: the block goes before any roll, so a checkpoint does not hold it
                 self.gate.state = judged
-                self.pending_mel = self.pending_mel[frames + dropped_frames :]
+                self._drop_pending(frames + dropped_frames)
                 self.frames_encoded += frames + dropped_frames
                 self.blocks_skipped += 1
                 events = [] if voice.speech_end is None else self._speech_event("speech_end", voice.speech_end)
@@ -545,7 +551,7 @@ class StreamingSession:
         if self.gate is not None:
             self.gate.state = judged
         mel = self.pending_mel[:frames]
-        self.pending_mel = self.pending_mel[frames + dropped_frames :]
+        self._drop_pending(frames + dropped_frames)
         self.frames_encoded += frames + dropped_frames
         self.blocks_encoded += 1
         if voice is not None and voice.speech_begin is not None:
