@@ -217,3 +217,15 @@ def test_a_version_2_checkpoint_with_flat_options_still_restores(model: ASRModel
     restored = StreamingSession.restore(model, old)
     rest = restored.push_audio(audio[checkpoint_offset(old) :]) + restored.finish()
     assert _comparable(rest) == _comparable(events[roll + 1 :])
+
+
+def test_the_frames_left_after_a_block_do_not_keep_the_block_alive(model: ASRModel) -> None:
+    """After 1.5 blocks of audio one block is encoded; the rest of the pending mel is its own (smaller) storage,
+    not a view that would hold the encoded block's frames until the next block."""
+    session = StreamingSession(model, CAUSAL)
+    block_samples = CAUSAL.encoder.block_frames * SAMPLE_RATE // 100
+    session.push_audio(_audio(1.5 * block_samples / SAMPLE_RATE))
+    assert session.blocks_encoded == 1
+    pending = session.pending_mel
+    assert 0 < pending.shape[0] < CAUSAL.encoder.block_frames
+    assert pending.untyped_storage().nbytes() == pending.numel() * pending.element_size()
