@@ -158,7 +158,11 @@ class StreamingLogMel:
         return self._frames_emitted
 
     def push(self, chunk: np.ndarray) -> torch.Tensor:
-        """Append 16 kHz float32 samples; return the frames completed by them, [n, N_MELS] float32."""
+        """Append 16 kHz float32 samples (checked: `check_pcm`); return the frames completed by them, [n, N_MELS]
+        float32."""
+        if self._flushed:
+            raise RuntimeError("stream already flushed; call reset() to start a new one")
+        check_pcm(chunk, self._samples_received)
         return extract_log_mel([self], [chunk], [False])[0]
 
     def frames_after(self, more_samples: int) -> int:
@@ -196,10 +200,9 @@ class StreamingLogMel:
         return extractor
 
     def _accept(self, chunk: np.ndarray, flush: bool) -> int:
-        """Append `chunk` (checked); return the frame index this call emits up to (flush: the end of the stream)."""
+        """Append `chunk`; return the frame index this call emits up to (flush: the end of the stream)."""
         if self._flushed:
             raise RuntimeError("stream already flushed; call reset() to start a new one")
-        check_pcm(chunk, self._samples_received)
         self._pending = np.concatenate([self._pending, chunk])
         self._samples_received += chunk.size
         stop = self._samples_received // HOP_LENGTH if flush else frames_complete(self._samples_received)
@@ -252,7 +255,10 @@ def extract_log_mel(
     extractors: Sequence[StreamingLogMel], chunks: Sequence[np.ndarray], flush: Sequence[bool]
 ) -> list[torch.Tensor]:
     """`push` chunks[i] to extractors[i] (then `flush` it where flush[i]), for many streams in stacked calls:
-    returns each stream's new frames [n, N_MELS], bit-identical to its own `push` / `flush`."""
+    returns each stream's new frames [n, N_MELS], bit-identical to its own `push` / `flush`.
+
+    The chunks are PCM already checked as it arrived (`check_pcm`: `StreamingSession.hold_audio`, `push`), so
+    every sample is scanned once, not again here."""
     if not len(extractors) == len(chunks) == len(flush):
         raise ValueError(f"got {len(extractors)} extractors, {len(chunks)} chunks and {len(flush)} flush flags")
     if len({id(extractor) for extractor in extractors}) != len(extractors):
