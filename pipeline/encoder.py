@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.row_chunks import in_row_chunks, rows_per_chunk
 from pipeline.config import AudioEncoderConfig
+from pipeline.row_chunks import in_row_chunks, rows_per_chunk
 
 #: Mel frames per causal step: three stride-2 convs turn 8 frames into one step (8 -> 4 -> 2 -> 1).
 STEP_FRAMES = 8
@@ -262,14 +262,17 @@ class AudioTower(nn.Module):
         if frames % STEP_FRAMES:
             raise ValueError(f"mel has {frames} frames; expected a multiple of {STEP_FRAMES}")
         pieces = mel.reshape(frames // STEP_FRAMES, STEP_FRAMES, mel.shape[1]).transpose(1, 2)
-        return torch.cat([self.conv_stem(chunk).squeeze(1) for chunk in pieces.split(self.conv_pieces_per_call())])
+        return in_row_chunks(lambda chunk: self.conv_stem(chunk).squeeze(1), self._conv_piece_bytes(), pieces)
 
     def conv_pieces_per_call(self) -> int:
-        """Pieces per conv-stem call: the first conv's feature map and its GELU, the stem's largest intermediates
-        (480 x 64 x 4 values per piece at full size), within `pipeline.row_chunks.CHUNK_BYTES`."""
+        """Pieces per conv-stem call, within `pipeline.row_chunks.CHUNK_BYTES`."""
+        return rows_per_chunk(self._conv_piece_bytes())
+
+    def _conv_piece_bytes(self) -> int:
+        """The conv stem's largest intermediates per piece: the first conv's feature map and its GELU (480 x 64 x 4
+        values per piece at full size)."""
         freq, time = ((size + 1) // 2 for size in (self.config.num_mel_bins, STEP_FRAMES))  # one stride-2 conv
-        first_map = self.conv2d1.out_channels * freq * time * self.conv_out.weight.element_size()
-        return rows_per_chunk(2 * first_map)
+        return 2 * self.conv2d1.out_channels * freq * time * self.conv_out.weight.element_size()
 
     def add_positions(self, steps: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """steps [..., S, D] + sinusoids of `positions` [..., S], computed in fp32, added in the steps' dtype."""
