@@ -42,8 +42,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.row_chunks import consecutive_runs
 from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, STEP_FRAMES, AudioKVStore, AudioTower, check_block_frames
+from pipeline.row_chunks import consecutive_runs
 
 logger = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.row_chunks import in_row_chunks
 from pipeline.config import TextDecoderConfig
 from pipeline.device_io import to_device
+from pipeline.row_chunks import in_row_chunks
 
 #: One layer's (key, value), each [batch, kv_heads, positions, head_dim], keys already rotated.
 LayerKV = tuple[Tensor, Tensor]

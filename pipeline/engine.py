@@ -9,8 +9,9 @@ slots are (the encoder's scattered batches read their slots' windows chunk by ch
 activations are per-step tensors (the CUDA caching allocator recycles them; the decode steps run in fixed
 buffers), and batch-wide ones run in row chunks within one bound (`pipeline.row_chunks.CHUNK_BYTES`). The end
 of a stream frees its slots; at a segment roll, when its K/V starts empty, a stream's next segment starts in the
-lowest free slot, so the live streams stay packed at the low slots that batches and fixed-shape steps cover. Audio is held per stream as it
-arrives (checked, nothing computed: the caller's thread, e.g. an asyncio driver's, does no signal work);
+lowest free slot, so the live streams stay packed at the low slots that batches and fixed-shape steps cover.
+Audio is held per stream as it arrives (checked, nothing computed: the caller's thread, e.g. an asyncio
+driver's, does no signal work);
 `step()` then advances every stream that has a whole block, or whose end was signalled, by one block (a stream
 that has fallen behind by up to `EngineOptions.catch_up_blocks`, see below):
 

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from pipeline.row_chunks import consecutive_runs, rows_per_chunk
 from pipeline.decode_step import DecodeStep, DynamicDecodeStep
 from pipeline.decoder import DecoderKVCache, TextDecoder, forward_padded
 from pipeline.decoding import DecodeControls, Verdict
 from pipeline.device_io import to_device
 from pipeline.prompt import CausalPrompt
+from pipeline.row_chunks import consecutive_runs, rows_per_chunk
 
 
 @dataclass
