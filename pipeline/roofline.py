@@ -40,7 +40,7 @@ from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, STEP_FRAMES
 from pipeline.flops import ModelFlopCounter, PromptShape
 from pipeline.kv_pool import ENCODER_SLOT_COLUMNS
 from pipeline.options import SessionOptions
-from pipeline.prompt import MAX_CONTEXT_TOKENS
+from pipeline.session import decoder_slot_positions
 
 _OPTIONS = SessionOptions()  # the published causal operating point: one default block per update
 BLOCK_SEC = _OPTIONS.update_interval_sec
@@ -69,8 +69,8 @@ EAGER_LAUNCH_SEC = QWEN3_ASR_0_6B.text.num_hidden_layers * 15 * KERNEL_LAUNCH_SE
 # Published datasheet figures (NVIDIA H100 SXM: 989 TFLOP/s dense bf16, 3.35 TB/s HBM3, 80 GB; H200 SXM: 989
 # TFLOP/s dense bf16, 4.8 TB/s HBM3e, 141 GB). Sustained = datasheet x an efficiency we consider reachable by eager
 # PyTorch (50 % of dense bf16 tensor-core peak, 80 % of HBM bandwidth). Memory for weights and slots: 90 % of the
-# card; the rest holds the CUDA context and the step's transient activations, which the engine bounds (conv stem in
-# 2048-piece calls, verification logits in 2048-row chunks: a few GB whatever N).
+# card; the rest holds the CUDA context and the step's transient activations, which the engine bounds (batch-wide
+# intermediates in row chunks, `pipeline.row_chunks`: verification logits up to the output matrix's size).
 H100_SXM = DeviceSpec("H100 SXM (estimate)", 0.5 * 989e12, 0.8 * 3.35e12, 0.9 * 80e9, 2, EAGER_LAUNCH_SEC, True)
 H200 = DeviceSpec("H200 (estimate)", 0.5 * 989e12, 0.8 * 4.8e12, 0.9 * 141e9, 2, EAGER_LAUNCH_SEC, True)
 # The machine the benchmarks ran on, as measured (seed_cpu_cost.md: sgemm 2048^3 at 107-124 GFLOP/s, decode steps
@@ -272,9 +272,10 @@ def engine_cost(device: DeviceSpec, config: Qwen3ASRConfig = QWEN3_ASR_0_6B) -> 
 
 
 def decoder_capacity(max_new_tokens: int) -> int:
-    """Decoder slot positions, as `session.decoder_positions_needed` sizes them: head with room for the longest
-    context + the segment's audio cap + tail + the token budget."""
-    return PROMPT.head + MAX_CONTEXT_TOKENS + SEGMENT_MAX_STEPS + PROMPT.tail + max_new_tokens
+    """Decoder slot positions for a token budget, as the engine sizes them (`session.decoder_slot_positions`): head
+    with room for the longest context + the segment's audio cap + tail + the token budget."""
+    options = _OPTIONS.merged({"decode": {"max_new_tokens": max_new_tokens}})
+    return decoder_slot_positions(PROMPT.head, PROMPT.tail, options)
 
 
 def largest(fits: Callable[[int], bool], limit: int) -> int:

@@ -830,9 +830,13 @@ def decoder_positions_needed(prompt: CausalPrompt, options: SessionOptions) -> i
     forward more than `max_new_tokens` tokens. The head has room for the longest context (`MAX_CONTEXT_TOKENS`),
     whatever `prompt` holds now: a stream's context may change at any segment.
     """
+    return decoder_slot_positions(len(prompt.head_ids) - prompt.context_tokens, len(prompt.tail_ids), options)
+
+
+def decoder_slot_positions(head: int, tail: int, options: SessionOptions) -> int:
+    """`decoder_positions_needed` from the lengths of a prompt's head (without its context) and tail."""
     audio_steps = max(options.segment.segment_max_steps, options.encoder.block_frames // STEP_FRAMES)
-    head = len(prompt.head_ids) - prompt.context_tokens + MAX_CONTEXT_TOKENS
-    return head + audio_steps + len(prompt.tail_ids) + options.decode.max_new_tokens
+    return head + MAX_CONTEXT_TOKENS + audio_steps + tail + options.decode.max_new_tokens
 
 
 def checkpoint_options(checkpoint: bytes) -> SessionOptions:
