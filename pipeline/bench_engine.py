@@ -520,8 +520,8 @@ def format_staggered_table(results: Sequence[StaggeredStartResult], device: str)
         f"block every {STAGGER_CADENCE} steps: each step updates every {STAGGER_CADENCE}nd slot, streams of "
         f"{STAGGER_AGES} ages); decode budget synthetic. Features: the driver's time on the front end (a step's "
         "log-mel ran on the front-end thread during the step before: this is the wait for it). Kernels and host: "
-        f"the median of {PROBED_STEPS} probed steps' time inside tensor operators and outside them (Python, scheduling, bookkeeping; the "
-        "front end's time and the probe's own cost removed).",
+        f"the median of {PROBED_STEPS} probed steps' time inside tensor operators and outside them (Python, "
+        "scheduling, bookkeeping; the front end's time and the probe's own cost removed).",
         "",
         "| N | steps | streams/step | mean step (s) | features | schedule | encoder | decoder | policy | "
         "step ms/stream | kernels ms/stream | host ms/stream | ops in step | peak step MiB | pools MiB |",

@@ -289,7 +289,9 @@ def check_pcm(chunk: np.ndarray, stream_offset: int = 0) -> None:
     """Raise unless `chunk` is what a stream takes: a 1-D float32 numpy array of finite 16 kHz samples
     (`stream_offset`: the stream sample of chunk[0], named in the error)."""
     if not isinstance(chunk, np.ndarray) or chunk.dtype != np.float32 or chunk.ndim != 1:
-        described = f"{chunk.dtype} array of shape {chunk.shape}" if isinstance(chunk, np.ndarray) else type(chunk).__name__
+        described = (
+            f"{chunk.dtype} array of shape {chunk.shape}" if isinstance(chunk, np.ndarray) else type(chunk).__name__
+        )
         raise TypeError(
             f"chunk is a {described}; expected a 1-D float32 numpy array of 16 kHz samples (convert with prepare_pcm)"
         )

@@ -315,7 +315,9 @@ class StreamingSession:
             return False
         if self._end_held:
             return True
-        return self._held_samples > 0 and self.pending_mel.shape[0] + self._held_frames >= self.options.encoder.block_frames
+        if self._held_samples == 0:
+            return False
+        return self.pending_mel.shape[0] + self._held_frames >= self.options.encoder.block_frames
 
     @property
     def _samples_not_extracted(self) -> int:
