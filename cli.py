@@ -34,6 +34,7 @@ DEFAULT_MODEL_ID = "Qwen/Qwen3-ASR-0.6B"
 DEFAULT_TOWER_ID = "qfuxa/qwen3-asr-0.6b-streaming"
 DTYPES = ("auto", "float32", "bfloat16")
 DECODE_STEPS = ("auto", "dynamic", "static", "cuda_graph")
+GC_POLICIES = ("default", "settled")  # pipeline.gc_policy.POLICIES
 
 
 class UsageError(Exception):
@@ -537,6 +538,13 @@ def _add_bench_engine(benches: argparse._SubParsersAction) -> None:
         help="comma-separated: auto (per device), float32, bfloat16; each measured in turn",
     )
     parser.add_argument("--blocks-per-update", type=_count, default=1, help="decoder update every k blocks")
+    parser.add_argument(
+        "--gc",
+        type=_choice_list(*GC_POLICIES),
+        default="settled",
+        help="comma-separated, each measured in turn: Python's garbage collector as CPython sets it (default) or as "
+        "serving processes settle it (settled: model and imports frozen, a higher young-generation threshold)",
+    )
     parser.add_argument(
         "--arrivals",
         type=_choice_list("aligned", "staggered", "staggered-starts"),

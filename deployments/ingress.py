@@ -42,9 +42,10 @@ from deployments.durability import DurableStream, StoreConnection, store_url
 from deployments.session_store import SessionStore, StaleOwner, StoreUnavailable
 from deployments.stage_replicas import ModelSpec, reserve_threads
 from grpc_health.v1 import health_pb2
-from pipeline.rolling import UpdateResult
 from pipeline.features import HOP_LENGTH, SAMPLE_RATE
+from pipeline.gc_policy import settle_garbage_collector
 from pipeline.options import SessionOptions
+from pipeline.rolling import UpdateResult
 from pipeline.session import StreamingSession
 from pipeline.stages import DecodeRequest, EncodeRequest, FeatureRequest, FeatureResult, StageAtCapacity, StageMiss
 from pipeline.stream_driver import StreamDriver
@@ -173,6 +174,7 @@ class Ingress:
         self.lag = Gauge("qwen3_stream_lag_sec", "how far the newest result trails the audio received")
         self.errors = Counter("qwen3_stream_errors", "streams ended with an error status", ("code",))
         self._open = 0
+        settle_garbage_collector()  # a thousand streams' sessions live here: their steps' temporaries die young
 
     async def Recognize(  # noqa: N802 (the RPC's name)
         self, stream: gRPCInputStream, grpc_context=None  # noqa: ANN001 (Serve's RayServegRPCContext)

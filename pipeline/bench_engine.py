@@ -41,8 +41,9 @@ from pipeline.decoding import DecodeControls, Pick, Verdict
 from pipeline.encoder import AudioTower
 from pipeline.engine import EngineOptions, StepTiming, StreamingEngine
 from pipeline.features import FRAMES_PER_SECOND, SAMPLE_RATE
-from pipeline.step_probes import OpClock, PeakTensorBytes
+from pipeline import gc_policy
 from pipeline.options import SessionOptions
+from pipeline.step_probes import CollectorClock, OpClock, PeakTensorBytes
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR, build_tiny_tokenizer
 
 log = logging.getLogger(__name__)
@@ -408,6 +409,7 @@ class StaggeredStartResult:
     encoder_sec: float
     decoder_sec: float
     policy_sec: float
+    collector_sec: float  # Python's garbage collector, within the phases above
     probe_streams: int  # streams advanced by the reported probed step (the median of `PROBED_STEPS`)
     probe_kernel_sec: float  # its time inside tensor operators (`OpClock`)
     # The rest of its wall time but the front end's (its own stage: the log-mel is numpy work on the engine's
@@ -465,6 +467,7 @@ def run_staggered_start_bench(
         step = 0
         probes: list[tuple[OpClock, StepTiming]] = []
         peak_bytes: int | None = None
+        collector = CollectorClock()
         while engine.active_streams:
             schedule.push_due(step)
             measured = step >= period and len(engine.active_streams) == count
@@ -476,10 +479,12 @@ def run_staggered_start_bench(
                 with PeakTensorBytes() as memory:
                     engine.step()
                 peak_bytes = memory.peak
+            elif measured:
+                with collector:
+                    engine.step()
+                timings.append(engine.last_step_timing)
             else:
                 engine.step()
-                if measured:
-                    timings.append(engine.last_step_timing)
             step += 1
         if not timings or peak_bytes is None:
             raise ValueError(f"blocks_per_stream={blocks_per_stream} leaves no step with every stream running")
@@ -495,6 +500,7 @@ def run_staggered_start_bench(
                 encoder_sec=statistics.fmean(t.encoder_sec for t in timings),
                 decoder_sec=statistics.fmean(t.decoder_sec for t in timings),
                 policy_sec=statistics.fmean(t.policy_sec for t in timings),
+                collector_sec=collector.seconds / len(timings),
                 probe_streams=probed.streams,
                 probe_kernel_sec=clock.seconds,
                 probe_host_sec=_host_seconds(clock, probed),
@@ -521,17 +527,18 @@ def format_staggered_table(results: Sequence[StaggeredStartResult], device: str)
         f"{STAGGER_AGES} ages); decode budget synthetic. Features: the driver's time on the front end (a step's "
         "log-mel ran on the front-end thread during the step before: this is the wait for it). Kernels and host: "
         f"the median of {PROBED_STEPS} probed steps' time inside tensor operators and outside them (Python, "
-        "scheduling, bookkeeping; the front end's time and the probe's own cost removed).",
+        "scheduling, bookkeeping; the front end's time and the probe's own cost removed). GC: Python's garbage "
+        "collector per step, within the phases.",
         "",
-        "| N | steps | streams/step | mean step (s) | features | schedule | encoder | decoder | policy | "
+        "| N | steps | streams/step | mean step (s) | features | schedule | encoder | decoder | policy | GC | "
         "step ms/stream | kernels ms/stream | host ms/stream | ops in step | peak step MiB | pools MiB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r.streams} | {r.steps} | {r.mean_batch:.0f} | {r.step_mean_sec:.3f} | {r.features_sec:.3f} | "
             f"{r.schedule_sec:.3f} | {r.encoder_sec:.3f} | {r.decoder_sec:.3f} | {r.policy_sec:.3f} | "
-            f"{r.step_ms_per_stream:.3f} | {r.kernel_ms_per_stream:.3f} | {r.host_ms_per_stream:.3f} | "
+            f"{r.collector_sec:.3f} | {r.step_ms_per_stream:.3f} | {r.kernel_ms_per_stream:.3f} | {r.host_ms_per_stream:.3f} | "
             f"{r.probe_ops} | {r.peak_step_bytes / 2**20:.1f} | {r.pool_bytes / 2**20:.1f} |"
         )
     smallest, largest = min(results, key=lambda r: r.streams), max(results, key=lambda r: r.streams)
@@ -594,6 +601,7 @@ def run_bench_engine_command(args) -> int:
     if unknown:
         raise SystemExit(f"--arrivals {sorted(unknown)}: expected aligned, staggered and/or staggered-starts")
     dtypes = [dtype_from_name(name.strip()) for name in args.dtypes.split(",")]
+    collectors = [policy.strip() for policy in args.gc.split(",")]
     options = SessionOptions(language="English", blocks_per_update=args.blocks_per_update)
     for dtype in dtypes:  # one model per dtype, measured one after the other in this process
         started = time.perf_counter()
@@ -603,27 +611,36 @@ def run_bench_engine_command(args) -> int:
             tower = args.checkpoint / TOWER_OVERLAY_DIR
             model = load_model(args.checkpoint, tower=tower, device=args.device, dtype=dtype)
         log.info("%s (%s) ready in %.1f s", model.model_source, model.dtype, time.perf_counter() - started)
-        device = _describe(model)
-        if "aligned" in arrivals:
-            # Aligned runs buffer every stream's whole audio, so catch-up would only re-create blocks_per_update.
-            aligned = [
-                result
-                for kind in decode_steps
-                for result in run_engine_bench(model, counts, args.blocks, options, EngineOptions(decode_step=kind))
-            ]
-            print(format_engine_table(aligned, device, blocks_per_update=args.blocks_per_update), end="\n\n")
-        if "staggered" in arrivals:
-            live_options = [
-                EngineOptions(decode_step=kind, catch_up_blocks=int(blocks))
-                for kind in decode_steps
-                for blocks in args.catch_up_blocks.split(",")
-            ]
-            live = [r for e in live_options for r in run_live_engine_bench(model, counts, args.blocks, options, e)]
-            print(format_live_table(live, device), end="\n\n")
-        if "staggered-starts" in arrivals:
-            for kind in decode_steps:
-                starts = run_staggered_start_bench(model, counts, args.blocks, options, EngineOptions(decode_step=kind))
-                print(format_staggered_table(starts, f"{device}, decode step {kind}"), end="\n\n")
+        for collector in collectors:  # each garbage-collector policy in turn, on the same model
+            gc_policy.POLICIES[collector]()
+            device = f"{_describe(model)}, GC {collector}"
+            if "aligned" in arrivals:
+                # Aligned runs buffer every stream's whole audio, so catch-up would only re-create blocks_per_update.
+                aligned = [
+                    result
+                    for kind in decode_steps
+                    for result in run_engine_bench(
+                        model, counts, args.blocks, options, EngineOptions(decode_step=kind)
+                    )
+                ]
+                print(format_engine_table(aligned, device, blocks_per_update=args.blocks_per_update), end="\n\n")
+            if "staggered" in arrivals:
+                live_options = [
+                    EngineOptions(decode_step=kind, catch_up_blocks=int(blocks))
+                    for kind in decode_steps
+                    for blocks in args.catch_up_blocks.split(",")
+                ]
+                live = [
+                    result
+                    for engine_options in live_options
+                    for result in run_live_engine_bench(model, counts, args.blocks, options, engine_options)
+                ]
+                print(format_live_table(live, device), end="\n\n")
+            if "staggered-starts" in arrivals:
+                for kind in decode_steps:
+                    engine_options = EngineOptions(decode_step=kind)
+                    starts = run_staggered_start_bench(model, counts, args.blocks, options, engine_options)
+                    print(format_staggered_table(starts, f"{device}, decode step {kind}"), end="\n\n")
     return 0
 
 

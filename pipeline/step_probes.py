@@ -8,10 +8,13 @@
 * `OpClock`: time spent inside tensor operators (kernels on the CPU, plus the C++ dispatch under them), so
   that a step's wall time splits into kernels and host work (Python: scheduling, bookkeeping, the dispatch of
   Python calls). The probe's own overhead (a few microseconds per operator) lands on the host side.
+* `CollectorClock`: time spent in Python's cyclic garbage collector (any thread), which runs inside whatever
+  allocated the object that triggered it, host work or operator.
 """
 
 from __future__ import annotations
 
+import gc
 import time
 import weakref
 
@@ -102,3 +105,27 @@ class OpClock(TorchDispatchMode):
         self.seconds += time.perf_counter() - started
         self.ops += 1
         return out
+
+
+class CollectorClock:
+    """`with CollectorClock() as clock: ...`; then `clock.seconds` spent in garbage collections, `clock.runs` of
+    them, by generation."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.runs = [0, 0, 0]
+        self._started = 0.0
+
+    def __enter__(self) -> CollectorClock:
+        gc.callbacks.append(self._observe)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        gc.callbacks.remove(self._observe)
+
+    def _observe(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+            self.runs[info["generation"]] += 1

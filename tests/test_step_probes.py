@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import time
 
 import torch
 
-from pipeline.step_probes import OpClock, PeakTensorBytes
+from pipeline.gc_policy import DEFAULT_THRESHOLDS, POLICIES, YOUNG_GENERATION_THRESHOLD
+from pipeline.step_probes import CollectorClock, OpClock, PeakTensorBytes
 
 
 def test_peak_counts_fresh_allocations_until_freed_and_never_what_existed_before() -> None:
@@ -34,3 +36,31 @@ def test_op_clock_splits_wall_time_into_operators_and_the_rest() -> None:
     wall = time.perf_counter() - started
     assert clock.ops >= 10 and 0 < clock.seconds < wall
     assert 0.04 < clock.host_seconds(wall) < 0.05 + clock.seconds
+
+
+def test_collector_clock_times_the_collections_inside_it_and_only_those() -> None:
+    gc.collect()
+    with CollectorClock() as clock:
+        gc.collect(0)
+        gc.collect(2)
+    gc.collect()  # outside: not counted
+    assert clock.runs == [1, 0, 1]
+    assert clock.seconds > 0
+
+
+def test_the_settled_collector_freezes_what_lives_now_and_still_collects_later_cycles() -> None:
+    kept_for_life = [object()]
+    try:
+        POLICIES["settled"]()
+        assert gc.get_threshold()[0] == YOUNG_GENERATION_THRESHOLD
+        assert gc.get_freeze_count() > 0
+        assert all(tracked is not kept_for_life for tracked in gc.get_objects())  # frozen: out of the collector's sight
+        cycle: list = []
+        cycle.append(cycle)
+        assert gc.is_tracked(cycle)
+        del cycle
+        assert gc.collect() >= 1  # a cycle made after settling is still found
+    finally:
+        POLICIES["default"]()
+    assert gc.get_threshold() == DEFAULT_THRESHOLDS
+    assert gc.get_freeze_count() == 0
