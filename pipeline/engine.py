@@ -20,7 +20,8 @@ that has fallen behind by up to `EngineOptions.catch_up_blocks`, see below):
    step has blocks to work on already, that call runs on the engine's front-end thread while the step's model
    work runs (numpy and torch release the GIL), and the next step takes its frames: the front end leaves the
    driver's critical path at the price of at most one step's wait for those blocks. With nothing else to do the
-   step runs it and waits, so an idle engine adds no latency;
+   step runs it at once, half its streams on the driver's thread and half on the front-end thread, so an idle
+   engine adds no latency;
 1. scheduling: each session's `next_block` rolls its segment if the block would pass the cap and hands out the
    block (the same code the single-stream session runs);
 2. one `EncoderStage.encode`: one forward over all those blocks, on their slots' K/V;
@@ -135,7 +136,8 @@ class EngineAtCapacity(RuntimeError):
 
 @dataclass
 class _FrontEndCall:
-    """One `FeatureStage.extract` over several sessions' held audio, running on the engine's front-end thread.
+    """One `FeatureStage.extract` over several sessions' held audio, in parts running on the engine's front-end
+    thread (and the driver's, see `StreamingEngine._run_front_end`).
 
     Each request carries a copy of its session's front end (`take_feature_request`), so the session stays
     readable, and checkpointable, while the call runs: audio in flight is not in its `sample_offset` yet, and
@@ -143,11 +145,12 @@ class _FrontEndCall:
 
     sessions: list[StreamingSession]
     ends: list[bool]  # whether each session's request carries the end of audio
-    results: Future[list[FeatureResult]]
+    parts: list[Future[list[FeatureResult]]]  # the results of consecutive runs of the sessions, in order
 
     def accept(self) -> None:
         """Wait for the call; hand each session its frames."""
-        for session, end, result in zip(self.sessions, self.ends, self.results.result()):
+        results = [result for part in self.parts for result in part.result()]
+        for session, end, result in zip(self.sessions, self.ends, results):
             session.accept_features(result, end=end)
 
 
@@ -294,7 +297,8 @@ class StreamingEngine:
     def _run_front_end(self) -> None:
         """Take the front-end call the last step started, then start one for every stream whose held audio now
         completes a block or ends the stream: in the background if this step has blocks to work on meanwhile,
-        otherwise here."""
+        otherwise here, its streams split between the driver and the front-end thread (the driver would only
+        wait, and the log-mel is numpy work that runs in parallel)."""
         if self._front_end_call is not None:
             self._front_end_call.accept()
             self._front_end_call = None
@@ -302,11 +306,15 @@ class StreamingEngine:
         if not due:
             return
         requests, ends = zip(*(session.take_feature_request() for session in due))
-        call = _FrontEndCall(due, list(ends), self._front_end_thread.submit(self.features.extract, list(requests)))
         if any(session.block_ready or session.done_encoding for session in self._sessions.values()):
-            self._front_end_call = call
-        else:
-            call.accept()
+            background = self._front_end_thread.submit(self.features.extract, list(requests))
+            self._front_end_call = _FrontEndCall(due, list(ends), [background])
+            return
+        half = len(requests) // 2
+        background = self._front_end_thread.submit(self.features.extract, list(requests[half:]))
+        here: Future[list[FeatureResult]] = Future()
+        here.set_result(self.features.extract(list(requests[:half])))
+        _FrontEndCall(due, list(ends), [here, background]).accept()
 
     def _next_blocks(
         self, stream_ids: list[str], last_round: bool, events: dict[str, list[TranscriptEvent]]

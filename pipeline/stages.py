@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -101,6 +102,7 @@ class FeatureStage:
 
     def __init__(self) -> None:
         self._vad_model: SileroVAD | None = None  # loaded on the first request that needs it
+        self._vad_loading = threading.Lock()  # two threads may call `extract` at once (the engine splits a call)
 
     def extract(self, requests: Sequence[FeatureRequest]) -> list[FeatureResult]:
         working = [request for request in requests if request.pcm.size or request.flush]  # (a flushed front-end
@@ -116,8 +118,9 @@ class FeatureStage:
         ]
         gated = [i for i, request in enumerate(requests) if request.vad is not None]
         if gated:
-            if self._vad_model is None:
-                self._vad_model = load_silero_vad()
+            with self._vad_loading:
+                if self._vad_model is None:
+                    self._vad_model = load_silero_vad()
             scored = score_streams(self._vad_model, [requests[i].vad for i in gated], [requests[i].pcm for i in gated])
             for i, (state, speech) in zip(gated, scored):
                 results[i].vad, results[i].speech = state, speech

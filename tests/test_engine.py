@@ -346,6 +346,35 @@ def test_a_step_with_blocks_to_work_on_extracts_the_next_ones_on_the_front_end_t
         assert _comparable(events[stream_id]) == _comparable(_single_stream_events(model, samples, CAUSAL))
 
 
+def test_a_step_with_nothing_else_to_do_splits_its_front_end_between_the_driver_and_the_front_end_thread(
+    model: ASRModel,
+) -> None:
+    """Four streams' held audio completes a block and nothing else is ready: the step extracts two streams on its
+    own thread and two on the front-end thread at the same time, then advances all four, exactly."""
+    block = CAUSAL.encoder.block_frames * SAMPLE_RATE // 100
+    audio = {str(i): _audio(4.0, seed=20 + i) for i in range(4)}
+    engine = StreamingEngine(model, CAUSAL, EngineOptions(max_streams=4))
+    engine.features = recorder = _RecordingFeatureStage()
+    events: dict[str, list[TranscriptEvent]] = {stream_id: [] for stream_id in audio}
+    for stream_id, samples in audio.items():
+        engine.open_stream(stream_id)
+        engine.push_audio(stream_id, samples[: block + 500])
+    for stream_id, new in engine.step().items():
+        events[stream_id] += new
+    assert engine.last_step_timing.streams == 4
+    assert sorted(streams for _, streams in recorder.calls) == [2, 2]
+    assert {thread for thread, _ in recorder.calls} - {threading.get_ident()}  # one part off the driver's thread
+    assert threading.get_ident() in {thread for thread, _ in recorder.calls}
+    for stream_id, samples in audio.items():
+        engine.push_audio(stream_id, samples[block + 500 :])
+        engine.finish_stream(stream_id)
+    while engine.active_streams:
+        for stream_id, new in engine.step().items():
+            events[stream_id] += new
+    for stream_id, samples in audio.items():
+        assert _comparable(events[stream_id]) == _comparable(_single_stream_events(model, samples, CAUSAL))
+
+
 def test_streams_decoding_every_few_blocks_match_their_sessions(model: ASRModel) -> None:
     """Streams that hold encoded blocks for a later decoder update share steps with every-block streams."""
     plans = _plans(4)
