@@ -208,7 +208,8 @@ class DecoderLayer(nn.Module):
 
 @dataclass
 class DecoderOutput:
-    """Final-norm hidden states [B, S, hidden] and, per layer, the K/V of the S new positions."""
+    """Final-norm hidden states [B, S, hidden] and, per layer, the K/V of the S new positions (none when a
+    `kv_store` took them: they are in its storage)."""
 
     hidden: Tensor
     new_kv: list[LayerKV]
@@ -258,7 +259,8 @@ class TextDecoder(nn.Module):
         new_kv: list[LayerKV] = []
         for index, layer in enumerate(self.layers):
             h, layer_kv = layer(h, cos, sin, attention_mask, partial(store, index), kv_rows)
-            new_kv.append(layer_kv)
+            if kv_store is None:  # a store has kept it: a copy per layer would stay alive to the end of the forward
+                new_kv.append(layer_kv)
         return DecoderOutput(hidden=self.norm(h), new_kv=new_kv)
 
     def logits(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:

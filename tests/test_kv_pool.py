@@ -288,3 +288,27 @@ def test_scattered_slots_with_unequal_lengths_attend_in_place_and_match_growing_
                 other.crop(other.length - 1)
     assert idle.length == 13
     assert torch.equal(idle.layer(1)[0], idle_keys) and torch.equal(idle.layer(1)[1], idle_values)
+
+
+def test_a_pooled_forward_holds_one_layers_new_kv_at_a_time() -> None:
+    """The pool keeps each layer's new K/V; the forward returns none of it, and its peak memory does not grow
+    with the number of layers (a copy per layer kept to the end would: 2 x layers x the new positions' K/V)."""
+    from dataclasses import replace
+
+    from pipeline.config import TINY_TEXT
+    from pipeline.decoder import TextDecoder, forward_padded
+    from pipeline.step_probes import PeakTensorBytes
+
+    peaks = {}
+    for layers in (2, 8):
+        torch.manual_seed(0)
+        decoder = TextDecoder(replace(TINY_TEXT, num_hidden_layers=layers)).eval()
+        pool = DecoderKVPool(decoder, slots=4, capacity=300)
+        caches = [pool.new_cache(slot) for slot in (3, 0, 1)]
+        embeds = torch.randn(3, 200, decoder.config.hidden_size)
+        with torch.no_grad(), PeakTensorBytes() as probe:
+            forward_padded(decoder, caches, embeds, [200, 150, 120])
+        peaks[layers] = probe.peak
+        assert all(cache.length == n for cache, n in zip(caches, [200, 150, 120]))
+    new_kv_bytes_per_layer = 2 * 3 * 200 * TINY_TEXT.num_key_value_heads * TINY_TEXT.head_dim * 4
+    assert peaks[8] - peaks[2] < new_kv_bytes_per_layer  # not 6 more layers' worth
