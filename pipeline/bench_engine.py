@@ -40,7 +40,7 @@ from pipeline.decoder import TextDecoder
 from pipeline.decoding import DecodeControls, Pick, Verdict
 from pipeline.encoder import AudioTower
 from pipeline.engine import EngineOptions, StepTiming, StreamingEngine
-from pipeline.features import FRAMES_PER_SECOND, SAMPLE_RATE
+from pipeline.features import FRAMES_PER_SECOND, HOP_LENGTH, SAMPLE_RATE, samples_completing
 from pipeline import gc_policy
 from pipeline.options import SessionOptions
 from pipeline.step_probes import CollectorClock, OpClock, PeakTensorBytes
@@ -375,23 +375,31 @@ PROBED_STEPS = 3
 
 class StaggeredStarts:
     """The staggered-starts schedule: stream i (in `audio`'s order) starts at step i mod (`STAGGER_CADENCE` x
-    `STAGGER_AGES`) and is pushed its next block of audio every `STAGGER_CADENCE` steps, its end with its last."""
+    `STAGGER_AGES`) and is pushed its next block of audio every `STAGGER_CADENCE` steps, its end with its last.
+
+    A push ends where its block's frames are complete (`samples_completing`: 40 samples into the next block), as
+    a live stream's chunk boundary just after the block would: the block is then due at the step it arrives for,
+    not one push later with a whole block of frames waiting in the session."""
 
     def __init__(self, engine: StreamingEngine, audio: dict[str, np.ndarray], block_samples: int) -> None:
-        self.engine, self.audio, self.block_samples = engine, audio, block_samples
+        self.engine, self.audio = engine, audio
+        self.block_frames = block_samples // HOP_LENGTH
         period = STAGGER_CADENCE * STAGGER_AGES
         self.start = {stream_id: index % period for index, stream_id in enumerate(audio)}
-        self.pushed = dict.fromkeys(audio, 0)
+        self.pushed = dict.fromkeys(audio, 0)  # blocks
+        self.sent = dict.fromkeys(audio, 0)  # samples
 
     def push_due(self, step: int) -> None:
         """Push the blocks due before `step`."""
         for stream_id, samples in self.audio.items():
-            start, block = self.start[stream_id], self.pushed[stream_id]
-            if step < start or (step - start) % STAGGER_CADENCE or block * self.block_samples >= samples.size:
+            start, sent = self.start[stream_id], self.sent[stream_id]
+            if step < start or (step - start) % STAGGER_CADENCE or sent >= samples.size:
                 continue
-            self.engine.push_audio(stream_id, samples[block * self.block_samples : (block + 1) * self.block_samples])
             self.pushed[stream_id] += 1
-            if self.pushed[stream_id] * self.block_samples >= samples.size:
+            end = min(samples_completing(self.pushed[stream_id] * self.block_frames), samples.size)
+            self.engine.push_audio(stream_id, samples[sent:end])
+            self.sent[stream_id] = end
+            if end == samples.size:
                 self.engine.finish_stream(stream_id)
 
 

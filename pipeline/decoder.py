@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from pipeline.config import TextDecoderConfig
 from pipeline.device_io import to_device
-from pipeline.row_chunks import in_row_chunks
+from pipeline.row_chunks import in_row_chunks, rows_per_chunk
 
 #: One layer's (key, value), each [batch, kv_heads, positions, head_dim], keys already rotated.
 LayerKV = tuple[Tensor, Tensor]
@@ -422,9 +422,52 @@ def forward_padded(
     view of the pool's slot range, each stream's queries at its own slot (`_PoolRows`): no copy of the past.
     Caches of their own (a single session's) are gathered into padded tensors first.
     Lengths come from the caches and the caller (host values): nothing here waits for the device.
+
+    The streams run in chunks whose intermediates fit `pipeline.row_chunks` (the whole forward per chunk, so no
+    activation spans the batch); a chunk re-reads every layer's weights, so it may be as large as they are: at full
+    size that is hundreds of streams, on the tiny checkpoint tens.
     """
     if len(caches) != embeds.shape[0] or len(new_lengths) != embeds.shape[0]:
         raise ValueError(f"{len(caches)} caches and {len(new_lengths)} lengths for {embeds.shape[0]} rows of inputs")
+    keys = max(cache.length + count for cache, count in zip(caches, new_lengths))
+    limit = rows_per_chunk(_bytes_per_stream(decoder, embeds.shape[1], keys), reread_bytes=_layer_bytes(decoder))
+    if limit >= len(caches):
+        return _forward_chunk(decoder, caches, embeds, new_lengths)
+    # Chunks of neighbouring slots: a chunk attends over its slots' range of the pool, which is then no wider than
+    # the chunk (a batch's order need not be the slots').
+    slot_of = [-1 if cache.pool_slot is None else cache.pool_slot.index for cache in caches]
+    order = sorted(range(len(caches)), key=slot_of.__getitem__)
+    hidden = embeds.new_zeros(embeds.shape)
+    for start in range(0, len(order), limit):
+        rows = order[start : start + limit]
+        width = max(new_lengths[row] for row in rows)  # the chunk's own padding only
+        if width:
+            index = to_device(rows, embeds.device)
+            hidden[index, :width] = _forward_chunk(
+                decoder, [caches[row] for row in rows], embeds[index, :width], [new_lengths[row] for row in rows]
+            )
+    return hidden
+
+
+def _bytes_per_stream(decoder: TextDecoder, width: int, keys: int) -> int:
+    """What one stream's `width` new positions hold at once in a forward: the residual stream, its norm and the
+    layer outputs, the attention's projections with their rotary copies, the MLP's three intermediate-wide
+    tensors (in the weights' dtype), and its mask rows over `keys` keys (bool). Scores are chunked on their own."""
+    config = decoder.config
+    q_width, kv_width = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    per_position = 8 * config.hidden_size + 2 * q_width + 2 * kv_width + 3 * config.intermediate_size
+    return width * (per_position * decoder.embed_tokens.weight.element_size() + keys)
+
+
+def _layer_bytes(decoder: TextDecoder) -> int:
+    """The layers' weights: what a forward reads whatever its batch."""
+    return sum(parameter.numel() * parameter.element_size() for parameter in decoder.layers.parameters())
+
+
+def _forward_chunk(
+    decoder: TextDecoder, caches: Sequence[DecoderKVCache], embeds: Tensor, new_lengths: Sequence[int]
+) -> Tensor:
+    """`forward_padded` for one chunk of streams."""
     device = embeds.device
     past_lengths = [cache.length for cache in caches]
     max_past, max_new = max(past_lengths), embeds.shape[1]

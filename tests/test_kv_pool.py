@@ -312,3 +312,42 @@ def test_a_pooled_forward_holds_one_layers_new_kv_at_a_time() -> None:
         assert all(cache.length == n for cache, n in zip(caches, [200, 150, 120]))
     new_kv_bytes_per_layer = 2 * 3 * 200 * TINY_TEXT.num_key_value_heads * TINY_TEXT.head_dim * 4
     assert peaks[8] - peaks[2] < new_kv_bytes_per_layer  # not 6 more layers' worth
+
+
+def test_a_forward_over_many_streams_runs_in_chunks_of_streams_with_the_same_results(monkeypatch) -> None:
+    """With the chunk bound at one stream's intermediates, scattered pooled streams run one whole forward per
+    chunk of neighbouring slots (each chunk padded only to its own longest input) and get what one batch gets."""
+    import pipeline.decoder as decoder_module
+
+    decoder = random_decoder(seed=2)
+    lengths = [7, 30, 2, 12, 1]
+    generator = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(n, decoder.config.hidden_size, generator=generator) for n in lengths]
+    results = {}
+    chunk = decoder_module._forward_chunk
+    for name, chunk_bytes in (("one batch", 2**40), ("chunks", 1)):
+        monkeypatch.setattr("pipeline.row_chunks.CHUNK_BYTES", chunk_bytes)
+        pool = DecoderKVPool(decoder, slots=8, capacity=90)
+        caches = [pool.new_cache(slot) for slot in (6, 0, 3, 1, 4)]
+        widths: list[int] = []
+
+        def recorded(decoder, caches, embeds, new_lengths):  # noqa: ANN001, ANN202
+            widths.append(embeds.shape[1])
+            return chunk(decoder, caches, embeds, new_lengths)
+
+        monkeypatch.setattr(decoder_module, "_forward_chunk", recorded)
+        with torch.no_grad():
+            forward_streams(decoder, caches, [x[:3] for x in inputs])  # a first update on empty caches
+            results[name] = forward_streams(decoder, caches, inputs), [cache.layer(1)[0].clone() for cache in caches]
+        results[name + " widths"] = widths[1:]
+    assert results["one batch widths"] == [30]
+    monkeypatch.setattr("pipeline.row_chunks.CHUNK_BYTES", 1)
+    per_stream = decoder_module._bytes_per_stream(decoder, width=30, keys=3 + 30)
+    limit = decoder_module.rows_per_chunk(per_stream, reread_bytes=decoder_module._layer_bytes(decoder))
+    assert 1 <= limit < len(lengths)  # the weights are the bound: a few streams per chunk
+    by_slot = [lengths[row] for row in (1, 3, 2, 4, 0)]  # chunks of neighbouring slots (0, 1, 3, 4, 6)
+    assert results["chunks widths"] == [max(by_slot[start : start + limit]) for start in range(0, len(lengths), limit)]
+    for got, want in zip(*(results["chunks"][0], results["one batch"][0])):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    for got, want in zip(*(results["chunks"][1], results["one batch"][1])):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
