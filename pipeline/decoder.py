@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from pipeline.config import TextDecoderConfig
 from pipeline.device_io import to_device
-from pipeline.row_chunks import in_row_chunks, rows_per_chunk
+from pipeline.row_chunks import in_row_chunks, rows_per_chunk, weight_bytes
 
 #: One layer's (key, value), each [batch, kv_heads, positions, head_dim], keys already rotated.
 LayerKV = tuple[Tensor, Tensor]
@@ -408,7 +408,12 @@ def forward_streams(
 
 
 def forward_padded(
-    decoder: TextDecoder, caches: Sequence[DecoderKVCache], embeds: Tensor, new_lengths: Sequence[int]
+    decoder: TextDecoder,
+    caches: Sequence[DecoderKVCache],
+    embeds: Tensor,
+    new_lengths: Sequence[int],
+    *,
+    consume_inputs: bool = False,
 ) -> Tensor:
     """Forward each stream's new positions on top of its cache, as one padded batch.
 
@@ -425,19 +430,21 @@ def forward_padded(
 
     The streams run in chunks whose intermediates fit `pipeline.row_chunks` (the whole forward per chunk, so no
     activation spans the batch); a chunk re-reads every layer's weights, so it may be as large as they are: at full
-    size that is hundreds of streams, on the tiny checkpoint tens.
+    size that is hundreds of streams, on the tiny checkpoint tens. With `consume_inputs` (the caller has no further
+    use for `embeds`), each chunk's output is written over its own rows of `embeds`, which is returned: the step
+    then never holds a batch of inputs and a batch of outputs at once.
     """
     if len(caches) != embeds.shape[0] or len(new_lengths) != embeds.shape[0]:
         raise ValueError(f"{len(caches)} caches and {len(new_lengths)} lengths for {embeds.shape[0]} rows of inputs")
     keys = max(cache.length + count for cache, count in zip(caches, new_lengths))
-    limit = rows_per_chunk(_bytes_per_stream(decoder, embeds.shape[1], keys), reread_bytes=_layer_bytes(decoder))
+    limit = rows_per_chunk(_bytes_per_stream(decoder, embeds.shape[1], keys), reread_bytes=weight_bytes(decoder.layers))
     if limit >= len(caches):
         return _forward_chunk(decoder, caches, embeds, new_lengths)
     # Chunks of neighbouring slots: a chunk attends over its slots' range of the pool, which is then no wider than
     # the chunk (a batch's order need not be the slots').
     slot_of = [-1 if cache.pool_slot is None else cache.pool_slot.index for cache in caches]
     order = sorted(range(len(caches)), key=slot_of.__getitem__)
-    hidden = embeds.new_zeros(embeds.shape)
+    hidden = embeds if consume_inputs else embeds.new_zeros(embeds.shape)
     for start in range(0, len(order), limit):
         rows = order[start : start + limit]
         width = max(new_lengths[row] for row in rows)  # the chunk's own padding only
@@ -457,11 +464,6 @@ def _bytes_per_stream(decoder: TextDecoder, width: int, keys: int) -> int:
     q_width, kv_width = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     per_position = 8 * config.hidden_size + 2 * q_width + 2 * kv_width + 3 * config.intermediate_size
     return width * (per_position * decoder.embed_tokens.weight.element_size() + keys)
-
-
-def _layer_bytes(decoder: TextDecoder) -> int:
-    """The layers' weights: what a forward reads whatever its batch."""
-    return sum(parameter.numel() * parameter.element_size() for parameter in decoder.layers.parameters())
 
 
 def _forward_chunk(

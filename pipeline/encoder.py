@@ -274,6 +274,14 @@ class AudioTower(nn.Module):
         freq, time = ((size + 1) // 2 for size in (self.config.num_mel_bins, STEP_FRAMES))  # one stride-2 conv
         return 2 * self.conv2d1.out_channels * freq * time * self.conv_out.weight.element_size()
 
+    def block_bytes_per_stream(self, steps: int, keys: int) -> int:
+        """What one stream's block of `steps` steps holds at once in the layers and head: the residual stream, its
+        norms, projections and attention output (d_model wide), the MLP's two ffn-wide tensors, the head's output,
+        and its mask rows over `keys` key columns (bool). Scores are chunked on their own."""
+        config = self.config
+        per_step = 8 * config.d_model + 2 * config.encoder_ffn_dim + 2 * config.output_dim
+        return steps * (per_step * self.conv_out.weight.element_size() + keys)
+
     def add_positions(self, steps: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """steps [..., S, D] + sinusoids of `positions` [..., S], computed in fp32, added in the steps' dtype."""
         return steps + sinusoidal_positions(positions, self.config.d_model).to(steps.dtype)

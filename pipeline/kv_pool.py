@@ -29,7 +29,8 @@ from torch import Tensor
 from pipeline.causal_encoder import CausalAudioEncoder, CausalEncoderState, KeyColumns, causal_block_forward
 from pipeline.decoder import DecoderKVCache, PoolSlot, TextDecoder
 from pipeline.device_io import to_device
-from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, AudioTower
+from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, STEP_FRAMES, AudioTower
+from pipeline.row_chunks import rows_per_chunk, weight_bytes
 
 
 #: Spare columns per encoder slot beyond its window: two 24-step (1.92 s) blocks, so a stream's window is moved
@@ -90,7 +91,8 @@ class EncoderKVPool:
         Streams in a run of neighbouring slots (any order) attend over a view of the pool; streams in scattered
         slots attend over the pool's columns with their slot indices (`audio_attention`'s `kv_rows`), each chunk of
         the batch reading its own slots' windows: no copy of the whole batch's. Both write the blocks' K/V into
-        the slots in place.
+        the slots in place. The streams run in chunks of neighbouring slots whose intermediates fit
+        `pipeline.row_chunks` (a chunk re-reads the tower's weights, so it may be as large as they are).
         """
         left_context = encoder.options.left_context_steps
         if left_context > self.window:
@@ -99,28 +101,44 @@ class EncoderKVPool:
             raise ValueError(f"slots {slots} repeat a slot; expected one stream per slot")
         for slot, state in zip(slots, states):
             self._check_backed(slot, state)
-        steps = encoder.conv_blocks(states, blocks)
         # Rows in slot order, so that neighbouring slots are the rows of one pool view.
         order = sorted(range(len(slots)), key=slots.__getitem__)
-        batch = self._place([slots[i] for i in order], [states[i] for i in order], [steps[i].shape[0] for i in order])
+        longest = max(-(-block.shape[0] // STEP_FRAMES) for block in blocks)
+        tower = encoder.tower
+        limit = rows_per_chunk(tower.block_bytes_per_stream(longest, self.columns), weight_bytes(tower.layers))
+        embeddings: list[Tensor] = [torch.empty(0)] * len(slots)
+        for start in range(0, len(order), limit):
+            rows = order[start : start + limit]
+            chunk = [slots[i] for i in rows], [states[i] for i in rows], [blocks[i] for i in rows]
+            for index, result in zip(rows, self._encode_chunk(encoder, *chunk)):
+                embeddings[index] = result
+        return embeddings
+
+    def _encode_chunk(
+        self, encoder: CausalAudioEncoder, slots: list[int], states: list[CausalEncoderState], blocks: list[Tensor]
+    ) -> list[Tensor]:
+        """`encode_blocks` for one chunk of streams, in slot order."""
+        left_context = encoder.options.left_context_steps
+        steps = encoder.conv_blocks(states, blocks)
+        batch = self._place(slots, states, [block_steps.shape[0] for block_steps in steps])
         embeddings = causal_block_forward(
             encoder.tower,
-            self._padded([steps[i] for i in order]),
+            self._padded(steps),
             step_counts=torch.tensor(batch.counts),
-            first_positions=torch.tensor([states[i].next_position for i in order]),
+            first_positions=torch.tensor([state.next_position for state in states]),
             columns=batch.key_columns(),
             kv_store=batch.store,
             left_context_steps=left_context,
             kv_rows=batch.kv_rows,
         )
-        row_of = {}
-        for row, index in enumerate(order):
-            slot, state, count = slots[index], states[index], batch.counts[row]
+        results = []
+        for row, (slot, state) in enumerate(zip(slots, states)):
+            count = batch.counts[row]
             self._ends[slot] = batch.ends[row] + count
             state.keys, state.values = self._run(slot, min(state.cached_steps + count, left_context))
             state.next_position += count
-            row_of[index] = row
-        return [embeddings[row_of[index], : batch.counts[row_of[index]]] for index in range(len(slots))]
+            results.append(embeddings[row, :count])
+        return results
 
     @staticmethod
     def _padded(steps: list[Tensor]) -> Tensor:

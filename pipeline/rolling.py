@@ -107,7 +107,8 @@ class RollingDecoder:
             raise ValueError(f"{len(states)} decoder states but {len(new_audio)} audio deltas")
         drafts = [self.controls.trim_draft(s.hypothesis) if self.speculative else [] for s in states]
         pass_inputs = self._pass_inputs(states, new_audio, drafts)
-        hidden = forward_padded(self.decoder, [s.cache for s in states], pass_inputs.embeds, pass_inputs.lengths)
+        caches = [s.cache for s in states]
+        hidden = forward_padded(self.decoder, caches, pass_inputs.embeds, pass_inputs.lengths, consume_inputs=True)
         verdicts = self._verify(hidden.flatten(0, 1).index_select(0, pass_inputs.verify_rows), drafts)
 
         tokens: list[list[int]] = []

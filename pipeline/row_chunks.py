@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from torch import Tensor
+from torch import Tensor, nn
 
 #: Most bytes of intermediates that a chunk of a batch-wide operation holds at once. Small next to one stream's
 #: K/V slots times a batch (0.5 MB per stream even at the tiny checkpoint), large enough that a chunk still keeps
@@ -29,6 +29,11 @@ def rows_per_chunk(bytes_per_row: int, reread_bytes: int = 0) -> int:
     if bytes_per_row <= 0:
         raise ValueError(f"bytes_per_row={bytes_per_row}; expected a positive size")
     return max(1, max(CHUNK_BYTES, reread_bytes) // bytes_per_row)
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """The bytes of a module's parameters: what a chunk that runs it re-reads, whatever the chunk's size."""
+    return sum(parameter.numel() * parameter.element_size() for parameter in module.parameters())
 
 
 def consecutive_runs(sizes: Sequence[int], limit: int) -> list[range]:

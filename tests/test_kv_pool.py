@@ -151,7 +151,10 @@ def test_scattered_slots_equal_each_stream_alone_and_copy_no_batch_of_windows(mo
     for got, want in zip(actual, expected):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     window_reads = [shape for shape in gathers.shapes if len(shape) == 4]
-    assert len(window_reads) == 2 * len(slots) * len(tower.layers)  # keys and values, per row, per layer
+    # Keys and values, per row, per layer, of the streams whose chunk of neighbouring slots is scattered (the
+    # stream chunks follow the same bound: here a chunk of one slot attends over the pool view itself).
+    assert 0 < len(window_reads) <= 2 * len(slots) * len(tower.layers)
+    assert len(window_reads) % (2 * len(tower.layers)) == 0
     assert all(shape[0] == 1 for shape in window_reads)
 
 
@@ -343,7 +346,7 @@ def test_a_forward_over_many_streams_runs_in_chunks_of_streams_with_the_same_res
     assert results["one batch widths"] == [30]
     monkeypatch.setattr("pipeline.row_chunks.CHUNK_BYTES", 1)
     per_stream = decoder_module._bytes_per_stream(decoder, width=30, keys=3 + 30)
-    limit = decoder_module.rows_per_chunk(per_stream, reread_bytes=decoder_module._layer_bytes(decoder))
+    limit = decoder_module.rows_per_chunk(per_stream, reread_bytes=decoder_module.weight_bytes(decoder.layers))
     assert 1 <= limit < len(lengths)  # the weights are the bound: a few streams per chunk
     by_slot = [lengths[row] for row in (1, 3, 2, 4, 0)]  # chunks of neighbouring slots (0, 1, 3, 4, 6)
     assert results["chunks widths"] == [max(by_slot[start : start + limit]) for start in range(0, len(lengths), limit)]
@@ -351,3 +354,24 @@ def test_a_forward_over_many_streams_runs_in_chunks_of_streams_with_the_same_res
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     for got, want in zip(*(results["chunks"][1], results["one batch"][1])):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_chunked_forward_may_write_its_output_over_its_inputs(monkeypatch) -> None:
+    """`consume_inputs`: the chunks' outputs go over their own rows of the inputs, equal to a fresh output."""
+    from pipeline.decoder import forward_padded
+
+    monkeypatch.setattr("pipeline.row_chunks.CHUNK_BYTES", 1)
+    decoder = random_decoder(seed=3)
+    lengths = [40, 9, 64, 1]  # 64 positions' intermediates outweigh the tiny layers: chunks of one or two streams
+    embeds = torch.randn(4, 64, decoder.config.hidden_size, generator=torch.Generator().manual_seed(6))
+    outputs = []
+    for consume in (False, True):
+        pool = DecoderKVPool(decoder, slots=4, capacity=80)
+        caches = [pool.new_cache(slot) for slot in (2, 0, 3, 1)]
+        inputs = embeds.clone()
+        with torch.no_grad():
+            hidden = forward_padded(decoder, caches, inputs, lengths, consume_inputs=consume)
+        assert (hidden is inputs) == consume
+        outputs.append([hidden[row, :n] for row, n in enumerate(lengths)])
+    for fresh, consumed in zip(*outputs):
+        assert torch.equal(fresh, consumed)
