@@ -40,7 +40,7 @@ from pipeline.decoder import TextDecoder
 from pipeline.decoding import DecodeControls, Pick, Verdict
 from pipeline.encoder import AudioTower
 from pipeline.engine import EngineOptions, StepTiming, StreamingEngine
-from pipeline.features import FRAMES_PER_SECOND, HOP_LENGTH, SAMPLE_RATE, samples_completing
+from pipeline.features import FRAMES_PER_SECOND, HOP_LENGTH, N_FFT, SAMPLE_RATE
 from pipeline import gc_policy
 from pipeline.options import SessionOptions
 from pipeline.step_probes import CollectorClock, OpClock, PeakTensorBytes
@@ -371,6 +371,15 @@ STAGGER_AGES = 3
 #: Steps the staggered-starts bench runs under `OpClock`; the one with the median host time per stream is
 #: reported (one step's split into kernels and host work varies by tens of percent from step to step).
 PROBED_STEPS = 3
+
+
+def samples_completing(frames: int) -> int:
+    """The fewest samples of a stream with `frames` log-mel frames complete (`features.frames_complete`'s inverse):
+    a block's own samples plus N_FFT / 2 - HOP_LENGTH (40) of the next one's, which a live chunk boundary just
+    after the block brings."""
+    if frames <= 0:
+        return 0
+    return max(HOP_LENGTH * (frames - 1) + N_FFT // 2, N_FFT // 2 + 1)  # frame 0 also reflects sample 200
 
 
 class StaggeredStarts:

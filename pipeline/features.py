@@ -308,13 +308,6 @@ def frames_complete(samples: int) -> int:
     return (samples - _HALF_WINDOW) // HOP_LENGTH + 1 if samples > _HALF_WINDOW else 0
 
 
-def samples_completing(frames: int) -> int:
-    """The fewest samples with `frames` frames complete (`frames_complete`'s inverse): a block's own samples plus
-    N_FFT / 2 - HOP_LENGTH (40) of the next one's, which a live chunk boundary just after the block brings."""
-    if frames <= 0:
-        return 0
-    return max(HOP_LENGTH * (frames - 1) + _HALF_WINDOW, _HALF_WINDOW + 1)  # frame 0 also reflects x[200]
-
 
 def log_mel(samples: np.ndarray) -> torch.Tensor:
     """Log-mel of a whole 16 kHz float32 clip under the streaming floor policy: [len // 160, N_MELS]."""

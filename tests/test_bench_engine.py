@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,10 +16,12 @@ from pipeline.bench_engine import (
     run_engine_bench,
     run_live_engine_bench,
     run_staggered_start_bench,
+    samples_completing,
 )
 from pipeline.checkpoint import load_model
-from pipeline.engine import EngineOptions
 from pipeline.decoding import DecodeControls, DecodeOptions
+from pipeline.engine import EngineOptions
+from pipeline.features import HOP_LENGTH, StreamingLogMel, frames_complete
 from pipeline.options import SessionOptions
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR
 
@@ -94,3 +97,12 @@ def test_staggered_starts_update_every_other_slot_and_split_host_from_kernels(ti
         assert result.features_sec > 0  # blocks arrive in every measured step
     table = format_staggered_table([small, large], "cpu")
     assert "| 12 |" in table and "host ms/stream" in table and "mean step at N=12 / at N=6" in table
+
+
+def test_samples_completing_is_the_fewest_samples_with_that_many_frames_complete() -> None:
+    for frames in range(0, 600):
+        samples = samples_completing(frames)
+        assert frames_complete(samples) == frames
+        assert frames == 0 or frames_complete(samples - 1) == frames - 1
+    assert samples_completing(192) == 192 * HOP_LENGTH + 40  # a 1.92 s block and 40 samples of the next
+    assert StreamingLogMel().push(np.full(samples_completing(192), 0.1, np.float32)).shape[0] == 192

@@ -21,10 +21,8 @@ from pipeline.features import (
     LogMelState,
     StreamingLogMel,
     extract_log_mel,
-    frames_complete,
     log_mel,
     prepare_pcm,
-    samples_completing,
 )
 
 
@@ -297,12 +295,3 @@ def test_many_streams_reject_an_extractor_twice():
     with pytest.raises(ValueError, match="appears twice"):
         extract_log_mel([extractor, extractor], [np.zeros(10, np.float32)] * 2, [False, False])
 
-
-def test_samples_completing_is_the_fewest_samples_with_that_many_frames_complete() -> None:
-    for frames in range(0, 600):
-        samples = samples_completing(frames)
-        assert frames_complete(samples) == frames
-        assert frames == 0 or frames_complete(samples - 1) == frames - 1
-    assert samples_completing(192) == 192 * HOP_LENGTH + 40  # a 1.92 s block and 40 samples of the next
-    extractor = StreamingLogMel()
-    assert extractor.push(speech_like_noise(samples_completing(192), seed=1)).shape[0] == 192
