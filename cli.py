@@ -34,7 +34,7 @@ DEFAULT_MODEL_ID = "Qwen/Qwen3-ASR-0.6B"
 DEFAULT_TOWER_ID = "qfuxa/qwen3-asr-0.6b-streaming"
 DTYPES = ("auto", "float32", "bfloat16")
 DECODE_STEPS = ("auto", "dynamic", "static", "cuda_graph")
-GC_POLICIES = ("default", "settled")  # pipeline.gc_policy.POLICIES
+HOST_POLICIES = ("default", "settled")  # pipeline.host_policy.POLICIES
 
 
 class UsageError(Exception):
@@ -539,11 +539,12 @@ def _add_bench_engine(benches: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--blocks-per-update", type=_count, default=1, help="decoder update every k blocks")
     parser.add_argument(
-        "--gc",
-        type=_choice_list(*GC_POLICIES),
+        "--host-policy",
+        type=_choice_list(*HOST_POLICIES),
         default="settled",
-        help="comma-separated, each measured in turn: Python's garbage collector as CPython sets it (default) or as "
-        "serving processes settle it (settled: model and imports frozen, a higher young-generation threshold)",
+        help="comma-separated, each measured in turn: the process's garbage collector and allocator as CPython and "
+        "glibc set them (default) or as serving processes settle them (settled: what the model load left frozen, a "
+        "higher young-generation threshold, freed memory kept for reuse; pipeline.host_policy)",
     )
     parser.add_argument(
         "--arrivals",

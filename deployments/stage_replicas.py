@@ -24,7 +24,7 @@ from torch import Tensor
 
 from pipeline.checkpoint import ASRModel, dtype_from_name, load_model
 from pipeline.engine import EngineOptions
-from pipeline.gc_policy import settle_garbage_collector
+from pipeline.host_policy import settle_host
 from pipeline.options import SessionOptions
 from pipeline.prompt import SUPPORTED_LANGUAGES, build_causal_prompt
 from pipeline.rolling import UpdateResult
@@ -98,7 +98,7 @@ class FeatureExtractor(_StageHost):
         super().__init__()
         reserve_threads()
         self.stage = FeatureStage()
-        settle_garbage_collector()
+        settle_host()
 
     # No wait for a batch to fill: the calls queued while the last batch ran go together (stacked FFTs).
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
@@ -118,7 +118,7 @@ class CausalEncoder(_KVStageHost):
         self.encode.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_size = Histogram("qwen3_stream_encoder_batch_size", "blocks per encoder forward", _BATCH_BOUNDARIES)
         log.info("CausalEncoder: %d slots, %d torch threads", slots, threads)
-        settle_garbage_collector()  # its model and pool are kept for its life
+        settle_host()  # its model and pool are kept for its life
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def encode(self, requests: list[EncodeRequest]) -> list[tuple[str, Tensor | StageMiss | StageAtCapacity]]:
@@ -143,7 +143,7 @@ class Decoder(_KVStageHost):
         self.update.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_size = Histogram("qwen3_stream_decoder_batch_size", "streams per decoder update", _BATCH_BOUNDARIES)
         log.info("Decoder: %d slots of %d positions, %d torch threads", slots, self.stage.capacity, threads)
-        settle_garbage_collector()
+        settle_host()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def update(self, requests: list[DecodeRequest]) -> list[tuple[str, UpdateResult | StageMiss | StageAtCapacity]]:

@@ -41,7 +41,7 @@ from pipeline.decoding import DecodeControls, Pick, Verdict
 from pipeline.encoder import AudioTower
 from pipeline.engine import EngineOptions, StepTiming, StreamingEngine
 from pipeline.features import FRAMES_PER_SECOND, HOP_LENGTH, N_FFT, SAMPLE_RATE
-from pipeline import gc_policy
+from pipeline.host_policy import POLICIES as HOST_POLICIES
 from pipeline.options import SessionOptions
 from pipeline.step_probes import CollectorClock, OpClock, PeakTensorBytes
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR, build_tiny_tokenizer
@@ -618,7 +618,7 @@ def run_bench_engine_command(args) -> int:
     if unknown:
         raise SystemExit(f"--arrivals {sorted(unknown)}: expected aligned, staggered and/or staggered-starts")
     dtypes = [dtype_from_name(name.strip()) for name in args.dtypes.split(",")]
-    collectors = [policy.strip() for policy in args.gc.split(",")]
+    host_policies = [policy.strip() for policy in args.host_policy.split(",")]
     options = SessionOptions(language="English", blocks_per_update=args.blocks_per_update)
     for dtype in dtypes:  # one model per dtype, measured one after the other in this process
         started = time.perf_counter()
@@ -628,9 +628,9 @@ def run_bench_engine_command(args) -> int:
             tower = args.checkpoint / TOWER_OVERLAY_DIR
             model = load_model(args.checkpoint, tower=tower, device=args.device, dtype=dtype)
         log.info("%s (%s) ready in %.1f s", model.model_source, model.dtype, time.perf_counter() - started)
-        for collector in collectors:  # each garbage-collector policy in turn, on the same model
-            gc_policy.POLICIES[collector]()
-            device = f"{_describe(model)}, GC {collector}"
+        for host_policy in host_policies:  # each host policy in turn, on the same model
+            HOST_POLICIES[host_policy]()
+            device = f"{_describe(model)}, host policy {host_policy}"
             if "aligned" in arrivals:
                 # Aligned runs buffer every stream's whole audio, so catch-up would only re-create blocks_per_update.
                 aligned = [

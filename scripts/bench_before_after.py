@@ -3,7 +3,7 @@
 
 Two versions of `pipeline` cannot share one process, so each (version, N) runs in its own Python process, the
 versions interleaved N by N (both see the same machine load over the run). The earlier revision is exported with
-`git archive` and gets this checkout's benchmark driver (`bench_engine.py`, `step_probes.py`, `gc_policy.py`), so both engines
+`git archive` and gets this checkout's benchmark driver (`bench_engine.py`, `step_probes.py`, `host_policy.py`), so both engines
 are driven and timed by the same code.
 
     OMP_NUM_THREADS=1 python scripts/bench_before_after.py --before ace1842 --checkpoint /tmp/tiny \\
@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DRIVER_FILES = ("pipeline/bench_engine.py", "pipeline/step_probes.py", "pipeline/gc_policy.py")
+DRIVER_FILES = ("pipeline/bench_engine.py", "pipeline/step_probes.py", "pipeline/host_policy.py")
 
 MEASURE = """
 import dataclasses, json, sys, torch

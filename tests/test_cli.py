@@ -258,11 +258,11 @@ def test_a_flag_has_the_same_default_and_help_in_every_subcommand(flag: str) -> 
 def test_cli_defaults_are_the_pipeline_defaults() -> None:
     from pipeline.checkpoint import DEFAULT_MODEL_ID, DEFAULT_TOWER_ID, DTYPES
     from pipeline.engine import DECODE_STEP_KINDS
-    from pipeline.gc_policy import POLICIES
+    from pipeline.host_policy import POLICIES
 
     assert (cli.DEFAULT_MODEL_ID, cli.DEFAULT_TOWER_ID) == (DEFAULT_MODEL_ID, DEFAULT_TOWER_ID)
     assert cli.DTYPES == ("auto", *DTYPES) and cli.DECODE_STEPS == ("auto", *DECODE_STEP_KINDS)
-    assert cli.GC_POLICIES == tuple(POLICIES)
+    assert cli.HOST_POLICIES == tuple(POLICIES)
     eval_parser = _subcommand_parsers(cli.build_parser())["eval"]
     budget = next(action for action in eval_parser._actions if "--max-new-tokens" in action.option_strings)
     assert f"(default {SessionOptions().decode.max_new_tokens})" in budget.help

@@ -7,7 +7,6 @@ import time
 
 import torch
 
-from pipeline.gc_policy import DEFAULT_THRESHOLDS, POLICIES, YOUNG_GENERATION_THRESHOLD
 from pipeline.step_probes import CollectorClock, OpClock, PeakTensorBytes
 
 
@@ -47,20 +46,3 @@ def test_collector_clock_times_the_collections_inside_it_and_only_those() -> Non
     assert clock.runs == [1, 0, 1]
     assert clock.seconds > 0
 
-
-def test_the_settled_collector_freezes_what_lives_now_and_still_collects_later_cycles() -> None:
-    kept_for_life = [object()]
-    try:
-        POLICIES["settled"]()
-        assert gc.get_threshold()[0] == YOUNG_GENERATION_THRESHOLD
-        assert gc.get_freeze_count() > 0
-        assert all(tracked is not kept_for_life for tracked in gc.get_objects())  # frozen: out of the collector's sight
-        cycle: list = []
-        cycle.append(cycle)
-        assert gc.is_tracked(cycle)
-        del cycle
-        assert gc.collect() >= 1  # a cycle made after settling is still found
-    finally:
-        POLICIES["default"]()
-    assert gc.get_threshold() == DEFAULT_THRESHOLDS
-    assert gc.get_freeze_count() == 0
