@@ -9,6 +9,9 @@ value (the tests compare bitwise where the kernels allow).
 
 A chunk that re-reads a weight (the logits' output matrix) may be as large as that weight instead, so that the
 re-reading never costs more memory traffic than the activations themselves (`rows_per_chunk(..., reread_bytes)`).
+The decoder's forward (`forward_padded`) and the encoder pool's layers (`EncoderKVPool.encode_blocks`) run whole
+in chunks of streams this way, each chunk re-reading every layer's weights (`weight_bytes`): at full size a chunk
+is hundreds of streams, so the kernels stay large; on the tiny checkpoint it is tens.
 """
 
 from __future__ import annotations
