@@ -555,8 +555,9 @@ def format_staggered_table(results: Sequence[StaggeredStartResult], device: str)
         lines.append(
             f"| {r.streams} | {r.steps} | {r.mean_batch:.0f} | {r.step_mean_sec:.3f} | {r.features_sec:.3f} | "
             f"{r.schedule_sec:.3f} | {r.encoder_sec:.3f} | {r.decoder_sec:.3f} | {r.policy_sec:.3f} | "
-            f"{r.collector_sec:.3f} | {r.step_ms_per_stream:.3f} | {r.kernel_ms_per_stream:.3f} | {r.host_ms_per_stream:.3f} | "
-            f"{r.probe_ops} | {r.peak_step_bytes / 2**20:.1f} | {r.pool_bytes / 2**20:.1f} |"
+            f"{r.collector_sec:.3f} | {r.step_ms_per_stream:.3f} | {r.kernel_ms_per_stream:.3f} | "
+            f"{r.host_ms_per_stream:.3f} | {r.probe_ops} | {r.peak_step_bytes / 2**20:.1f} | "
+            f"{r.pool_bytes / 2**20:.1f} |"
         )
     smallest, largest = min(results, key=lambda r: r.streams), max(results, key=lambda r: r.streams)
     if largest.streams > smallest.streams:

@@ -308,7 +308,6 @@ def frames_complete(samples: int) -> int:
     return (samples - _HALF_WINDOW) // HOP_LENGTH + 1 if samples > _HALF_WINDOW else 0
 
 
-
 def log_mel(samples: np.ndarray) -> torch.Tensor:
     """Log-mel of a whole 16 kHz float32 clip under the streaming floor policy: [len // 160, N_MELS]."""
     extractor = StreamingLogMel()

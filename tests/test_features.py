@@ -294,4 +294,3 @@ def test_many_streams_reject_an_extractor_twice():
     extractor = StreamingLogMel()
     with pytest.raises(ValueError, match="appears twice"):
         extract_log_mel([extractor, extractor], [np.zeros(10, np.float32)] * 2, [False, False])
-
