@@ -437,7 +437,8 @@ def forward_padded(
     if len(caches) != embeds.shape[0] or len(new_lengths) != embeds.shape[0]:
         raise ValueError(f"{len(caches)} caches and {len(new_lengths)} lengths for {embeds.shape[0]} rows of inputs")
     keys = max(cache.length + count for cache, count in zip(caches, new_lengths))
-    limit = rows_per_chunk(_bytes_per_stream(decoder, embeds.shape[1], keys), reread_bytes=weight_bytes(decoder.layers))
+    per_stream = _bytes_per_stream(decoder, embeds.shape[1], keys)
+    limit = rows_per_chunk(per_stream, reread_bytes=weight_bytes(decoder.layers))
     if limit >= len(caches):
         return _forward_chunk(decoder, caches, embeds, new_lengths)
     # Chunks of neighbouring slots: a chunk attends over its slots' range of the pool, which is then no wider than

@@ -3,8 +3,8 @@
 
 Two versions of `pipeline` cannot share one process, so each (version, N) runs in its own Python process, the
 versions interleaved N by N (both see the same machine load over the run). The earlier revision is exported with
-`git archive` and gets this checkout's benchmark driver (`bench_engine.py`, `step_probes.py`, `host_policy.py`), so both engines
-are driven and timed by the same code.
+`git archive` and gets this checkout's benchmark driver (`bench_engine.py`, `step_probes.py`, `host_policy.py`), so
+both engines are driven and timed by the same code.
 
     OMP_NUM_THREADS=1 python scripts/bench_before_after.py --before ace1842 --checkpoint /tmp/tiny \\
         --streams 10,100,1000 [--check-events 200]
