@@ -1,6 +1,7 @@
 """What a serving process sets for itself so that its host work stays cheap: Python's garbage collector and
-glibc's allocator. Process-wide settings, so they are made by the processes that serve (the replicas,
-`bench engine`), never by the library's classes.
+glibc's allocator. Process-wide settings, so they are made by the processes that serve (the stage replicas,
+`bench engine`), never by the library's classes. Not by the gRPC ingress: there a cancelled call's cleanup waits
+for the collector to find the call's cycle, and a rarer young collection delayed it by seconds.
 
 * The collector. CPython runs a collection of its youngest generation every 700 net allocations of container
   objects, of the middle one every tenth of those, and of the whole heap whenever the objects that survived two
