@@ -336,14 +336,7 @@ def test_a_step_with_blocks_to_work_on_extracts_the_next_ones_on_the_front_end_t
     assert "b" in second and engine.last_step_timing.streams == 1
     for stream_id, new in [*first.items(), *second.items()]:
         events[stream_id] += new
-    for stream_id, samples in audio.items():
-        engine.push_audio(stream_id, samples[(2 if stream_id == "a" else 1) * block + 500 :])
-        engine.finish_stream(stream_id)
-    while engine.active_streams:
-        for stream_id, new in engine.step().items():
-            events[stream_id] += new
-    for stream_id, samples in audio.items():
-        assert _comparable(events[stream_id]) == _comparable(_single_stream_events(model, samples, CAUSAL))
+    _finish_and_compare(model, engine, audio, {"a": 2 * block + 500, "b": block + 500}, events)
 
 
 def test_a_step_with_nothing_else_to_do_splits_its_front_end_between_the_driver_and_the_front_end_thread(
@@ -365,8 +358,20 @@ def test_a_step_with_nothing_else_to_do_splits_its_front_end_between_the_driver_
     assert sorted(streams for _, streams in recorder.calls) == [2, 2]
     assert {thread for thread, _ in recorder.calls} - {threading.get_ident()}  # one part off the driver's thread
     assert threading.get_ident() in {thread for thread, _ in recorder.calls}
+    _finish_and_compare(model, engine, audio, dict.fromkeys(audio, block + 500), events)
+
+
+def _finish_and_compare(
+    model: ASRModel,
+    engine: StreamingEngine,
+    audio: dict[str, np.ndarray],
+    sent: dict[str, int],
+    events: dict[str, list[TranscriptEvent]],
+) -> None:
+    """Push each stream's audio after its first `sent` samples, end it, step until every stream is final, and
+    check each stream's events (`events` holds those so far) against its single-stream session's."""
     for stream_id, samples in audio.items():
-        engine.push_audio(stream_id, samples[block + 500 :])
+        engine.push_audio(stream_id, samples[sent[stream_id] :])
         engine.finish_stream(stream_id)
     while engine.active_streams:
         for stream_id, new in engine.step().items():
