@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from pipeline.config import TextDecoderConfig
 from pipeline.device_io import to_device
-from pipeline.row_chunks import in_row_chunks, rows_per_chunk, weight_bytes
+from pipeline.row_chunks import in_row_chunks, rows_per_forward_chunk
 
 #: One layer's (key, value), each [batch, kv_heads, positions, head_dim], keys already rotated.
 LayerKV = tuple[Tensor, Tensor]
@@ -437,8 +437,7 @@ def forward_padded(
     if len(caches) != embeds.shape[0] or len(new_lengths) != embeds.shape[0]:
         raise ValueError(f"{len(caches)} caches and {len(new_lengths)} lengths for {embeds.shape[0]} rows of inputs")
     keys = max(cache.length + count for cache, count in zip(caches, new_lengths))
-    per_stream = _bytes_per_stream(decoder, embeds.shape[1], keys)
-    limit = rows_per_chunk(per_stream, reread_bytes=weight_bytes(decoder.layers))
+    limit = rows_per_forward_chunk(_bytes_per_stream(decoder, embeds.shape[1], keys), len(caches), decoder.layers)
     if limit >= len(caches):
         return _forward_chunk(decoder, caches, embeds, new_lengths)
     # Chunks of neighbouring slots: a chunk attends over its slots' range of the pool, which is then no wider than

@@ -30,7 +30,7 @@ from pipeline.causal_encoder import CausalAudioEncoder, CausalEncoderState, KeyC
 from pipeline.decoder import DecoderKVCache, PoolSlot, TextDecoder
 from pipeline.device_io import to_device
 from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, STEP_FRAMES, AudioTower
-from pipeline.row_chunks import rows_per_chunk, weight_bytes
+from pipeline.row_chunks import rows_per_forward_chunk
 
 
 #: Spare columns per encoder slot beyond its window: two 24-step (1.92 s) blocks, so a stream's window is moved
@@ -104,8 +104,8 @@ class EncoderKVPool:
         # Rows in slot order, so that neighbouring slots are the rows of one pool view.
         order = sorted(range(len(slots)), key=slots.__getitem__)
         longest = max(-(-block.shape[0] // STEP_FRAMES) for block in blocks)
-        tower = encoder.tower
-        limit = rows_per_chunk(tower.block_bytes_per_stream(longest, self.columns), weight_bytes(tower.layers))
+        per_stream = encoder.tower.block_bytes_per_stream(longest, self.columns)
+        limit = rows_per_forward_chunk(per_stream, len(slots), encoder.tower.layers)
         embeddings: list[Tensor] = [torch.empty(0)] * len(slots)
         for start in range(0, len(order), limit):
             rows = order[start : start + limit]

@@ -321,6 +321,7 @@ def test_a_forward_over_many_streams_runs_in_chunks_of_streams_with_the_same_res
     """With the chunk bound at one stream's intermediates, scattered pooled streams run one whole forward per
     chunk of neighbouring slots (each chunk padded only to its own longest input) and get what one batch gets."""
     import pipeline.decoder as decoder_module
+    from pipeline.row_chunks import rows_per_forward_chunk
 
     decoder = random_decoder(seed=2)
     lengths = [7, 30, 2, 12, 1]
@@ -346,7 +347,7 @@ def test_a_forward_over_many_streams_runs_in_chunks_of_streams_with_the_same_res
     assert results["one batch widths"] == [30]
     monkeypatch.setattr("pipeline.row_chunks.CHUNK_BYTES", 1)
     per_stream = decoder_module._bytes_per_stream(decoder, width=30, keys=3 + 30)
-    limit = decoder_module.rows_per_chunk(per_stream, reread_bytes=decoder_module.weight_bytes(decoder.layers))
+    limit = rows_per_forward_chunk(per_stream, len(lengths), decoder.layers)
     assert 1 <= limit < len(lengths)  # the weights are the bound: a few streams per chunk
     by_slot = [lengths[row] for row in (1, 3, 2, 4, 0)]  # chunks of neighbouring slots (0, 1, 3, 4, 6)
     assert results["chunks widths"] == [max(by_slot[start : start + limit]) for start in range(0, len(lengths), limit)]
@@ -375,3 +376,15 @@ def test_a_chunked_forward_may_write_its_output_over_its_inputs(monkeypatch) -> 
         outputs.append([hidden[row, :n] for row, n in enumerate(lengths)])
     for fresh, consumed in zip(*outputs):
         assert torch.equal(fresh, consumed)
+
+
+def test_a_batch_within_the_chunk_bound_is_one_chunk_without_counting_the_weights(monkeypatch) -> None:
+    """The walk over every parameter runs only when the batch exceeds the bound (not in every decode step)."""
+    from pipeline import row_chunks
+
+    walked: list[object] = []
+    monkeypatch.setattr(row_chunks, "weight_bytes", lambda module: walked.append(module) or 10**9)
+    decoder = random_decoder(seed=4)
+    assert row_chunks.rows_per_forward_chunk(1000, 8, decoder.layers) == 8 and not walked
+    assert row_chunks.rows_per_forward_chunk(row_chunks.CHUNK_BYTES, 8, decoder.layers) == 10**9 // row_chunks.CHUNK_BYTES
+    assert walked == [decoder.layers]
