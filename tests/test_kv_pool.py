@@ -386,5 +386,6 @@ def test_a_batch_within_the_chunk_bound_is_one_chunk_without_counting_the_weight
     monkeypatch.setattr(row_chunks, "weight_bytes", lambda module: walked.append(module) or 10**9)
     decoder = random_decoder(seed=4)
     assert row_chunks.rows_per_forward_chunk(1000, 8, decoder.layers) == 8 and not walked
-    assert row_chunks.rows_per_forward_chunk(row_chunks.CHUNK_BYTES, 8, decoder.layers) == 10**9 // row_chunks.CHUNK_BYTES
+    over_the_bound = row_chunks.rows_per_forward_chunk(row_chunks.CHUNK_BYTES, 8, decoder.layers)
+    assert over_the_bound == 10**9 // row_chunks.CHUNK_BYTES
     assert walked == [decoder.layers]
