@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import re
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -226,7 +227,32 @@ def decode_asr_output(
 
 
 #: Byte-level BPE marks a token that starts with a space (Ġ), a newline (Ċ) or a tab (ĉ).
-_WORD_START_MARKS = ("\u0120", "\u010a", "\u0109")
+_WORD_START_MARKS = "\u0120\u010a\u0109"
+
+#: What a token is to word grouping (`word_confidences`), one byte per id of a vocabulary (`_token_kinds`).
+_SKIPPED, _WHITESPACE, _WORD_START, _WORD_CONTINUES = range(4)
+
+#: Per tokenizer: (its length when built, its ids' kinds). Built once: every update of every stream groups its
+#: tokens, and asking the tokenizer for pieces and special ids each time cost more than the grouping.
+_TOKEN_KINDS: weakref.WeakKeyDictionary[PreTrainedTokenizerBase, tuple[int, bytes]] = weakref.WeakKeyDictionary()
+
+
+def _token_kinds(tokenizer: PreTrainedTokenizerBase) -> bytes:
+    """Each id's kind: skipped (special, or no piece), whitespace alone, starting a word, or continuing one."""
+    size = len(tokenizer)
+    cached = _TOKEN_KINDS.get(tokenizer)
+    if cached is not None and cached[0] == size:
+        return cached[1]
+    special_ids = set(tokenizer.all_special_ids)
+    kinds = bytearray(size)
+    for token_id, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(size)))):
+        if not piece or token_id in special_ids:  # (an empty piece neither starts nor continues a word)
+            kinds[token_id] = _SKIPPED
+            continue
+        text = piece.lstrip(_WORD_START_MARKS)
+        kinds[token_id] = _WHITESPACE if not text else _WORD_START if text != piece else _WORD_CONTINUES
+    _TOKEN_KINDS[tokenizer] = (size, bytes(kinds))
+    return _TOKEN_KINDS[tokenizer][1]
 
 
 def word_confidences(
@@ -243,25 +269,27 @@ def word_confidences(
     if len(logprobs) != len(token_ids):
         return (None,) * len(words)
     start = list(token_ids).index(special.asr_text) + 1 if special.asr_text in token_ids else 0
-    groups: list[list[int]] = []
+    kinds = _token_kinds(tokenizer)
+    sums: list[float] = []  # per word: its tokens' summed log-probability, and their count
+    counts: list[int] = []
     new_word = True
-    special_ids = set(tokenizer.all_special_ids)
-    pieces = tokenizer.convert_ids_to_tokens(list(token_ids[start:]))
-    for index, piece in enumerate(pieces, start=start):
-        if piece is None or token_ids[index] in special_ids:
+    for index in range(start, len(token_ids)):
+        token_id = token_ids[index]
+        kind = kinds[token_id] if 0 <= token_id < len(kinds) else _SKIPPED
+        if kind == _SKIPPED:
             continue
-        text = piece.lstrip("".join(_WORD_START_MARKS))
-        new_word = new_word or text != piece
-        if not text:  # whitespace alone: the next token starts a word
-            continue
-        if new_word:
-            groups.append([index])
+        if kind == _WHITESPACE:  # the next token starts a word
+            new_word = True
+        elif new_word or kind == _WORD_START:
+            sums.append(logprobs[index])
+            counts.append(1)
             new_word = False
         else:
-            groups[-1].append(index)
-    if len(groups) != len(words):
+            sums[-1] += logprobs[index]
+            counts[-1] += 1
+    if len(sums) != len(words):
         return (None,) * len(words)
-    return tuple(math.exp(sum(logprobs[i] for i in group) / len(group)) for group in groups)
+    return tuple(math.exp(total / count) for total, count in zip(sums, counts))
 
 
 def _language_from_meta(meta: str) -> str:

@@ -328,3 +328,40 @@ def test_word_confidence_groups_tokens_at_word_starts(model: ASRModel) -> None:
     with_preamble = [*tokenizer.encode("language English", add_special_tokens=False), special.asr_text, *ids]
     scores = [math.log(0.9)] * (len(with_preamble) - len(ids)) + logprobs
     assert word_confidences(tokenizer, with_preamble, scores, special, ["hello", "wor", "ld"]) == pytest.approx((0.5,) * 3)
+
+
+def _grouped_by_pieces(tokenizer, token_ids: list[int], logprobs: list[float], asr_text: int) -> list[float]:
+    """The word grouping spelled out from the tokenizer's pieces: a word starts at a piece marked with leading
+    whitespace or after a whitespace-only piece; special ids are left out."""
+    start = token_ids.index(asr_text) + 1 if asr_text in token_ids else 0
+    special_ids = set(tokenizer.all_special_ids)
+    groups: list[list[float]] = []
+    new_word = True
+    for token_id, score in zip(token_ids[start:], logprobs[start:]):
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        if not piece or token_id in special_ids:
+            continue
+        text = piece.lstrip("\u0120\u010a\u0109")
+        if not text:
+            new_word = True
+        elif new_word or text != piece:
+            groups.append([score])
+            new_word = False
+        else:
+            groups[-1].append(score)
+    return [math.exp(sum(group) / len(group)) for group in groups]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_word_confidences_match_the_tokenizers_pieces(model: ASRModel, data: st.DataObject) -> None:
+    from pipeline.prompt import word_confidences
+
+    tokenizer, special = model.tokenizer, StreamingSession(model, CAUSAL).prompt.special
+    token_ids = data.draw(st.lists(st.integers(0, len(tokenizer) - 1), max_size=40))
+    logprobs = data.draw(st.lists(st.floats(-20.0, 0.0), min_size=len(token_ids), max_size=len(token_ids)))
+    expected = _grouped_by_pieces(tokenizer, token_ids, logprobs, special.asr_text)
+    assert word_confidences(tokenizer, token_ids, logprobs, special, ["w"] * len(expected)) == tuple(expected)
+    assert word_confidences(tokenizer, token_ids, logprobs, special, ["w"] * (len(expected) + 1)) == (None,) * (
+        len(expected) + 1
+    )
