@@ -18,12 +18,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import TextDecoderConfig
 from pipeline.device_io import to_device
+from pipeline.ragged import ragged_rows
 from pipeline.row_chunks import in_row_chunks, rows_per_forward_chunk
 
 #: One layer's (key, value), each [batch, kv_heads, positions, head_dim], keys already rotated.
@@ -512,8 +514,7 @@ class _PoolRows:
         """Where this forward writes (every real new position: slot, column) and what it attends over."""
         first = min(self.slots)
         count = max(self.slots) - first + 1
-        rows = [row for row, n in enumerate(new_lengths) for _ in range(n)]
-        steps = [step for n in new_lengths for step in range(n)]
+        rows, steps = ragged_rows(new_lengths)
         identity = self.slots == list(range(first, first + count))  # rows are the slot range, in order
         return _PlacedRows(
             keys=self.slot.keys,
@@ -523,9 +524,9 @@ class _PoolRows:
             total=max(p + n for p, n in zip(past_lengths, new_lengths)),
             write_rows=to_device(rows, device),
             write_steps=to_device(steps, device),
-            write_slots=to_device([self.slots[row] for row in rows], device),
-            write_columns=to_device([past_lengths[row] + step for row, step in zip(rows, steps)], device),
-            kv_rows=None if identity else to_device([slot - first for slot in self.slots], device),
+            write_slots=to_device(np.asarray(self.slots)[rows], device),
+            write_columns=to_device(np.asarray(past_lengths)[rows] + steps, device),
+            kv_rows=None if identity else to_device(np.asarray(self.slots) - first, device),
         )
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import accumulate
 from typing import NamedTuple
 
 import torch
@@ -32,6 +31,7 @@ from torch import Tensor
 
 from pipeline.device_io import read_to_host, to_device
 from pipeline.prompt import SpecialTokenIds
+from pipeline.ragged import padded, ragged_rows
 
 
 @dataclass(frozen=True)
@@ -75,12 +75,9 @@ class TokenHistories:
     @classmethod
     def of(cls, histories: Sequence[Sequence[int]], vocab: int, device: torch.device) -> "TokenHistories":
         """From host lists (one host-to-device copy of the padded ids and one of the lengths)."""
-        lengths = [len(history) for history in histories]
-        width = max(lengths, default=0)
-        padded = [token for history in histories for token in (*history, *[vocab] * (width - len(history)))]
         return cls(
-            ids=to_device(padded, device).view(len(histories), width),
-            lengths=to_device(lengths, device),
+            ids=to_device(padded(histories, fill=vocab), device),
+            lengths=to_device([len(history) for history in histories], device),
         )
 
 
@@ -256,11 +253,7 @@ class DecodeControls:
         drafts (padded with -1, which no pick equals): the first disagreement, or a stop pick, ends acceptance."""
         device, vocab = logits.device, logits.shape[1]
         counts = [len(draft) + 1 for draft in drafts]
-        stream_of_row = torch.repeat_interleave(
-            torch.arange(len(drafts), device=device), to_device(counts, device), output_size=logits.shape[0]
-        )
-        first_row = to_device([0, *accumulate(counts)][:-1], device)
-        step_of_row = torch.arange(logits.shape[0], device=device) - first_row[stream_of_row]
+        stream_of_row, step_of_row = (to_device(index, device) for index in ragged_rows(counts))
         sequences = TokenHistories.of([[*history, *draft] for history, draft in zip(histories, drafts)], vocab, device)
         lengths = to_device([len(history) for history in histories], device)[stream_of_row] + step_of_row
         in_prefix = torch.arange(sequences.ids.shape[1], device=device)[None, :] < lengths[:, None]
@@ -268,9 +261,9 @@ class DecodeControls:
         picks = self.pick_ids(logits, prefixes)
         width = max(counts)
         laid_out = picks.new_full((len(drafts), width), -1).index_put_((stream_of_row, step_of_row), picks)
-        padded_drafts = to_device([t for draft in drafts for t in (*draft, *[-1] * (width - len(draft)))], device)
+        padded_drafts = to_device(padded(drafts, fill=-1, width=width), device)
         stops = torch.isin(laid_out, to_device(sorted(self._stop_ids), device))
-        ends = (laid_out != padded_drafts.view(len(drafts), width)) | stops
+        ends = (laid_out != padded_drafts) | stops
         accepted = ends.to(torch.int8).argmax(dim=1)  # the first end: at the latest the row after the draft
         logprobs = logits.new_zeros(len(drafts), width, dtype=torch.float32)
         logprobs.index_put_((stream_of_row, step_of_row), pick_logprobs(logits, picks))

@@ -4,8 +4,8 @@ An engine step for a thousand streams must not wait for the device more than it 
 (a `.tolist()`, `int(tensor)`, `torch.tensor(values, device="cuda")` from pageable memory) stalls the host until
 the queued kernels are done, and the host then has nothing queued while it prepares the next ones.
 
-* `to_device`: small host values (ids, lengths, indices) to the device with an asynchronous copy, ordered on
-  the current stream like a kernel; on the CPU the tensor itself.
+* `to_device`: host integers (ids, lengths, indices; a list or an int64 array) to the device with an asynchronous
+  copy, ordered on the current stream like a kernel; on the CPU the tensor itself.
 * `read_to_host`: THE read of a step's results (the picked tokens of a sequential decode step, the verdicts of a
   verification). The only sanctioned synchronisation: it is counted (`host_reads`), and it is allowed under
   `torch.cuda.set_sync_debug_mode("error")`, which a CUDA test sets to prove that a step synchronises nowhere
@@ -19,15 +19,18 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 _reads = threading.local()
 
 
-def to_device(values: Sequence[int] | Sequence[float], device: torch.device, dtype: torch.dtype = torch.long) -> Tensor:
-    """`values` as a 1-D tensor on `device`, without blocking the host."""
-    host = torch.tensor(values, dtype=dtype)
+def to_device(values: Sequence[int] | np.ndarray, device: torch.device) -> Tensor:
+    """Integer `values` (ids, lengths, indices) as an int64 tensor on `device` (an array keeps its shape), without
+    blocking the host."""
+    # Through numpy: a list converts 3x faster than with `torch.tensor`, and an int64 array is taken as it is.
+    host = torch.from_numpy(np.asarray(values, dtype=np.int64))
     # An asynchronous copy from pageable memory is staged by the driver before the call returns (so `host` may go),
     # and is ordered on the current stream: no synchronisation, unlike a blocking copy.
     return host if device.type == "cpu" else host.to(device, non_blocking=True)

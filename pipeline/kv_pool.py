@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,6 +31,7 @@ from pipeline.causal_encoder import CausalAudioEncoder, CausalEncoderState, KeyC
 from pipeline.decoder import DecoderKVCache, PoolSlot, TextDecoder
 from pipeline.device_io import to_device
 from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, STEP_FRAMES, AudioTower
+from pipeline.ragged import ragged_rows
 from pipeline.row_chunks import rows_per_forward_chunk
 
 
@@ -146,8 +148,8 @@ class EncoderKVPool:
         operator)."""
         width = max(block.shape[0] for block in steps)
         padded = steps[0].new_zeros(len(steps) * width, steps[0].shape[1])
-        rows = [row * width + step for row, block in enumerate(steps) for step in range(block.shape[0])]
-        padded.index_copy_(0, to_device(rows, padded.device), torch.cat(steps))
+        rows, step_in_block = ragged_rows([block.shape[0] for block in steps])
+        padded.index_copy_(0, to_device(rows * width + step_in_block, padded.device), torch.cat(steps))
         return padded.view(len(steps), width, -1)
 
     def _place(self, slots: list[int], states: list[CausalEncoderState], counts: list[int]) -> _SlotBatch:
@@ -161,8 +163,7 @@ class EncoderKVPool:
                 self._rewind(slot, steps)
         ends = [self._ends[slot] for slot in slots]
         # Only real steps are written: a short (flush) block's padding never reaches a slot.
-        rows = [row for row, count in enumerate(counts) for _ in range(count)]
-        step_in_block = [step for count in counts for step in range(count)]
+        rows, step_in_block = ragged_rows(counts)
         device = self.keys.device
         neighbouring = slots == list(range(slots[0], slots[0] + len(slots)))
         return _SlotBatch(
@@ -174,8 +175,8 @@ class EncoderKVPool:
             counts=counts,
             low=min(end - c for end, c in zip(ends, cached)),
             high=max(end + count for end, count in zip(ends, counts)),
-            write_slots=to_device([slots[row] for row in rows], device),
-            write_columns=to_device([ends[row] + step for row, step in zip(rows, step_in_block)], device),
+            write_slots=to_device(np.asarray(slots)[rows], device),
+            write_columns=to_device(np.asarray(ends)[rows] + step_in_block, device),
             block_rows=to_device(rows, device),
             block_steps=to_device(step_in_block, device),
             kv_rows=None if neighbouring else to_device(slots, device),

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,6 +31,7 @@ from pipeline.decoder import DecoderKVCache, TextDecoder, forward_padded
 from pipeline.decoding import DecodeControls, Verdict
 from pipeline.device_io import to_device
 from pipeline.prompt import CausalPrompt
+from pipeline.ragged import concat_ranges
 from pipeline.row_chunks import consecutive_runs, rows_per_chunk
 
 
@@ -178,22 +180,25 @@ class RollingDecoder:
             for state, audio, draft in zip(states, new_audio, drafts)
         ]
         width = max(lengths)
-        token_ids: list[int] = []
-        token_rows: list[int] = []  # flat row (stream * width + position) of each token
-        audio_rows: list[int] = []
-        verify_rows: list[int] = []
-        for index, (state, audio, draft, length) in enumerate(zip(states, new_audio, drafts, lengths)):
-            start = index * width
-            own = [*head, *tail, *draft] if state.is_empty else [*tail, *draft]
-            heads = len(head) if state.is_empty else 0
-            token_ids += own
-            token_rows += [*range(start, start + heads), *range(start + heads + audio.shape[0], start + length)]
-            audio_rows += range(start + heads, start + heads + audio.shape[0])
-            verify_rows += range(start + length - len(draft) - 1, start + length)
+        token_ids = [
+            token
+            for state, draft in zip(states, drafts)
+            for token in ((*head, *tail, *draft) if state.is_empty else (*tail, *draft))
+        ]
+        # Flat rows (stream * width + position) of each stream's spans: head, audio, tail + draft, verified rows.
+        starts = np.arange(len(states), dtype=np.int64) * width
+        heads = np.array([len(head) if state.is_empty else 0 for state in states], dtype=np.int64)
+        audio_ends = starts + heads + np.array([audio.shape[0] for audio in new_audio], dtype=np.int64)
+        ends = starts + np.asarray(lengths, dtype=np.int64)
+        token_rows = concat_ranges(  # the head, then tail + draft, of each stream in turn
+            np.stack([starts, audio_ends], axis=1).ravel(), np.stack([starts + heads, ends], axis=1).ravel()
+        )
+        audio_rows = concat_ranges(starts + heads, audio_ends)
+        verify_rows = concat_ranges(ends - np.array([len(draft) + 1 for draft in drafts], dtype=np.int64), ends)
         weight = self.decoder.embed_tokens.weight
         embeds = weight.new_zeros(len(states) * width, weight.shape[1])
         embeds.index_copy_(0, to_device(token_rows, weight.device), self._embed(token_ids))
-        if audio_rows:
+        if audio_rows.size:
             embeds.index_copy_(0, to_device(audio_rows, weight.device), torch.cat(list(new_audio)).to(weight.dtype))
         return _PassInputs(embeds.view(len(states), width, -1), lengths, to_device(verify_rows, weight.device))
 
