@@ -159,8 +159,7 @@ class EncoderKVPool:
         cached = [state.cached_steps for state in states]
         if any(self._ends[slot] + count > self.columns for slot, count in zip(slots, counts)):
             # All of the batch, not just the full slots: streams that then advance together stay aligned.
-            for slot, steps in zip(slots, cached):
-                self._rewind(slot, steps)
+            self._rewind(slots, cached)
         ends = [self._ends[slot] for slot in slots]
         # Only real steps are written: a short (flush) block's padding never reaches a slot.
         rows, step_in_block = ragged_rows(counts)
@@ -187,22 +186,38 @@ class EncoderKVPool:
         end = self._ends[slot]
         return self.keys[:, slot, :, end - steps : end], self.values[:, slot, :, end - steps : end]
 
-    def _rewind(self, slot: int, steps: int) -> None:
-        """Move a slot's newest `steps` cached columns to end at column `window`: the pool's one copy."""
-        end = self._ends[slot]
-        if end == self.window:
+    def _rewind(self, slots: list[int], steps: list[int]) -> None:
+        """Move each slot's newest `steps` cached columns to end at column `window`: the pool's one copy, of every
+        slot at once (one gather and one indexed write per pool tensor)."""
+        moving = [index for index, slot in enumerate(slots) if self._ends[slot] != self.window]
+        if not moving:
             return
+        moved, counts = np.asarray(slots)[moving], np.asarray(steps)[moving]
+        ends = np.asarray(self._ends)[moved]
+        rows, step = ragged_rows(counts)
+        device = self.keys.device
+        slot_of_column = to_device(moved[rows], device)
+        sources = to_device(ends[rows] - counts[rows] + step, device)
+        targets = to_device(self.window - counts[rows] + step, device)
         for pool in (self.keys, self.values):
-            # clone: the source and destination columns may overlap.
-            pool[:, slot, :, self.window - steps : self.window] = pool[:, slot, :, end - steps : end].clone()
-        self._ends[slot] = self.window
+            by_column = pool.permute(1, 3, 0, 2, 4)  # [slots, columns, layers, heads, d]
+            # The gather is a copy: source and target columns may overlap.
+            by_column.index_put_((slot_of_column, targets), by_column[slot_of_column, sources])
+        for slot in moved.tolist():
+            self._ends[slot] = self.window
 
     def _check_backed(self, slot: int, state: CausalEncoderState) -> None:
-        """The state's cache must be its slot's current run (a state made before the slot's last new_state is not)."""
+        """The state's cache must be its slot's current run (a state made before the slot's last new_state is not).
+        Checked on the addresses, without making a view of the slot (a step checks every stream)."""
         backed = 0 <= slot < len(self._ends) and state.cached_steps <= self._ends[slot]
         if backed:
-            expected = self._run(slot, state.cached_steps)[0]
-            backed = state.keys.data_ptr() == expected.data_ptr() and state.keys.shape == expected.shape
+            first = self._ends[slot] - state.cached_steps
+            offset = self.keys.storage_offset() + slot * self.keys.stride(1) + first * self.keys.stride(3)
+            backed = (
+                state.keys.untyped_storage().data_ptr() == self.keys.untyped_storage().data_ptr()
+                and state.keys.storage_offset() == offset  # (an empty view's data_ptr is 0)
+                and state.keys.shape[2] == state.cached_steps
+            )
         if not backed:
             raise ValueError(f"encoder state does not live in slot {slot}; make it with EncoderKVPool.new_state")
 
