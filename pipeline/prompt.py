@@ -204,6 +204,14 @@ def parse_asr_output(raw: str, forced_language: str | None = None) -> tuple[str,
     return _language_from_meta(meta), body.strip()
 
 
+def decode_text(tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[int]) -> str:
+    """The text of `token_ids`, special tokens skipped, spaces as the tokenizer's decoder leaves them."""
+    if tokenizer.is_fast:  # its Rust decoder directly: the Python wrapper first type-checks every id (every update
+        # of every stream decodes its hypothesis)
+        return tokenizer.backend_tokenizer.decode(list(token_ids), skip_special_tokens=True)
+    return tokenizer.decode(list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 def decode_asr_output(
     tokenizer: PreTrainedTokenizerBase,
     token_ids: Sequence[int],
@@ -215,14 +223,11 @@ def decode_asr_output(
     Splits on the `<asr_text>` id rather than its text, so it does not matter whether the tokenizer
     flags `<asr_text>` as special (which `skip_special_tokens` would erase).
     """
-    def decode(ids: Sequence[int]) -> str:
-        return tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
     if forced_language is not None or special.asr_text not in token_ids:
-        return parse_asr_output(decode(token_ids), forced_language)
+        return parse_asr_output(decode_text(tokenizer, token_ids), forced_language)
     split = list(token_ids).index(special.asr_text)
-    meta = decode(token_ids[:split])
-    text = detect_and_fix_repetitions(decode(token_ids[split + 1 :]).strip())
+    meta = decode_text(tokenizer, token_ids[:split])
+    text = detect_and_fix_repetitions(decode_text(tokenizer, token_ids[split + 1 :]).strip())
     return _language_from_meta(meta), text
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeline.bench_engine import (
     SyntheticDecodeBudget,
@@ -39,6 +41,18 @@ def test_budget_accepts_21_of_a_30_token_draft_then_takes_9_steps() -> None:
     assert budget.verify_drafts(torch.zeros(1, 100), [[]]) == [(0, 5, (0.0,))]
     # A full accept of a short draft continues with a word other than its last one.
     assert budget.verify_drafts(torch.zeros(10, 100), [[5] * 9]) == [(9, 6, (0.0,) * 10)]
+
+
+@given(st.lists(st.sampled_from([5, 6, 7]), max_size=40), st.integers(1, 4))
+def test_budget_continues_a_run_until_it_is_new_tokens_long(history: list[int], blocks: int) -> None:
+    budget = SyntheticDecodeBudget(DecodeControls(DecodeOptions(stop_token_ids=(99,))), words=(5, 6, 7))
+    budget.hear(blocks)
+    run = 0  # the length of the run the history ends in
+    while run < len(history) and history[-1 - run] == history[-1]:
+        run += 1
+    expected = 99 if not history or run >= budget.new_tokens else history[-1]
+    [pick] = budget.pick(torch.zeros(1, 100), [history])
+    assert pick.token == expected
 
 
 def test_engine_bench_runs_the_real_engine_with_the_budget(tiny_checkpoint: Path) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import Qwen2Tokenizer
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -17,6 +20,7 @@ from pipeline.prompt import (
     build_causal_prompt,
     canonical_language,
     decode_asr_output,
+    decode_text,
     detect_and_fix_repetitions,
     parse_asr_output,
 )
@@ -60,6 +64,11 @@ def make_tokenizer(asr_text_is_special: bool = False, with_asr_text: bool = True
     if with_asr_text:
         tokenizer.add_tokens([AddedToken("<asr_text>", special=asr_text_is_special, normalized=False)])
     return tokenizer
+
+
+@functools.cache
+def _cached_tokenizer(asr_text_is_special: bool) -> Qwen2Tokenizer:
+    return make_tokenizer(asr_text_is_special=asr_text_is_special)
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +188,15 @@ def test_decode_ids_splits_on_the_asr_text_id(asr_text_is_special: bool) -> None
         "German",
         "Hello world.",
     )
+
+
+@pytest.mark.parametrize("asr_text_is_special", [False, True])
+@given(data=st.data())
+def test_decode_text_equals_the_tokenizers_decode(asr_text_is_special: bool, data: st.DataObject) -> None:
+    tokenizer = _cached_tokenizer(asr_text_is_special)  # (hypothesis runs the test body many times)
+    ids = data.draw(st.lists(st.integers(0, len(tokenizer) - 1), max_size=40))
+    expected = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert decode_text(tokenizer, ids) == decode_text(tokenizer, tuple(ids)) == expected
 
 
 @pytest.mark.parametrize(
