@@ -43,7 +43,7 @@ from pipeline.engine import EngineOptions, StepTiming, StreamingEngine
 from pipeline.features import FRAMES_PER_SECOND, HOP_LENGTH, N_FFT, SAMPLE_RATE
 from pipeline.host_policy import POLICIES as HOST_POLICIES
 from pipeline.options import SessionOptions
-from pipeline.step_probes import CollectorClock, OpClock, PeakTensorBytes
+from pipeline.step_probes import CollectorClock, OpClock, PeakTensorBytes, PythonCalls
 from pipeline.tiny_checkpoint import TOWER_OVERLAY_DIR, build_tiny_tokenizer
 
 log = logging.getLogger(__name__)
@@ -436,6 +436,7 @@ class StaggeredStartResult:
     # front-end thread, or the feature deployment's), less the probe's own cost: Python, scheduling, bookkeeping.
     probe_host_sec: float
     probe_ops: int  # operators it ran (on a GPU, each one is also a kernel launch from the host)
+    python_calls_per_stream: float  # function calls of one more probed step (`PythonCalls`) per stream it advanced
     peak_step_bytes: int  # tensors one step allocates beyond weights and pools (`PeakTensorBytes`)
     pool_bytes: int  # the encoder + decoder K/V pools
 
@@ -467,10 +468,10 @@ def run_staggered_start_bench(
     sees, on a fixed schedule so that N = 10 and N = 1000 are compared at the same shape.
 
     Measured: the steps in which every stream has started and none has finished; their wall time by phase
-    (`StepTiming`, the front end's log-mel included). The first `PROBED_STEPS` + 1 such steps are probes, not
+    (`StepTiming`, the front end's log-mel included). The first `PROBED_STEPS` + 2 such steps are probes, not
     timed: `PROBED_STEPS` under `OpClock` (wall time but the front end's, split into tensor operators and host
     work; the step with the median host time per stream is reported), one under `PeakTensorBytes`
-    (the bytes it allocates, next to the pools' bytes)."""
+    (the bytes it allocates, next to the pools' bytes), one under `PythonCalls` (its calls per stream)."""
     options = options or SessionOptions(language="English")
     block_samples = options.encoder.block_frames * SAMPLE_RATE // FRAMES_PER_SECOND
     period = STAGGER_CADENCE * STAGGER_AGES
@@ -487,6 +488,7 @@ def run_staggered_start_bench(
         step = 0
         probes: list[tuple[OpClock, StepTiming]] = []
         peak_bytes: int | None = None
+        calls_per_stream: float | None = None
         collector = CollectorClock()
         while engine.active_streams:
             schedule.push_due(step)
@@ -499,6 +501,10 @@ def run_staggered_start_bench(
                 with PeakTensorBytes() as memory:
                     engine.step()
                 peak_bytes = memory.peak
+            elif measured and calls_per_stream is None:
+                with PythonCalls() as calls:
+                    engine.step()
+                calls_per_stream = calls.calls / max(1, engine.last_step_timing.streams)
             elif measured:
                 with collector:
                     engine.step()
@@ -506,7 +512,7 @@ def run_staggered_start_bench(
             else:
                 engine.step()
             step += 1
-        if not timings or peak_bytes is None:
+        if not timings or peak_bytes is None or calls_per_stream is None:
             raise ValueError(f"blocks_per_stream={blocks_per_stream} leaves no step with every stream running")
         clock, probed = sorted(probes, key=lambda probe: _host_seconds(*probe) / probe[1].streams)[len(probes) // 2]
         results.append(
@@ -525,6 +531,7 @@ def run_staggered_start_bench(
                 probe_kernel_sec=clock.seconds,
                 probe_host_sec=_host_seconds(clock, probed),
                 probe_ops=clock.ops,
+                python_calls_per_stream=calls_per_stream,
                 peak_step_bytes=peak_bytes,
                 pool_bytes=engine.kv_bytes_per_stream * count,
             )
@@ -548,18 +555,20 @@ def format_staggered_table(results: Sequence[StaggeredStartResult], device: str)
         "log-mel ran on the front-end thread during the step before: this is the wait for it). Kernels and host: "
         f"the median of {PROBED_STEPS} probed steps' time inside tensor operators and outside them (Python, "
         "scheduling, bookkeeping; the front end's time and the probe's own cost removed). GC: Python's garbage "
-        "collector per step, within the phases.",
+        "collector per step, within the phases. Calls/stream: the Python and C function calls of one more probed "
+        "step per stream it advanced (`PythonCalls`: host work that machine load does not change).",
         "",
         "| N | steps | streams/step | mean step (s) | features | schedule | encoder | decoder | policy | GC | "
-        "step ms/stream | kernels ms/stream | host ms/stream | ops in step | peak step MiB | pools MiB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "step ms/stream | kernels ms/stream | host ms/stream | calls/stream | ops in step | peak step MiB | pools MiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r.streams} | {r.steps} | {r.mean_batch:.0f} | {r.step_mean_sec:.3f} | {r.features_sec:.3f} | "
             f"{r.schedule_sec:.3f} | {r.encoder_sec:.3f} | {r.decoder_sec:.3f} | {r.policy_sec:.3f} | "
             f"{r.collector_sec:.3f} | {r.step_ms_per_stream:.3f} | {r.kernel_ms_per_stream:.3f} | "
-            f"{r.host_ms_per_stream:.3f} | {r.probe_ops} | {r.peak_step_bytes / 2**20:.1f} | "
+            f"{r.host_ms_per_stream:.3f} | {r.python_calls_per_stream:.0f} | {r.probe_ops} | "
+            f"{r.peak_step_bytes / 2**20:.1f} | "
             f"{r.pool_bytes / 2**20:.1f} |"
         )
     smallest, largest = min(results, key=lambda r: r.streams), max(results, key=lambda r: r.streams)

@@ -8,6 +8,9 @@
 * `OpClock`: time spent inside tensor operators (kernels on the CPU, plus the C++ dispatch under them), so
   that a step's wall time splits into kernels and host work (Python: scheduling, bookkeeping, the dispatch of
   Python calls). The probe's own overhead (a few microseconds per operator) lands on the host side.
+* `PythonCalls`: the Python and C function calls a step makes on the driver's thread (what a profiler counts):
+  host work that does not depend on how busy the machine is. On a shared 2-vCPU machine a step's host time
+  varies by tens of percent from run to run; its calls are the same, so before and after compare exactly.
 * `CollectorClock`: time spent in Python's cyclic garbage collector (any thread), which runs inside whatever
   allocated the object that triggered it, host work or operator.
 """
@@ -15,6 +18,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 import time
 import weakref
 
@@ -105,6 +109,28 @@ class OpClock(TorchDispatchMode):
         self.seconds += time.perf_counter() - started
         self.ops += 1
         return out
+
+
+class PythonCalls:
+    """`with PythonCalls() as probe: ...`; then `probe.calls`: function calls made inside, on this thread (Python
+    functions and the C functions Python code calls: builtins, tensor methods). Other threads are not counted
+    (the engine's front-end thread: its own stage). Slows the code it watches several times over."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __enter__(self) -> PythonCalls:
+        if sys.getprofile() is not None:
+            raise RuntimeError("a profiler is already installed on this thread; PythonCalls would replace it")
+        sys.setprofile(self._observe)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        sys.setprofile(None)
+
+    def _observe(self, frame: object, event: str, arg: object) -> None:
+        if event == "call" or event == "c_call":
+            self.calls += 1
 
 
 class CollectorClock:

@@ -106,14 +106,15 @@ def host_ms(result: dict) -> float:
 def table(rows: list[tuple[str, dict]]) -> str:
     lines = [
         "| version | N | streams/step | mean step (s) | encoder | decoder | policy | step ms/stream | "
-        "host ms/stream | ops in step | peak step MiB | pools MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "host ms/stream | calls/stream | ops in step | peak step MiB | pools MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for version, r in rows:
         lines.append(
             f"| {version} | {r['streams']} | {r['mean_batch']:.0f} | {r['step_mean_sec']:.3f} | {r['encoder_sec']:.3f} "
             f"| {r['decoder_sec']:.3f} | {r['policy_sec']:.3f} | {1e3 * r['step_mean_sec'] / r['mean_batch']:.3f} | "
-            f"{host_ms(r):.3f} | {r['probe_ops']} | {r['peak_step_bytes'] / 2**20:.1f} | "
+            f"{host_ms(r):.3f} | {r['python_calls_per_stream']:.0f} | {r['probe_ops']} | "
+            f"{r['peak_step_bytes'] / 2**20:.1f} | "
             f"{r['pool_bytes'] / 2**20:.1f} |"
         )
     by_version: dict[str, list[dict]] = {}

@@ -1,4 +1,4 @@
-"""The step probes: peak bytes of what a piece of code allocates, and its time inside tensor operators."""
+"""The step probes: peak bytes of what a piece of code allocates, its time inside tensor operators, its calls."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from pipeline.step_probes import CollectorClock, OpClock, PeakTensorBytes
+from pipeline.step_probes import CollectorClock, OpClock, PeakTensorBytes, PythonCalls
 
 
 def test_peak_counts_fresh_allocations_until_freed_and_never_what_existed_before() -> None:
@@ -46,3 +46,19 @@ def test_collector_clock_times_the_collections_inside_it_and_only_those() -> Non
     assert clock.runs == [1, 0, 1]
     assert clock.seconds > 0
 
+
+
+def test_python_calls_counts_every_call_on_this_thread_and_nothing_else() -> None:
+    def twice(value: int) -> int:
+        return abs(value) * 2  # one Python call and one C call per use
+
+    with PythonCalls() as empty:  # the probe's own exit
+        pass
+    with PythonCalls() as probe:
+        for value in range(10):
+            twice(value)
+    assert probe.calls - empty.calls == 20
+    with PythonCalls() as again:
+        for value in range(10):
+            twice(value)
+    assert again.calls == probe.calls  # deterministic: the same code makes the same calls
