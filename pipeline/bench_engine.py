@@ -559,7 +559,8 @@ def format_staggered_table(results: Sequence[StaggeredStartResult], device: str)
         "step per stream it advanced (`PythonCalls`: host work that machine load does not change).",
         "",
         "| N | steps | streams/step | mean step (s) | features | schedule | encoder | decoder | policy | GC | "
-        "step ms/stream | kernels ms/stream | host ms/stream | calls/stream | ops in step | peak step MiB | pools MiB |",
+        "step ms/stream | kernels ms/stream | host ms/stream | calls/stream | ops in step | peak step MiB | "
+        "pools MiB |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
