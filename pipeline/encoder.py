@@ -148,36 +148,39 @@ def audio_attention(
     """softmax(q k^T / sqrt(d)) v over the `allowed` [B, S, T] keys, with the softmax in fp32.
 
     query [B, heads, S, d]; key/value [R, heads, T, d]: R = B, or with `kv_rows` [B] query row b reads K/V row
-    kv_rows[b] (e.g. the rows are a pool's slots and the batch's streams sit in scattered ones). The batch runs in
-    chunks of rows (`pipeline.row_chunks`), and with `kv_rows` each chunk gathers its own rows' K/V: the copy is
-    one chunk's, never the batch's. Gathering per chunk keeps memory bounded and work proportional to the batch;
-    attending over the slot range in place (queries spread to every slot, as the decoder does) would copy nothing
-    but compute every idle slot between the batch's, e.g. ten times the work for 100 ready streams of 1000.
+    kv_rows[b] (e.g. the rows are a pool's slots and the batch's streams sit in scattered ones). The explicit path
+    runs in chunks of rows (`pipeline.row_chunks`), and with `kv_rows` each chunk gathers its own rows' K/V: the
+    copy is one chunk's, never the batch's. Gathering keeps work proportional to the batch; attending over the
+    slot range in place (queries spread to every slot, as the decoder does) would copy nothing but compute every
+    idle slot between the batch's, e.g. ten times the work for 100 ready streams of 1000. The fused path has no
+    scores to bound and gathers every row's K/V of the layer at once: one layer's windows of the batch, a small
+    part of the batch's slots (1 / layers of them). Chunked by the same 4 MiB, a full-size bf16 batch ran ~4 rows
+    per chunk, a gather and an SDPA launch each: over a hundred launches per layer at 500 streams.
 
     `fused` uses PyTorch's SDPA (flash / memory-efficient kernels on CUDA, which accumulate in fp32 even for bf16
     inputs); otherwise the explicit form in fp32, the reference runtime's arithmetic and the tested CPU path.
     """
     attend = partial(_attend, fused=fused)
-    row_bytes = _attention_row_bytes(query, key, fused, gathers=kv_rows is not None)
-    if kv_rows is None:
-        return attend(query, key, value, allowed) if row_bytes == 0 else in_row_chunks(
-            attend, row_bytes, query, key, value, allowed
-        )
 
     def gathered(query: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         return attend(query, key.index_select(0, rows), value.index_select(0, rows), allowed)
 
-    return in_row_chunks(gathered, row_bytes, query, kv_rows, allowed)
+    if kv_rows is None:
+        function, inputs = attend, (query, key, value, allowed)
+    else:
+        function, inputs = gathered, (query, kv_rows, allowed)
+    row_bytes = 0 if fused else _explicit_row_bytes(query, key, gathers=kv_rows is not None)
+    return function(*inputs) if row_bytes == 0 else in_row_chunks(function, row_bytes, *inputs)
 
 
-def _attention_row_bytes(query: torch.Tensor, key: torch.Tensor, fused: bool, gathers: bool) -> int:
-    """Bytes one batch row of `audio_attention` allocates beyond its output: the explicit path's fp32 scores and
-    their softmax (+ fp32 copies of lower-precision keys and values), and the gathered K/V when it gathers."""
+def _explicit_row_bytes(query: torch.Tensor, key: torch.Tensor, gathers: bool) -> int:
+    """Bytes one batch row of the explicit `audio_attention` allocates beyond its output: fp32 scores and their
+    softmax (+ fp32 copies of lower-precision keys and values), and the gathered K/V when it gathers."""
     heads, length, head_dim = query.shape[1], query.shape[2], query.shape[3]
     columns = key.shape[2]
     kv_bytes = 2 * heads * columns * head_dim * key.element_size()
-    scores = 0 if fused else 2 * 4 * heads * length * columns
-    upcast = 0 if fused or key.dtype == torch.float32 else 2 * 4 * heads * columns * head_dim
+    scores = 2 * 4 * heads * length * columns
+    upcast = 0 if key.dtype == torch.float32 else 2 * 4 * heads * columns * head_dim
     return scores + upcast + (kv_bytes if gathers else 0)
 
 

@@ -202,6 +202,33 @@ def test_fused_attention_path_equals_the_explicit_one() -> None:
     assert relative_error(fused, explicit) < 1e-5
 
 
+def test_fused_attention_over_scattered_rows_gathers_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `kv_rows` the fused path reads every row's K/V with one gather per tensor (no 4 MiB row chunks, which
+    at full size were a few rows each), and equals the explicit path, which chunks."""
+    from pipeline.encoder import audio_attention
+
+    generator = torch.Generator().manual_seed(2)
+    query = torch.randn(6, 4, 24, 16, generator=generator)
+    key, value = (torch.randn(12, 4, 54, 16, generator=generator) for _ in range(2))  # 12 slots, 6 in the batch
+    kv_rows = torch.tensor([1, 3, 4, 7, 10, 11])
+    allowed = torch.rand(6, 24, 54, generator=generator) > 0.3
+    allowed[..., -1] = True
+    monkeypatch.setattr("pipeline.row_chunks.CHUNK_BYTES", 1)  # the explicit path: one row per chunk
+    gathers = []
+    real_index_select = torch.Tensor.index_select
+    def counted_index_select(tensor: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+        gathers.append(len(index))
+        return real_index_select(tensor, dim, index)
+
+    monkeypatch.setattr(torch.Tensor, "index_select", counted_index_select)
+    explicit = audio_attention(query, key, value, allowed, fused=False, kv_rows=kv_rows)
+    assert gathers == [1] * 12  # K and V of each row, one row per chunk
+    gathers.clear()
+    fused = audio_attention(query, key, value, allowed, fused=True, kv_rows=kv_rows)
+    assert gathers == [6, 6]
+    assert relative_error(fused, explicit) < 1e-5
+
+
 def test_conv_stem_in_bounded_calls_equals_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
     """The conv stem splits many pieces into calls within `pipeline.row_chunks.CHUNK_BYTES` (bounded
     activations); pieces are independent, so the steps are the same."""
