@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from pipeline.config import TextDecoderConfig
 from pipeline.device_io import to_device
 from pipeline.ragged import ragged_rows
-from pipeline.row_chunks import in_row_chunks, rows_per_forward_chunk
+from pipeline.row_chunks import in_row_chunks, rows_per_forward_chunk, slot_chunks
 
 #: One layer's (key, value), each [batch, kv_heads, positions, head_dim], keys already rotated.
 LayerKV = tuple[Tensor, Tensor]
@@ -432,26 +432,28 @@ def forward_padded(
 
     The streams run in chunks whose intermediates fit `pipeline.row_chunks` (the whole forward per chunk, so no
     activation spans the batch); a chunk re-reads every layer's weights, so it may be as large as they are: at full
-    size that is hundreds of streams, on the tiny checkpoint tens. With `consume_inputs` (the caller has no further
+    size that is hundreds of streams, on the tiny checkpoint tens. A pooled chunk's slot range, every row of which
+    its attention computes, stays within the same budget (`slot_chunks`): a chunk never spans a wide gap in the
+    slots. With `consume_inputs` (the caller has no further
     use for `embeds`), each chunk's output is written over its own rows of `embeds`, which is returned: the step
     then never holds a batch of inputs and a batch of outputs at once.
     """
     if len(caches) != embeds.shape[0] or len(new_lengths) != embeds.shape[0]:
         raise ValueError(f"{len(caches)} caches and {len(new_lengths)} lengths for {embeds.shape[0]} rows of inputs")
     keys = max(cache.length + count for cache, count in zip(caches, new_lengths))
-    limit = rows_per_forward_chunk(_bytes_per_stream(decoder, embeds.shape[1], keys), len(caches), decoder.layers)
-    if limit >= len(caches):
+    per_stream = _bytes_per_stream(decoder, embeds.shape[1], keys)
+    limit = rows_per_forward_chunk(per_stream, len(caches), decoder.layers)
+    # Chunks of neighbouring slots (a batch's order need not be the slots'), none across a wide gap in them.
+    slots = [-1 if cache.pool_slot is None else cache.pool_slot.index for cache in caches]
+    chunks = slot_chunks(slots, limit, per_stream, _bytes_per_range_row(decoder, embeds.shape[1], keys))
+    if len(chunks) == 1:
         return _forward_chunk(decoder, caches, embeds, new_lengths)
-    # Chunks of neighbouring slots: a chunk attends over its slots' range of the pool, which is then no wider than
-    # the chunk (a batch's order need not be the slots').
-    slot_of = [-1 if cache.pool_slot is None else cache.pool_slot.index for cache in caches]
-    order = sorted(range(len(caches)), key=slot_of.__getitem__)
     hidden = embeds if consume_inputs else embeds.new_zeros(embeds.shape)
-    for start in range(0, len(order), limit):
-        rows = order[start : start + limit]
+    for chunk in chunks:
+        rows = chunk.tolist()
         width = max(new_lengths[row] for row in rows)  # the chunk's own padding only
         if width:
-            index = to_device(rows, embeds.device)
+            index = to_device(chunk, embeds.device)
             hidden[index, :width] = _forward_chunk(
                 decoder, [caches[row] for row in rows], embeds[index, :width], [new_lengths[row] for row in rows]
             )
@@ -466,6 +468,15 @@ def _bytes_per_stream(decoder: TextDecoder, width: int, keys: int) -> int:
     q_width, kv_width = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     per_position = 8 * config.hidden_size + 2 * q_width + 2 * kv_width + 3 * config.intermediate_size
     return width * (per_position * decoder.embed_tokens.weight.element_size() + keys)
+
+
+def _bytes_per_range_row(decoder: TextDecoder, width: int, keys: int) -> int:
+    """What each row of a pooled chunk's slot range holds in its attention, whether a stream of the chunk lives
+    there or not (see `attention`): the spread queries and their output (in the weights' dtype) and the mask row
+    over `keys` keys (bool)."""
+    config = decoder.config
+    q_width = config.num_attention_heads * config.head_dim
+    return width * (2 * q_width * decoder.embed_tokens.weight.element_size() + keys)
 
 
 def _forward_chunk(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 from torch import Tensor, nn
 
 #: Most bytes of intermediates that a chunk of a batch-wide operation holds at once. Small next to one stream's
@@ -62,6 +63,28 @@ def consecutive_runs(sizes: Sequence[int], limit: int) -> list[range]:
     if sizes:
         runs.append(range(start, len(sizes)))
     return runs
+
+
+def slot_chunks(
+    slots: Sequence[int], max_rows: int, bytes_per_row: int, bytes_per_range_row: int
+) -> list[np.ndarray]:
+    """Rows (indices into `slots`) in slot order, in chunks of at most `max_rows` rows, for a forward that attends
+    over each chunk's slot range of a pool in place. Every slot of that range is a row of the attention, whether a
+    stream of the chunk lives there or not (`pipeline.decoder.attention`), holding `bytes_per_range_row`; a chunk
+    across a wide gap in the slots would compute the gap and hold it in memory. So a chunk's range is kept within
+    the chunk's own budget (`max_rows` rows of `bytes_per_row`, or `CHUNK_BYTES`); O(chunks) Python steps."""
+    if max_rows <= 0 or bytes_per_range_row <= 0:
+        raise ValueError(f"max_rows={max_rows}, bytes_per_range_row={bytes_per_range_row}; expected positive")
+    span = max(max_rows, max(CHUNK_BYTES, max_rows * bytes_per_row) // bytes_per_range_row)
+    order = np.argsort(np.asarray(slots, dtype=np.int64), kind="stable")
+    in_order = np.asarray(slots, dtype=np.int64)[order]
+    chunks: list[np.ndarray] = []
+    start = 0
+    while start < order.size:
+        end = min(start + max_rows, int(np.searchsorted(in_order, in_order[start] + span)))
+        chunks.append(order[start:end])
+        start = end
+    return chunks
 
 
 def in_row_chunks(function: Callable[..., Tensor], bytes_per_row: int, *inputs: Tensor) -> Tensor:
