@@ -526,6 +526,7 @@ class _PoolRows:
         first = min(self.slots)
         count = max(self.slots) - first + 1
         rows, steps = ragged_rows(new_lengths)
+        slots = np.asarray(self.slots)
         identity = self.slots == list(range(first, first + count))  # rows are the slot range, in order
         return _PlacedRows(
             keys=self.slot.keys,
@@ -535,9 +536,9 @@ class _PoolRows:
             total=max(p + n for p, n in zip(past_lengths, new_lengths)),
             write_rows=to_device(rows, device),
             write_steps=to_device(steps, device),
-            write_slots=to_device(np.asarray(self.slots)[rows], device),
+            write_slots=to_device(slots[rows], device),
             write_columns=to_device(np.asarray(past_lengths)[rows] + steps, device),
-            kv_rows=None if identity else to_device(np.asarray(self.slots) - first, device),
+            kv_rows=None if identity else to_device(slots - first, device),
         )
 
 

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -204,8 +205,9 @@ class DecodeControls:
     def trim_draft(self, draft: Sequence[int], history_length: int = 0) -> list[int]:
         """A previous hypothesis as a draft: cut at its first stop, capped to the remaining budget."""
         budget = self.options.max_new_tokens - history_length
+        stops = self._stop_ids
         for index, token in enumerate(draft[:budget]):
-            if self.is_stop(token):
+            if token in stops:
                 return list(draft[:index])
         return list(draft[:budget])
 
@@ -253,9 +255,10 @@ class DecodeControls:
         drafts (padded with -1, which no pick equals): the first disagreement, or a stop pick, ends acceptance."""
         device, vocab = logits.device, logits.shape[1]
         counts = [len(draft) + 1 for draft in drafts]
-        stream_of_row, step_of_row = (to_device(index, device) for index in ragged_rows(counts))
+        rows, steps = ragged_rows(counts)
+        stream_of_row, step_of_row = to_device(rows, device), to_device(steps, device)
         sequences = TokenHistories.of([[*history, *draft] for history, draft in zip(histories, drafts)], vocab, device)
-        lengths = to_device([len(history) for history in histories], device)[stream_of_row] + step_of_row
+        lengths = to_device(np.asarray([len(history) for history in histories], dtype=np.int64)[rows] + steps, device)
         in_prefix = torch.arange(sequences.ids.shape[1], device=device)[None, :] < lengths[:, None]
         prefixes = TokenHistories(torch.where(in_prefix, sequences.ids.index_select(0, stream_of_row), vocab), lengths)
         picks = self.pick_ids(logits, prefixes)

@@ -31,7 +31,7 @@ from pipeline.causal_encoder import CausalAudioEncoder, CausalEncoderState, KeyC
 from pipeline.decoder import DecoderKVCache, PoolSlot, TextDecoder
 from pipeline.device_io import to_device
 from pipeline.encoder import CAUSAL_LEFT_CONTEXT_STEPS, STEP_FRAMES, AudioTower
-from pipeline.ragged import ragged_rows
+from pipeline.ragged import concat_ranges, ragged_rows
 from pipeline.row_chunks import rows_per_forward_chunk
 
 
@@ -194,11 +194,10 @@ class EncoderKVPool:
             return
         moved, counts = np.asarray(slots)[moving], np.asarray(steps)[moving]
         ends = np.asarray(self._ends)[moved]
-        rows, step = ragged_rows(counts)
         device = self.keys.device
-        slot_of_column = to_device(moved[rows], device)
-        sources = to_device(ends[rows] - counts[rows] + step, device)
-        targets = to_device(self.window - counts[rows] + step, device)
+        slot_of_column = to_device(np.repeat(moved, counts), device)
+        sources = to_device(concat_ranges(ends - counts, ends), device)
+        targets = to_device(concat_ranges(self.window - counts, np.full_like(counts, self.window)), device)
         for pool in (self.keys, self.values):
             by_column = pool.permute(1, 3, 0, 2, 4)  # [slots, columns, layers, heads, d]
             # The gather is a copy: source and target columns may overlap.
