@@ -73,9 +73,9 @@ def slot_chunks(
     stream of the chunk lives there or not (`pipeline.decoder.attention`), holding `bytes_per_range_row`; a chunk
     across a wide gap in the slots would compute the gap and hold it in memory. So a chunk's range is kept within
     the chunk's own budget (`max_rows` rows of `bytes_per_row`, or `CHUNK_BYTES`); O(chunks) Python steps."""
-    if max_rows <= 0 or bytes_per_range_row <= 0:
-        raise ValueError(f"max_rows={max_rows}, bytes_per_range_row={bytes_per_range_row}; expected positive")
-    span = max(max_rows, max(CHUNK_BYTES, max_rows * bytes_per_row) // bytes_per_range_row)
+    if max_rows <= 0:
+        raise ValueError(f"max_rows={max_rows}; expected a positive number of rows")
+    span = max(max_rows, max(CHUNK_BYTES, max_rows * bytes_per_row) // max(1, bytes_per_range_row))
     order = np.argsort(np.asarray(slots, dtype=np.int64), kind="stable")
     in_order = np.asarray(slots, dtype=np.int64)[order]
     chunks: list[np.ndarray] = []

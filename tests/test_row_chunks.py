@@ -44,9 +44,10 @@ def test_a_chunk_stops_at_a_gap_its_budget_cannot_hold(monkeypatch) -> None:
     assert [chunk.tolist() for chunk in slot_chunks(slots, 8, 1, 1)] == [[2, 1, 3, 0]]
 
 
-def test_slot_chunks_refuse_empty_limits() -> None:
+def test_slot_chunks_refuse_an_empty_row_limit_and_take_rows_of_no_width() -> None:
     with pytest.raises(ValueError, match="max_rows=0"):
         slot_chunks([0], 0, 1, 1)
+    assert [chunk.tolist() for chunk in slot_chunks([5, 0, 9], 2, 0, 0)] == [[1, 0], [2]]
 
 
 def test_a_forward_across_a_wide_slot_gap_runs_in_two_chunks_with_the_same_results(monkeypatch) -> None:
