@@ -3,7 +3,8 @@
 Each replica loads the model it needs, sets torch's thread count to the CPUs Ray reserved for it (two torch
 processes spinning on the same cores slow each other 5-10x), and runs its stage on one worker thread, so the
 replica's event loop keeps collecting the next batch while a forward runs. All three batch concurrent calls of
-many streams with `@serve.batch`: every call that arrived while the previous forward ran goes into the next one
+many streams (`deployments.batching.StageBatcher`, not `@serve.batch`, which would run calls arriving during a
+long forward as batches of one): every call that arrived while the previous forward ran goes into the next one
 (that is the stage's own step loop, fed by concurrent calls). Encoder and decoder are routed sticky per stream
 and segment (`session_id`, consistent hashing; see `deployments.app`), because they hold K/V; a call that lands
 on a replica without the stream's state gets a `StageMiss` and the ingress replays the segment.
@@ -22,6 +23,7 @@ from ray import serve
 from ray.serve.metrics import Histogram
 from torch import Tensor
 
+from deployments.batching import StageBatcher
 from pipeline.checkpoint import ASRModel, dtype_from_name, load_model
 from pipeline.engine import EngineOptions
 from pipeline.host_policy import settle_host
@@ -98,11 +100,14 @@ class FeatureExtractor(_StageHost):
         super().__init__()
         reserve_threads()
         self.stage = FeatureStage()
+        # No wait for a batch to fill: the calls queued while the last batch ran go together (stacked FFTs).
+        self.batcher = StageBatcher(self._extract_batch, max_batch_size=64, wait_s=0.0)
         settle_host()
 
-    # No wait for a batch to fill: the calls queued while the last batch ran go together (stacked FFTs).
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
-    async def extract(self, requests: list[FeatureRequest]) -> list[FeatureResult]:
+    async def extract(self, request: FeatureRequest) -> FeatureResult:
+        return await self.batcher.submit(request)
+
+    async def _extract_batch(self, requests: list[FeatureRequest]) -> list[FeatureResult]:
         return await self.run(self.stage.extract, requests)
 
 
@@ -114,14 +119,17 @@ class CausalEncoder(_KVStageHost):
         super().__init__()
         threads = reserve_threads()
         self.stage = EncoderStage(spec.load().audio_tower, slots)
-        self.encode.set_max_batch_size(max_batch_size)
-        self.encode.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batcher = StageBatcher(self._encode_batch, max_batch_size, batch_wait_timeout_s)
         self.batch_size = Histogram("qwen3_stream_encoder_batch_size", "blocks per encoder forward", _BATCH_BOUNDARIES)
         log.info("CausalEncoder: %d slots, %d torch threads", slots, threads)
         settle_host()  # its model and pool are kept for its life
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def encode(self, requests: list[EncodeRequest]) -> list[tuple[str, Tensor | StageMiss | StageAtCapacity]]:
+    async def encode(self, request: EncodeRequest) -> tuple[str, Tensor | StageMiss | StageAtCapacity]:
+        return await self.batcher.submit(request)
+
+    async def _encode_batch(
+        self, requests: list[EncodeRequest]
+    ) -> list[tuple[str, Tensor | StageMiss | StageAtCapacity]]:
         self.batch_size.observe(len(requests))
         return [(self.replica, answer) for answer in await self.run(self.stage.encode, requests)]
 
@@ -139,14 +147,17 @@ class Decoder(_KVStageHost):
         model = spec.load()
         decode_step = EngineOptions().decode_step_on(model.device)
         self.stage = DecoderStage(model.text_decoder, slots, _decoder_capacity(model, options), decode_step)
-        self.update.set_max_batch_size(max_batch_size)
-        self.update.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batcher = StageBatcher(self._update_batch, max_batch_size, batch_wait_timeout_s)
         self.batch_size = Histogram("qwen3_stream_decoder_batch_size", "streams per decoder update", _BATCH_BOUNDARIES)
         log.info("Decoder: %d slots of %d positions, %d torch threads", slots, self.stage.capacity, threads)
         settle_host()
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def update(self, requests: list[DecodeRequest]) -> list[tuple[str, UpdateResult | StageMiss | StageAtCapacity]]:
+    async def update(self, request: DecodeRequest) -> tuple[str, UpdateResult | StageMiss | StageAtCapacity]:
+        return await self.batcher.submit(request)
+
+    async def _update_batch(
+        self, requests: list[DecodeRequest]
+    ) -> list[tuple[str, UpdateResult | StageMiss | StageAtCapacity]]:
         self.batch_size.observe(len(requests))
         return [(self.replica, answer) for answer in await self.run(self.stage.update, requests)]
 
