@@ -76,8 +76,9 @@ def slot_chunks(
     if max_rows <= 0:
         raise ValueError(f"max_rows={max_rows}; expected a positive number of rows")
     span = max(max_rows, max(CHUNK_BYTES, max_rows * bytes_per_row) // max(1, bytes_per_range_row))
-    order = np.argsort(np.asarray(slots, dtype=np.int64), kind="stable")
-    in_order = np.asarray(slots, dtype=np.int64)[order]
+    slots = np.asarray(slots, dtype=np.int64)
+    order = np.argsort(slots, kind="stable")
+    in_order = slots[order]
     chunks: list[np.ndarray] = []
     start = 0
     while start < order.size:
