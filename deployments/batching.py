@@ -9,7 +9,8 @@ of one, one after another. Measured here: five calls 0.2 s apart during a 1 s fo
 where two (2 s) would do; eight streams on the full-size decoder split into batches of 2, 2 and 4 that never
 merged, each round of updates costing three forwards instead of one (BENCHMARKS.md, "Served pipeline").
 
-`StageBatcher` forms each batch when the stage becomes free: every call waiting then, up to `max_batch_size`.
+`StageBatcher` forms each batch when the stage becomes free: every call waiting then, up to `max_batch_size`, and
+the callers of the batch just run if they come back within the batch wait.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class StageBatcher(Generic[Request, Result]):
 
     When the stage is free, the next batch is every call waiting (up to `max_batch_size`; the rest go into the one
     after). A call that finds the stage idle waits up to `wait_s` for others to join it (calls of the same moment,
-    e.g. streams whose blocks completed together), less once the batch is full. `run` gets the requests in arrival
+    e.g. streams whose blocks completed together), less once the batch is full. After a batch, the next one waits
+    up to `wait_s` for the callers just answered to come back, less once they all have (or the batch is full). `run` gets the requests in arrival
     order and returns one result per request, in order; its error goes to every caller of the batch. A caller that
     gave up (cancelled) before its batch formed is left out of it."""
 
@@ -55,18 +57,24 @@ class StageBatcher(Generic[Request, Result]):
         return await future
 
     async def _serve_batches(self) -> None:
-        """Run batches while calls are waiting, after letting the calls of the first one's moment join it."""
-        await self._wait_for_company()
-        while self._waiting:
+        """Run batches while calls are waiting. The first waits for the calls of its moment (up to a full batch);
+        each later one also for the callers the last batch answered, which may come straight back (a stream whose
+        next block was encoded during its update): without that wait, streams in step would split into two
+        groups that alternate on the stage, the one just answered always missing the batch of the other."""
+        enough = self.max_batch_size
+        while True:
+            await self._wait_for_company(enough)
             batch = self._take()
-            if batch:
-                await self._run_batch(batch)
+            if not batch:
+                return
+            await self._run_batch(batch)
+            enough = min(self.max_batch_size, len(self._waiting) + len(batch))
 
-    async def _wait_for_company(self) -> None:
-        """Up to `wait_s`, or until a batch is full."""
+    async def _wait_for_company(self, enough: int) -> None:
+        """Up to `wait_s`, or until `enough` calls are waiting."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_s
-        while len(self._waiting) < self.max_batch_size and (left := deadline - loop.time()) > 0:
+        while len(self._waiting) < enough and (left := deadline - loop.time()) > 0:
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), left)

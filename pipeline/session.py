@@ -399,6 +399,29 @@ class StreamingSession:
         """The encoder stage request for `block`."""
         return EncodeRequest(self.stream_id, block.segment_index, block.block_index, block.mel, self.options.encoder)
 
+    def encode_ahead_request(self) -> EncodeRequest | None:
+        """The encoder request of the block `next_block` will give after the update in flight, if that update does
+        not roll the segment; None unless that block is certain to be a whole block of this segment otherwise.
+
+        An owner may encode it while the decoder works (the causal encoder does not depend on the decoder), and use
+        the embeddings if `next_block` then gives a block at the same place with the same mel (`is_ahead_of`).
+        Not with the voice gate (it judges a block when it is taken), nor around a Finalize, the end of audio or a
+        roll that is already due."""
+        block_frames = self.options.encoder.block_frames
+        if (
+            self.options.backend != "causal"
+            or self.gate is not None
+            or self.finalize_at_frame is not None
+            or self._end_after_update is not None
+            or self.final_update
+            or self.pending_mel.shape[0] < block_frames
+            or self._segment_full()
+            or self.policy.should_roll_before(self.segment.steps, block_frames // STEP_FRAMES) is not None
+        ):
+            return None
+        mel = self.pending_mel[:block_frames]
+        return EncodeRequest(self.stream_id, self.segment_index, self.segment.blocks, mel, self.options.encoder)
+
     def encoder_replay(self, request: EncodeRequest) -> EncodeRequest:
         """`request` again with the segment's earlier blocks, for a stage that lost this stream's state."""
         self._check_replay(request.segment_index)

@@ -42,6 +42,28 @@ def test_calls_arriving_during_a_forward_run_together_next() -> None:
     assert stage.batches == [[0], [1, 2, 3, 4]]
 
 
+def test_callers_that_come_straight_back_join_the_calls_waiting_for_the_next_batch() -> None:
+    """Two groups of streams out of step, each stream calling again 10 ms after its answer (its next block was
+    encoded during the call): once a batch ends, the next waits for its callers to come back, so the groups merge
+    instead of alternating on the stage forever."""
+    stage = SlowStage(forward_s=0.3)
+
+    async def stream(batcher: StageBatcher, name: str, start_s: float) -> None:
+        await asyncio.sleep(start_s)
+        for round_index in range(4):
+            await batcher.submit(f"{name}{round_index}")
+            await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        batcher = StageBatcher(stage.run, max_batch_size=64, wait_s=0.1)
+        await asyncio.gather(*(stream(batcher, name, 0.0) for name in "ab"), *(stream(batcher, name, 0.15) for name in "cd"))
+
+    asyncio.run(main())
+    assert stage.batches[0] == ["a0", "b0"]
+    assert sorted(stage.batches[1]) == ["a1", "b1", "c0", "d0"]
+    assert [len(batch) for batch in stage.batches] == [2, 4, 4, 4, 2]
+
+
 def test_an_idle_stage_waits_for_calls_of_the_same_moment_and_caps_the_batch() -> None:
     """Calls 10 ms apart find the stage idle: the first waits (0.5 s) for company; a batch holds at most
     `max_batch_size` calls, in arrival order, the rest go into the next; after an idle spell the wait applies

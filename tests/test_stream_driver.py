@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.checkpoint import ASRModel
+from pipeline.commit import SegmentPolicy
 from pipeline.engine import StreamingEngine
 from pipeline.session import StreamingSession, TranscriptEvent
 from pipeline.stages import IDLE_STATE_S, DecoderStage, EncoderStage, FeatureStage, StageAtCapacity
@@ -104,3 +105,87 @@ def test_a_state_left_idle_frees_its_slot_and_replays_if_its_stream_comes_back(m
     events += asyncio.run(quiet.push_audio(audio[2 * 16000 :])) + asyncio.run(quiet.finish())
     assert quiet.stats.encoder_replays == 1 and quiet.stats.decoder_replays == 1
     assert _comparable(events) == _comparable(_alone(model, audio))
+
+
+class _SlowDecoder(LocalStages):
+    """In-process stages whose decoder answers only after `hold` other tasks had their turn: an update in flight
+    that the driver's owner can hand audio to, as a remote decoder is."""
+
+    hold = 40  # a decoder slower than the audio comes: 4 s of 100 ms chunks arrive during an update
+
+    async def update(self, request):  # noqa: ANN001, ANN201
+        for _ in range(self.hold):
+            await asyncio.sleep(0)
+        return await super().update(request)
+
+
+def _slow_stages(model: ASRModel) -> _SlowDecoder:
+    stages = _stages(model)
+    return _SlowDecoder(stages.features, stages.encoder, stages.decoder)
+
+
+def test_a_backlog_is_encoded_ahead_of_each_update_with_the_same_events(model: ASRModel) -> None:
+    audio = _audio(14.0, seed=11)
+    stages = _stages(model)
+    driver = StreamDriver(StreamingSession(model, CAUSAL, stream_id="s", keep_replay=True), stages)
+    events = asyncio.run(_drive(driver, audio, 4 * 16000))  # about two blocks per push
+    assert "segment" in [event.kind for event in events]
+    assert _comparable(events) == _comparable(_alone(model, audio))
+    assert driver.stats.encoded_ahead >= 2
+    assert (driver.stats.encoder_replays, driver.stats.decoder_replays) == (0, 0)
+    assert stages.encoder.free_slots == stages.decoder.free_slots == 2
+
+
+def test_audio_handed_over_during_an_update_is_encoded_before_the_update_returns(model: ASRModel) -> None:
+    """As the ingress does: a reader hands each chunk to the driver as it arrives, while `process` runs."""
+    audio = _audio(10.0, seed=12)
+    chunk = 1600
+    stages = _slow_stages(model)
+    driver = StreamDriver(StreamingSession(model, CAUSAL, stream_id="s", keep_replay=True), stages)
+    encodes_during_update = []
+
+    async def run() -> list[TranscriptEvent]:
+        events: list[TranscriptEvent] = []
+        processing: asyncio.Task | None = None
+        for start in range(0, audio.size, chunk):
+            driver.hold_audio(audio[start : start + chunk])
+            if processing is None or processing.done():
+                if processing is not None:
+                    events += processing.result()
+                processing = asyncio.ensure_future(driver.process())
+            await asyncio.sleep(0)
+            if driver._ahead is not None and not processing.done():
+                encodes_during_update.append(start)
+        if processing is not None:
+            events += await processing
+        return events + await driver.process() + await driver.finish()
+
+    events = asyncio.run(run())
+    assert _comparable(events) == _comparable(_alone(model, audio))
+    assert encodes_during_update and driver.stats.encoded_ahead >= 2
+    assert stages.encoder.free_slots == stages.decoder.free_slots == 2
+
+
+def test_a_roll_after_the_update_drops_the_block_encoded_ahead(model: ASRModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sentence end rolls the segment after an update: the next block, encoded ahead in the old segment, is
+    encoded again as the new segment's first."""
+    audio = _audio(12.0, seed=13)
+    rolls = {"left": 1}
+
+    def roll_after_the_first_update(policy, segment_steps: int, text: str):  # noqa: ANN001, ANN202
+        if rolls["left"] > 0:  # the first segment's first update (its next block would fit the segment)
+            rolls["left"] -= 1
+            return True
+        return None
+
+    monkeypatch.setattr(SegmentPolicy, "should_roll_after", roll_after_the_first_update)
+    stages = _stages(model)
+    driver = StreamDriver(StreamingSession(model, CAUSAL, stream_id="s", keep_replay=True), stages)
+    events = asyncio.run(_drive(driver, audio, 12 * 16000))  # every block buffered at once
+    dropped = len(driver.stats.stage_seconds["encoder"]) - driver.session.blocks_encoded  # encode calls of no use
+    rolls["left"] = 1
+    alone = _alone(model, audio)
+    assert [e.reason for e in events if e.kind == "segment"][0] == "sentence"
+    assert _comparable(events) == _comparable(alone)
+    assert dropped == 1 and driver.stats.encoded_ahead >= 2 and driver.stats.encoder_replays == 0
+    assert stages.encoder.free_slots == stages.decoder.free_slots == 2
