@@ -14,9 +14,9 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import AsyncIterator
-from dataclasses import replace
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -29,6 +29,7 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from torch import Tensor
 
 from deployments.grpc_api import (
+    SAMPLE_BYTES,
     InvalidRequest,
     ResponseWriter,
     check_context,
@@ -53,6 +54,9 @@ from protos.qwen3stream.v1 import asr_pb2
 log = logging.getLogger(__name__)
 
 _LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2000, 5000, 10000]
+#: Audio a stream's ingress reads ahead of what it has run (`ReadAhead`): two blocks of the default size, so that
+#: the next block can be whole and encoded while an update is in flight.
+READ_AHEAD_SECONDS = 4.0
 
 
 class ServedStages:
@@ -181,6 +185,7 @@ class Ingress:
         self, stream: gRPCInputStream, grpc_context=None  # noqa: ANN001 (Serve's RayServegRPCContext)
     ) -> AsyncIterator[asr_pb2.RecognizeResponse]:
         driver: StreamDriver | None = None
+        reader: ReadAhead | None = None
         durable: DurableStream | None = None
         key = None
         finished = False
@@ -206,18 +211,18 @@ class Ingress:
             config = started.config
             driver = StreamDriver(session, self.stages)
             yield asr_pb2.RecognizeResponse(started=started)
+            reader = ReadAhead(lambda: self._next(stream), driver, config.encoding)
             received = session.sample_offset
-            while (request := await self._next(stream)) is not None:
+            while (arrival := await reader.next()) is not None:
+                request, arrived = arrival.request, arrival.time
                 kind = request.WhichOneof("request")
                 if kind is None:
                     raise InvalidRequest("an empty RecognizeRequest (no config, audio or control); send audio or half-close")
                 if kind == "config":
                     raise InvalidRequest("a second StreamConfig; the config is sent once, first")
-                arrived = time.perf_counter()
                 if kind == "audio":
-                    pcm = decode_audio(request.audio.data, config.encoding)
-                    received += pcm.size
-                    events = await driver.push_audio(pcm)
+                    received += arrival.samples
+                    events = await driver.process()
                 else:
                     control = request.control.WhichOneof("control")
                     if control is None:
@@ -293,6 +298,8 @@ class Ingress:
             self._fail(grpc_context, grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
             raise
         finally:
+            if reader is not None:
+                reader.close()
             self._open -= 1
             self.active.set(self._open)
             if key is not None:
@@ -401,3 +408,90 @@ class Ingress:
             grpc_context.set_code(code)
             grpc_context.set_details(message)
 
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A client's request as `ReadAhead` hands it on."""
+
+    request: asr_pb2.RecognizeRequest
+    time: float  # when it arrived (`time.perf_counter()`), for the update latency
+    samples: int = 0  # audio samples it carries
+    held: bool = False  # audio the driver holds already
+
+
+class ReadAhead:
+    """A stream's requests, read as they arrive, also while the ingress is busy with the earlier ones.
+
+    Audio goes to the stream's driver at once (`StreamDriver.hold_audio`), so that the driver can put it through
+    the front end and encode the next block while an update is in flight; the ingress then runs what it completes
+    (`StreamDriver.process`). Any other request waits its turn, and audio behind it is held only once the ingress
+    has taken that request, so a Finalize covers exactly the audio sent before it. An error reading or decoding a
+    request is raised in its turn, after what came before it. Reading pauses while `READ_AHEAD_SECONDS` of audio
+    wait for the ingress (a client sending faster than the stream is served is held back by gRPC's flow control,
+    as without read-ahead, instead of filling this replica's memory).
+    """
+
+    def __init__(
+        self, read: Callable[[], Awaitable[asr_pb2.RecognizeRequest | None]], driver: StreamDriver, encoding: int
+    ) -> None:
+        self._read, self._driver, self._encoding = read, driver, encoding
+        self._arrivals: deque[Arrival | InvalidRequest | Idle | None] = deque()  # None: the client half-closed
+        self._arrived = asyncio.Event()
+        self._unheld = 0  # requests waiting here that are not held audio: audio behind them waits too
+        self._waiting_samples = 0  # audio samples of the requests waiting here
+        self._taken = asyncio.Event()
+        self._task = asyncio.ensure_future(self._run())
+
+    async def next(self) -> Arrival | None:
+        """The next request in order (None after the client's half-close). Audio held right behind held audio is
+        taken with it: one `process` runs what all of it completes."""
+        while not self._arrivals:
+            self._arrived.clear()
+            await self._arrived.wait()
+        arrival = self._arrivals.popleft()
+        if isinstance(arrival, BaseException):
+            raise arrival
+        if arrival is None:
+            return None
+        if not arrival.held:
+            self._unheld -= 1
+            if arrival.request.WhichOneof("request") == "audio":
+                self._driver.hold_audio(decode_audio(arrival.request.audio.data, self._encoding))
+        else:
+            while self._arrivals and isinstance(self._arrivals[0], Arrival) and self._arrivals[0].held:
+                later = self._arrivals.popleft()
+                arrival = replace(later, samples=arrival.samples + later.samples)
+        self._waiting_samples -= arrival.samples
+        self._taken.set()
+        return arrival
+
+    def close(self) -> None:
+        self._task.cancel()
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                while self._waiting_samples >= READ_AHEAD_SECONDS * SAMPLE_RATE:
+                    self._taken.clear()
+                    await self._taken.wait()
+                if (request := await self._read()) is None:
+                    break
+                audio = request.WhichOneof("request") == "audio"
+                samples = len(request.audio.data) // SAMPLE_BYTES[self._encoding] if audio else 0
+                arrival = Arrival(request, time.perf_counter(), samples)
+                if audio and self._unheld == 0:
+                    self._driver.hold_audio(decode_audio(request.audio.data, self._encoding))
+                    arrival = replace(arrival, held=True)
+                else:
+                    self._unheld += 1
+                self._waiting_samples += samples
+                self._put(arrival)
+        except (InvalidRequest, Idle) as error:
+            self._put(error)
+            return
+        self._put(None)
+
+    def _put(self, arrival: Arrival | InvalidRequest | Idle | None) -> None:
+        self._arrivals.append(arrival)
+        self._arrived.set()
