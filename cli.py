@@ -604,7 +604,7 @@ def _add_bench_serve(benches: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--batch-wait-ms", type=float, default=2.0,
-        help="how long a call to an idle stage waits for company, and a stage after a batch for its callers (CPU: ~200)",
+        help="how long a call to an idle stage waits for company, and a stage after a batch for callers that come straight back (CPU: ~200)",
     )  # fmt: skip
     parser.add_argument("--decoder-threads", type=_count, default=1, help="CPUs (torch threads) of the Decoder")
     parser.add_argument("--json", type=Path, help="also write the results here")

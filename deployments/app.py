@@ -41,7 +41,7 @@ def build_app(args: dict[str, Any]) -> Application:
     """The application from the config's `args` (all optional): model, tower ("none": the offline tower),
     device, dtype, slots (K/V slots per encoder/decoder replica), encoder_batch, decoder_batch, batch_wait_ms (how
     long a call to an idle stage waits for others to join its batch, and how long, after a batch, the stage waits
-    for the callers it answered to come back; raise it on CPU, where a forward takes seconds),
+    for those of its callers that come straight back; raise it on CPU, where a forward takes seconds),
     session (the streams' default `SessionOptions` in their nested form, e.g. {decode: {max_new_tokens: 64}}), store (the session store's
     Redis URL; else the `REDIS_URL` environment variable; neither: no resume), session_ttl_s (how long an idle
     session's state is kept), max_streams_per_ingress (streams one ingress replica admits; more are refused at

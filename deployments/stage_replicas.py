@@ -125,7 +125,7 @@ class CausalEncoder(_KVStageHost):
         settle_host()  # its model and pool are kept for its life
 
     async def encode(self, request: EncodeRequest) -> tuple[str, Tensor | StageMiss | StageAtCapacity]:
-        return await self.batcher.submit(request)
+        return await self.batcher.submit(request, request.stream_id)
 
     async def _encode_batch(
         self, requests: list[EncodeRequest]
@@ -153,7 +153,7 @@ class Decoder(_KVStageHost):
         settle_host()
 
     async def update(self, request: DecodeRequest) -> tuple[str, UpdateResult | StageMiss | StageAtCapacity]:
-        return await self.batcher.submit(request)
+        return await self.batcher.submit(request, request.stream_id)
 
     async def _update_batch(
         self, requests: list[DecodeRequest]

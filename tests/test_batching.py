@@ -26,7 +26,7 @@ class SlowStage:
 
 async def _call_at(batcher: StageBatcher, request: object, delay_s: float) -> object:
     await asyncio.sleep(delay_s)
-    return await batcher.submit(request)
+    return await batcher.submit(request, caller=request)
 
 
 def test_calls_arriving_during_a_forward_run_together_next() -> None:
@@ -44,14 +44,14 @@ def test_calls_arriving_during_a_forward_run_together_next() -> None:
 
 def test_callers_that_come_straight_back_join_the_calls_waiting_for_the_next_batch() -> None:
     """Two groups of streams out of step, each stream calling again 10 ms after its answer (its next block was
-    encoded during the call): once a batch ends, the next waits for its callers to come back, so the groups merge
-    instead of alternating on the stage forever."""
+    encoded during the call): once a stream has come back that promptly, a batch it was in waits for it to come
+    back, so the groups merge (from the streams' second round on) instead of alternating on the stage forever."""
     stage = SlowStage(forward_s=0.3)
 
     async def stream(batcher: StageBatcher, name: str, start_s: float) -> None:
         await asyncio.sleep(start_s)
         for round_index in range(4):
-            await batcher.submit(f"{name}{round_index}")
+            await batcher.submit(f"{name}{round_index}", name)
             await asyncio.sleep(0.01)
 
     async def main() -> None:
@@ -59,9 +59,30 @@ def test_callers_that_come_straight_back_join_the_calls_waiting_for_the_next_bat
         await asyncio.gather(*(stream(batcher, name, 0.0) for name in "ab"), *(stream(batcher, name, 0.15) for name in "cd"))
 
     asyncio.run(main())
-    assert stage.batches[0] == ["a0", "b0"]
-    assert sorted(stage.batches[1]) == ["a1", "b1", "c0", "d0"]
-    assert [len(batch) for batch in stage.batches] == [2, 4, 4, 4, 2]
+    assert stage.batches[:3] == [["a0", "b0"], ["c0", "d0"], ["a1", "b1"]]
+    assert sorted(stage.batches[3]) == ["a2", "b2", "c1", "d1"]
+    assert [len(batch) for batch in stage.batches] == [2, 2, 2, 4, 4, 2]
+
+
+def test_callers_that_do_not_come_straight_back_are_not_waited_for() -> None:
+    """A live stream calls again 0.6 s after each answer (its next block is audio still to come), beyond the
+    0.2 s batch wait: after its batch, the call that arrived during the forward runs at once instead of idling the
+    stage for the wait, so a call arriving 0.1 s later goes into the batch after that. (Waiting for the live
+    stream would have put both into one batch, 0.2 s after the first ended.)"""
+    stage = SlowStage(forward_s=0.3)
+
+    async def live(batcher: StageBatcher) -> None:
+        for round_index in range(2):
+            await batcher.submit(f"live{round_index}", "live")
+            await asyncio.sleep(0.6)
+
+    async def main() -> None:
+        batcher = StageBatcher(stage.run, max_batch_size=64, wait_s=0.2)
+        # live0 runs 0.2-0.5 s (after the idle wait); "during" arrives at 0.25 s, "after" at 0.6 s.
+        await asyncio.gather(live(batcher), _call_at(batcher, "during", 0.25), _call_at(batcher, "after", 0.6))
+
+    asyncio.run(main())
+    assert stage.batches[:3] == [["live0"], ["during"], ["after"]]
 
 
 def test_an_idle_stage_waits_for_calls_of_the_same_moment_and_caps_the_batch() -> None:
