@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -164,3 +167,16 @@ def test_bad_settings_are_refused(size: int, wait: float, message: str) -> None:
 
     with pytest.raises(ValueError, match=message):
         StageBatcher(run, max_batch_size=size, wait_s=wait)
+
+
+def test_the_batcher_bench_merges_backlogged_streams_and_counts_every_live_call() -> None:
+    """`scripts/bench_batcher.py` on a short run: four backlogged streams run as one batch of four every round,
+    and the live streams' calls are answered and timed, one per period."""
+    spec = importlib.util.spec_from_file_location("bench_batcher", Path(__file__).parent.parent / "scripts" / "bench_batcher.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    settings = dict(period=0.2, wait_ms=50.0, forward_ms=20.0, per_call_ms=1.0, max_batch=64, seconds=0.6, seed=0)
+    backlogged = asyncio.run(bench._simulate(argparse.Namespace(live=0, backlogged=4, **settings)))
+    assert backlogged["mean_batch"] == 4.0
+    live = asyncio.run(bench._simulate(argparse.Namespace(live=5, backlogged=0, **settings)))
+    assert 5 * 2 <= live["calls"] <= 5 * 3  # each live stream: one call per 0.2 s period over 0.6 s
