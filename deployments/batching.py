@@ -9,11 +9,11 @@ of one, one after another. Measured here: five calls 0.2 s apart during a 1 s fo
 where two (2 s) would do; eight streams on the full-size decoder split into batches of 2, 2 and 4 that never
 merged, each round of updates costing three forwards instead of one (BENCHMARKS.md, "Served pipeline").
 
-`StageBatcher` forms each batch when the stage becomes free: every call waiting then, up to `max_batch_size`, and
-those callers of the batch just run that come straight back: the ones that came back within the batch wait after
-their last answer (a backlogged stream whose next block is ready). A caller that does not (a live stream whose
-next block is seconds of audio away) is not waited for: waiting for it would hold a free stage idle for the whole
-batch wait after every batch while other streams' calls queue.
+`StageBatcher` forms each batch when the stage becomes free: every call waiting then, up to `max_batch_size`.
+After a batch it also waits for those of the batch's callers that come straight back, the ones that came back
+within the batch wait after their previous answer (a backlogged stream whose next block is ready). A caller that
+does not (a live stream whose next block is seconds of audio away) is not waited for: waiting for it would hold a
+free stage idle for the whole batch wait after every batch while other streams' calls queue.
 """
 
 from __future__ import annotations
