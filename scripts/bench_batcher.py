@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import random
 import statistics
-import time
 
 from deployments.batching import StageBatcher
 
@@ -25,7 +24,7 @@ async def _simulate(args: argparse.Namespace) -> dict[str, float]:
     batches: list[int] = []
     busy = 0.0
 
-    async def forward(requests: list[float]) -> list[float]:
+    async def forward(requests: list[str]) -> list[float]:
         nonlocal busy
         seconds = (args.forward_ms + args.per_call_ms * len(requests)) / 1e3
         batches.append(len(requests))
@@ -39,7 +38,7 @@ async def _simulate(args: argparse.Namespace) -> dict[str, float]:
 
     async def call(name: str) -> None:
         started = loop.time()
-        forward_s = await batcher.submit(started, caller=name)
+        forward_s = await batcher.submit(name, caller=name)
         waits.append(loop.time() - started - forward_s)
 
     async def live(name: str, phase: float) -> None:
@@ -54,12 +53,12 @@ async def _simulate(args: argparse.Namespace) -> dict[str, float]:
             await call(name)
 
     rng = random.Random(args.seed)
-    started = time.perf_counter()
+    started = loop.time()
     await asyncio.gather(
         *(live(f"live{i}", rng.uniform(0, args.period)) for i in range(args.live)),
         *(backlogged(f"backlogged{i}") for i in range(args.backlogged)),
     )
-    elapsed = time.perf_counter() - started
+    elapsed = loop.time() - started
     waits.sort()
     return {
         "calls": len(waits),
